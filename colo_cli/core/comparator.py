@@ -1,0 +1,443 @@
+"""The comparison state machine.  Sans-IO: bytes and ``now_ms`` in, events out.
+
+::
+
+    c = Comparator(Config())
+    events = c.receive(PRIMARY, data, now_ms)      # a frame arrived
+    events = c.handle_timer(now_ms)                # when now_ms >= c.get_timer()
+    events = c.checkpoint(now_ms)                  # a checkpoint happened
+    events = c.finish(now_ms)                      # end of input / shutdown
+
+Time only ever comes in as ``now_ms`` (any monotonic millisecond clock: the
+event loop's in ``serve``, capture timestamps in ``replay``), so a replay of
+captured traffic takes exactly the decisions ``serve`` would have taken.
+
+Checkpoint requests are requests: the core never performs a checkpoint by
+itself.  The adapter decides (replay: at once; serve: at once, or when a
+notify peer says ``COLO_CHECKPOINT``) and calls ``checkpoint()``.
+
+Resource limits never drop a frame silently (QEMU tail-drops on a full queue
+and clears everything on a full table: observed k1, l1).  When a
+connection's queue reaches ``max_queue_size``, when a new connection finds
+the table full, or when the queued bytes reach ``max_queued_bytes``, the
+connection concerned is flushed: its primary frames are released in order
+(counted by reason), its secondary frames discarded, its comparison state
+reset, and a checkpoint is requested.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from . import events as ev
+from .compare import (TcpStream, datagram_difference, datagrams_equal,
+                      insert_segment)
+from .conntrack import Connection, ConnectionTable
+from .packet import (KIND_NAMES, KIND_TCP, MAX_VNET_HDR_LEN, REASON_BAD_VNET_HDR,
+                     RST, SYN, Packet, parse)
+from .stats import Stats
+
+PRIMARY = ev.Side.PRIMARY
+SECONDARY = ev.Side.SECONDARY
+
+
+@dataclass
+class Config:
+    """Comparator settings.  Names and defaults follow QEMU's properties
+    where QEMU has one (``spec/qemu-7.2-observed.md`` section 1)."""
+
+    #: a queued frame older than this raises a checkpoint request (QEMU
+    #: ``compare_timeout``); ``None`` switches timeouts off.
+    compare_timeout_ms: float | None = 3000
+    #: how often queued frames are checked for age (QEMU
+    #: ``expired_scan_cycle``: 1000 ms in the code, though its docs say 3000).
+    expired_scan_cycle_ms: float = 1000
+    #: frames per connection and side (QEMU ``max_queue_size``; QEMU really
+    #: keeps one more, observed k1: here the bound is exact).
+    max_queue_size: int = 1024
+    #: connections tracked at once (QEMU's HASHTABLE_MAX_SIZE).
+    max_connections: int = 16384
+    #: bytes of frames queued in all, both sides.
+    max_queued_bytes: int = 256 * 1024 * 1024
+    #: a connection with nothing queued and no traffic for this long is
+    #: forgotten (its TCP comparison state with it).
+    idle_timeout_ms: float = 120_000
+
+    def validate(self) -> None:
+        if self.compare_timeout_ms is not None and self.compare_timeout_ms <= 0:
+            raise ValueError("compare timeout must be positive")
+        if self.expired_scan_cycle_ms <= 0:
+            raise ValueError("expired scan cycle must be positive")
+        if self.max_queue_size < 1:
+            raise ValueError("max queue size must be at least 1")
+        if self.max_connections < 1:
+            raise ValueError("max connections must be at least 1")
+        if self.max_queued_bytes < 1:
+            raise ValueError("max queued bytes must be at least 1")
+
+
+class Comparator:
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or Config()
+        self.config.validate()
+        self.stats = Stats()
+        self.table = ConnectionTable(self.config.max_connections)
+        self._index = [0, 0]            # next frame index, per side
+        self._arrivals: deque = deque()  # queued frames, oldest first (for timeouts)
+        self.queued_frames = 0
+        self.queued_bytes = 0
+        self._epoch_ms = None           # first now_ms seen: scan ticks are phased from it
+        self._next_scan_ms = None
+        self._last_now_ms = 0.0
+
+    # ------------------------------------------------------------------
+    # input
+
+    def receive(self, side, data: bytes, now_ms, l2: int = 0,
+                vnet_hdr_len: int = 0) -> list:
+        """A frame arrived on ``side``.  ``data[l2:]`` is the Ethernet frame;
+        ``vnet_hdr_len`` bytes before it are a virtio-net header (kept, not
+        compared)."""
+        if self._epoch_ms is None:
+            self._start_clock(now_ms)
+        self._last_now_ms = now_ms
+        stats = self.stats
+        stats.frames_in[side] += 1
+        stats.bytes_in[side] += len(data)
+        index = self._index[side]
+        self._index[side] = index + 1
+        pkt = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
+        if vnet_hdr_len > MAX_VNET_HDR_LEN or l2 > len(data):
+            return self._not_comparable(pkt, REASON_BAD_VNET_HDR)
+        parsed = parse(data, l2)
+        kind = parsed[0]
+        if kind is None:
+            return self._not_comparable(pkt, parsed[1])
+        kind, key, off, end, seq, ack, flags = parsed
+        pkt.kind = kind
+        pkt.key = key
+        pkt.cmp_off = off
+        pkt.cmp_end = end
+        pkt.seq = seq
+        pkt.ack = ack
+        pkt.flags = flags
+        out: list = []
+        conn = self.table.get(key)
+        if conn is None:
+            conn = self._new_connection(key, kind, now_ms, out)
+        else:
+            self.table.touch(conn)
+            conn.last_ms = now_ms
+        pkt.conn = conn
+        if kind == KIND_TCP:
+            self._receive_tcp(conn, pkt, side, now_ms, out)
+        else:
+            self._receive_datagram(conn, pkt, side, now_ms, out)
+        if self.queued_bytes > self.config.max_queued_bytes:
+            self._relieve_memory(now_ms, out)
+        return out
+
+    def _not_comparable(self, pkt, reason: str) -> list:
+        if pkt.side == PRIMARY:
+            self.stats.bypassed[reason] += 1
+            pkt.done = True
+            return [ev.Bypassed(pkt, reason)]
+        self.stats.dropped["secondary:" + reason] += 1
+        pkt.done = True
+        return [ev.Dropped(pkt, SECONDARY, reason)]
+
+    def _new_connection(self, key, kind, now_ms, out) -> Connection:
+        table = self.table
+        if table.full:
+            self._evict_for_room(now_ms, out)
+        conn = Connection(key, kind, now_ms)
+        table.add(conn)
+        self.stats.connections_created += 1
+        return conn
+
+    def _enqueue(self, conn, queue, pkt, side, now_ms, out) -> None:
+        self._arrivals.append(pkt)
+        self.queued_frames += 1
+        self.queued_bytes += len(pkt.data)
+        if self.queued_bytes > self.stats.queued_bytes_high_water:
+            self.stats.queued_bytes_high_water = self.queued_bytes
+        n = len(queue)
+        if n > self.stats.queue_high_water[side]:
+            self.stats.queue_high_water[side] = n
+
+    # -- TCP ---------------------------------------------------------------
+
+    def _receive_tcp(self, conn, pkt, side, now_ms, out) -> None:
+        tcp = conn.tcp
+        if (pkt.flags & SYN and side == PRIMARY and tcp.finished()
+                and not conn.p and not conn.s):
+            # The 4-tuple is reused by a new connection (after a close): start
+            # a fresh stream, keeping a secondary SYN already seen for it.
+            fresh = TcpStream()
+            fresh.s_syn = tcp.s_syn_after_close
+            conn.tcp = tcp = fresh
+        if side == PRIMARY:
+            insert_segment(conn.p, pkt)
+            tcp.add_primary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end)
+            self._enqueue(conn, conn.p, pkt, PRIMARY, now_ms, out)
+        else:
+            if tcp.add_secondary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end):
+                insert_segment(conn.s, pkt)
+                self._enqueue(conn, conn.s, pkt, SECONDARY, now_ms, out)
+            else:
+                pkt.done = True
+                self.stats.secondary_absorbed += 1
+        self._progress_tcp(conn, now_ms, out)
+        if len(conn.p) > self.config.max_queue_size or len(conn.s) > self.config.max_queue_size:
+            self._flush_connection(conn, now_ms, ev.RELEASE_QUEUE_FULL, out)
+            self._request(ev.CAUSE_QUEUE_FULL, conn, now_ms, out)
+
+    def _progress_tcp(self, conn, now_ms, out) -> None:
+        tcp = conn.tcp
+        if not conn.diverged:
+            bad = tcp.advance()
+            if bad is not None:
+                self._tcp_miscompare(conn, bad, now_ms, out)
+        s = conn.s
+        n = tcp.verified_secondaries(s)
+        if n:
+            self.stats.secondary_matched += n
+            for _ in range(n):
+                self._leave(s.pop(0))
+        n = tcp.releasable(conn.p)
+        if n:
+            p = conn.p
+            for _ in range(n):
+                pkt = p.pop(0)
+                if pkt.flags & RST:
+                    tcp.p_rst = True
+                self._release(conn, pkt, ev.RELEASE_MATCH, now_ms, out)
+
+    def _tcp_miscompare(self, conn, bad, now_ms, out) -> None:
+        cause, at = bad
+        tcp = conn.tcp
+        p_pkt, p_off = tcp.find(conn.p, at)
+        s_pkt, s_off = tcp.find(conn.s, at)
+        conn.diverged = True
+        conn.miscompares += 1
+        self.stats.miscompares["tcp:" + cause] += 1
+        out.append(ev.Miscompare(conn.key, "tcp", cause, tcp.stream_offset(at),
+                                 at & 0xFFFFFFFF, None, p_pkt, s_pkt, p_off, s_off, now_ms))
+        self._request(ev.CAUSE_MISCOMPARE, conn, now_ms, out)
+
+    # -- datagrams ---------------------------------------------------------
+
+    def _receive_datagram(self, conn, pkt, side, now_ms, out) -> None:
+        queue = conn.p if side == PRIMARY else conn.s
+        queue.append(pkt)
+        self._enqueue(conn, queue, pkt, side, now_ms, out)
+        if not conn.diverged:
+            p, s = conn.p, conn.s
+            while p and s:
+                pp = p[0]
+                ss = s[0]
+                if datagrams_equal(pp, ss):
+                    p.popleft()
+                    s.popleft()
+                    conn.compared += 1
+                    self.stats.secondary_matched += 1
+                    self._leave(ss)
+                    self._release(conn, pp, ev.RELEASE_MATCH, now_ms, out)
+                    continue
+                cause, offset = datagram_difference(pp, ss)
+                conn.diverged = True
+                conn.miscompares += 1
+                kind = KIND_NAMES[conn.kind]
+                self.stats.miscompares[kind + ":" + cause] += 1
+                out.append(ev.Miscompare(conn.key, kind, cause, offset, None, conn.compared,
+                                         pp, ss, pp.cmp_off + offset, ss.cmp_off + offset,
+                                         now_ms))
+                self._request(ev.CAUSE_MISCOMPARE, conn, now_ms, out)
+                break
+        if len(conn.p) > self.config.max_queue_size or len(conn.s) > self.config.max_queue_size:
+            self._flush_connection(conn, now_ms, ev.RELEASE_QUEUE_FULL, out)
+            self._request(ev.CAUSE_QUEUE_FULL, conn, now_ms, out)
+
+    # -- leaving -----------------------------------------------------------
+
+    def _leave(self, pkt) -> None:
+        """A queued frame leaves its queue (released, consumed or discarded)."""
+        pkt.done = True
+        self.queued_frames -= 1
+        self.queued_bytes -= len(pkt.data)
+
+    def _release(self, conn, pkt, reason, now_ms, out) -> None:
+        self._leave(pkt)
+        hold_ms = now_ms - pkt.arrival_ms
+        stats = self.stats
+        if reason is ev.RELEASE_MATCH:
+            stats.released_match += 1
+        else:
+            stats.released_flushed[reason] += 1
+        stats.released_bytes += len(pkt.data)
+        stats.hold.add(hold_ms)
+        conn.released += 1
+        conn.hold_sum_ms += hold_ms
+        if hold_ms > conn.hold_max_ms:
+            conn.hold_max_ms = hold_ms
+        out.append(ev.Released(pkt, reason, hold_ms))
+
+    def _request(self, cause, conn, now_ms, out) -> None:
+        self.stats.checkpoint_requests[cause] += 1
+        out.append(ev.CheckpointRequested(cause, conn.key if conn is not None else None, now_ms))
+
+    def _flush_connection(self, conn, now_ms, reason, out) -> tuple[int, int]:
+        """Release every queued primary frame of ``conn`` in order, discard its
+        secondary frames, and reset its comparison state."""
+        released = len(conn.p)
+        for pkt in conn.p:
+            self._release(conn, pkt, reason, now_ms, out)
+        discarded = len(conn.s)
+        for pkt in conn.s:
+            self._leave(pkt)
+        self.stats.secondary_discarded += discarded
+        conn.p.clear()
+        conn.s.clear()
+        conn.diverged = False
+        if conn.tcp is not None:
+            conn.tcp.reset()
+        return released, discarded
+
+    def _evict_for_room(self, now_ms, out) -> None:
+        """The table is full and a new connection arrives: forget the least
+        recently active connection, releasing what it holds."""
+        victim = None
+        for conn in self.table.least_recent(64):
+            if not conn.p and not conn.s:
+                victim = conn
+                break
+        if victim is not None:
+            self.stats.connections_evicted["idle"] += 1
+            self.table.remove(victim)
+            return
+        victim = self.table.least_recent(1)[0]
+        self.stats.connections_evicted["table-full"] += 1
+        self._flush_connection(victim, now_ms, ev.RELEASE_TABLE_FULL, out)
+        self.table.remove(victim)
+        self._request(ev.CAUSE_TABLE_FULL, None, now_ms, out)
+
+    def _relieve_memory(self, now_ms, out) -> None:
+        """Too many bytes queued: flush the connections holding the oldest
+        frames until under the bound."""
+        limit = self.config.max_queued_bytes
+        requested = False
+        while self.queued_bytes > limit:
+            pkt = self._oldest_queued()
+            if pkt is None:
+                break
+            self._flush_connection(pkt.conn, now_ms, ev.RELEASE_MEMORY_FULL, out)
+            if not requested:
+                self._request(ev.CAUSE_MEMORY_FULL, pkt.conn, now_ms, out)
+                requested = True
+
+    def _oldest_queued(self):
+        arrivals = self._arrivals
+        while arrivals and arrivals[0].done:
+            arrivals.popleft()
+        if len(arrivals) > 2 * self.queued_frames + 4096:
+            # frames that left out of arrival order pile up behind a long-held
+            # one: drop them so memory stays bounded by what is queued.
+            self._arrivals = arrivals = deque(p for p in arrivals if not p.done)
+        return arrivals[0] if arrivals else None
+
+    # ------------------------------------------------------------------
+    # time
+
+    def _start_clock(self, now_ms) -> None:
+        self._epoch_ms = now_ms
+        self._next_scan_ms = now_ms + self.config.expired_scan_cycle_ms
+
+    def get_timer(self):
+        """When ``handle_timer`` should next be called (ms), or None when no
+        timer is needed (nothing queued, or timeouts off and nothing idle)."""
+        if self._next_scan_ms is None:
+            return None
+        if self.queued_frames or len(self.table):
+            return self._next_scan_ms
+        return None
+
+    def handle_timer(self, now_ms) -> list:
+        """Run the periodic scan if it is due.  Like QEMU: one checkpoint
+        request per scan however many frames are too old; the request
+        repeats every scan until a checkpoint empties the queues."""
+        out: list = []
+        if self._epoch_ms is None:
+            self._start_clock(now_ms)
+            return out
+        if now_ms < self._next_scan_ms:
+            return out
+        self._last_now_ms = now_ms
+        cycle = self.config.expired_scan_cycle_ms
+        ticks = (now_ms - self._epoch_ms) // cycle + 1
+        self._next_scan_ms = self._epoch_ms + ticks * cycle
+        timeout = self.config.compare_timeout_ms
+        if timeout is not None:
+            oldest = self._oldest_queued()
+            if oldest is not None and now_ms - oldest.arrival_ms > timeout:
+                self._request(ev.CAUSE_TIMEOUT, oldest.conn, now_ms, out)
+        self._evict_idle(now_ms)
+        return out
+
+    def _evict_idle(self, now_ms) -> None:
+        limit = now_ms - self.config.idle_timeout_ms
+        for conn in self.table.least_recent(256):
+            if conn.last_ms > limit:
+                break
+            if conn.p or conn.s:
+                continue
+            self.table.remove(conn)
+            self.stats.connections_evicted["idle"] += 1
+
+    # ------------------------------------------------------------------
+    # checkpoints
+
+    def checkpoint(self, now_ms) -> list:
+        """A checkpoint happened: release every queued primary frame (per
+        connection in order), discard the queued secondary frames, and reset
+        the comparison state, so later traffic compares cleanly."""
+        out: list = []
+        self._last_now_ms = now_ms
+        released = discarded = 0
+        for conn in self.table:
+            if conn.p or conn.s or conn.diverged or conn.tcp is not None:
+                r, d = self._flush_connection(conn, now_ms, ev.RELEASE_CHECKPOINT, out)
+                released += r
+                discarded += d
+        self.stats.checkpoints += 1
+        self._arrivals.clear()
+        out.append(ev.CheckpointDone(released, discarded, now_ms))
+        return out
+
+    def finish(self, now_ms) -> list:
+        """End of input (or shutdown): flush what is still queued.  The frames
+        are released with reason ``end`` and count as unmatched."""
+        out: list = []
+        for conn in self.table:
+            if conn.p or conn.s:
+                self._flush_connection(conn, now_ms, ev.RELEASE_END, out)
+        self._arrivals.clear()
+        return out
+
+    # ------------------------------------------------------------------
+    # introspection
+
+    def connections(self, limit: int | None = None) -> list[dict]:
+        conns = list(self.table)
+        if limit is not None:
+            conns = conns[-limit:]
+        return [c.summary() for c in conns]
+
+    def snapshot(self) -> dict:
+        snap = self.stats.snapshot()
+        snap["connections"]["now"] = len(self.table)
+        snap["queued"] = {"frames": self.queued_frames, "bytes": self.queued_bytes,
+                          "primary": sum(len(c.p) for c in self.table),
+                          "secondary": sum(len(c.s) for c in self.table)}
+        return snap
+

@@ -1,0 +1,363 @@
+"""Per-protocol comparison rules.
+
+TCP (``TcpStream``) — compared as a byte stream by absolute sequence range
+--------------------------------------------------------------------------
+
+QEMU overlays the queued segments position by position and never checks that
+they line up in sequence space, so a retransmission that partly overlaps
+already-compared data is compared misaligned and miscompares
+(``spec/qemu-colo-compare.md`` 7.1).  Here each side's payload is laid into
+a byte stream by its (unwrapped, 64-bit) sequence number; the bytes both
+sides have sent from the verification point ``base`` on are compared, and
+``base`` advances over equal bytes.  Segmentation does not matter (one 3000
+byte segment matches two of 1500, GSO super-frames match MTU-sized segments)
+and overlaps are harmless.  Only payload is compared: headers, IP ID/TTL,
+window, options and checksums are not.
+
+A primary segment is released, in sequence order, once
+
+1. every sequence number it covers is verified: its payload bytes, its SYN
+   (the secondary sent a SYN too: the ISNs differ before filter-rewriter's
+   offset is learnt, so the SYN's own number is not compared) and its FIN
+   (the secondary ended its stream at the same offset);
+2. for an RST, the secondary sent an RST too;
+3. the ACK gate: the secondary has acknowledged at least as much as this
+   segment acknowledges.  This is why the gate exists: the primary must never
+   acknowledge client data the secondary has not acknowledged, or a failover
+   could lose it.
+
+Zero-payload primary segments (pure ACKs, SYN, FIN, RST) follow the same
+rule: they are neither held forever (they leave as soon as the rule holds;
+a secondary that never catches up raises a timeout checkpoint) nor released
+blindly (QEMU releases one whenever *any* secondary packet exists, observed
+g4/g6).  A pure ACK is ordered after the data sent before it.
+
+Secondary zero-payload segments are not queued: they update what the
+secondary has acknowledged/sent (SYN, RST, FIN) and are absorbed, so extra
+pure ACKs on the secondary are never a divergence and never fill a queue
+(QEMU lets them accumulate until "secondary queue size too big").
+
+The ACK gate is a wait, never a miscompare (QEMU declares a miscompare when
+the bytes match but the ack is ahead: observed e3), and it applies to every
+segment (QEMU skips it when the segmentation matches exactly: observed e4).
+
+Stream origin: the byte after the primary's SYN when the handshake is seen;
+otherwise the lowest sequence number either side has sent by the time both
+sides have sent data (a capture that starts mid-stream).  After a
+checkpoint the verification point moves to the primary's next sequence
+number, because the secondary now holds the primary's state: anything the
+secondary sends below it is pre-checkpoint output and is absorbed (QEMU
+keeps its old state and overlays it on the next segment: observed i4).
+
+Datagrams (UDP, ICMP, other IP, ARP, fragments) — FIFO
+------------------------------------------------------
+
+The oldest queued primary datagram of a connection is compared with the
+oldest queued secondary one of the same connection; equal means released.
+QEMU takes the *newest* primary first and searches the whole secondary list,
+which reverses output order and raises spurious checkpoints whenever the
+primary is ahead (observed a2, b3).  Strict FIFO pairing also makes the
+outcome independent of how the two streams interleave.
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+
+from .packet import ACK, FIN, KIND_FRAGMENT, RST, SYN
+
+_MASK = 0xFFFFFFFF
+_HALF = 0x80000000
+_WRAP = 0x100000000
+
+
+def _seq_key(pkt):
+    return pkt.seq_abs
+
+
+def first_difference(a, b) -> int:
+    """Index of the first byte where ``a`` and ``b`` differ (they are known
+    to differ within ``min(len)`` or to have different lengths)."""
+    n = min(len(a), len(b))
+    lo, hi = 0, n
+    # binary search on prefix equality: O(n log n) copies in the worst case
+    # but only on the (rare) miscompare path, and far faster than a Python
+    # byte loop for 64 KiB GSO frames.
+    while hi - lo > 64:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    for i in range(lo, hi):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class TcpStream:
+    """Byte-stream comparison state of one TCP connection."""
+
+    __slots__ = ("anchor", "base", "origin", "locked", "p_buf", "s_buf",
+                 "p_pending", "s_pending", "p_next", "s_max_ack", "s_syn",
+                 "s_rst", "p_rst", "p_fin", "s_fin", "s_syn_after_close")
+
+    def __init__(self) -> None:
+        self.anchor = None       # an absolute sequence number near the action
+        self.base = None         # next absolute sequence number to verify
+        self.origin = None       # stream offset 0
+        self.locked = False      # base fixed (both sides seen, SYN, or checkpoint)
+        self.p_buf = bytearray()  # primary bytes from base on, contiguous
+        self.s_buf = bytearray()
+        self.p_pending = []      # (start, bytes) beyond a gap, or before lock
+        self.s_pending = []
+        self.p_next = None       # highest primary end seen (the primary's snd_nxt)
+        self.s_max_ack = None    # highest ack the secondary sent (32-bit)
+        self.s_syn = False
+        self.s_rst = False
+        self.p_rst = False       # a primary RST was released
+        self.p_fin = None        # absolute position of each side's FIN
+        self.s_fin = None
+        self.s_syn_after_close = False  # a secondary SYN seen once finished
+
+    # -- sequence numbers -------------------------------------------------
+
+    def unwrap(self, seq: int) -> int:
+        """32-bit sequence number -> 64-bit absolute one, nearest the anchor.
+        Absolute numbers are congruent to the raw ones modulo 2**32."""
+        a = self.anchor
+        if a is None:
+            a = self.anchor = _WRAP | seq
+            return a
+        d = (seq - a) & _MASK
+        if d & _HALF:
+            d -= _WRAP
+        return a + d
+
+    def finished(self) -> bool:
+        """The connection is over: both FINs verified, or both sides reset."""
+        if self.p_rst and self.s_rst:
+            return True
+        return self.p_fin is not None and self.base is not None and self.base > self.p_fin
+
+    def stream_offset(self, abs_seq=None):
+        if self.origin is None:
+            return None
+        if abs_seq is None:
+            abs_seq = self.base
+        return abs_seq - self.origin
+
+    # -- feeding ----------------------------------------------------------
+
+    def add_primary(self, pkt, data, off, end) -> None:
+        """Place a primary segment (already appended to the queue by the
+        caller) in the stream.  ``data[off:end]`` is its payload."""
+        flags = pkt.flags
+        a = self.unwrap(pkt.seq)
+        start = a + 1 if flags & SYN else a
+        dend = start + (end - off)
+        pkt.seq_abs = a
+        pkt.end_abs = dend + 1 if flags & FIN else dend
+        if self.p_next is None or pkt.end_abs > self.p_next:
+            self.p_next = pkt.end_abs
+        if flags & SYN and not self.locked:
+            self._lock(start)
+        if flags & FIN:
+            self.p_fin = dend
+        if end > off:
+            self._add_data(True, start, data[off:end])
+
+    def add_secondary(self, pkt, data, off, end) -> bool:
+        """Place a secondary segment.  Returns True when the caller should
+        queue it (it brings new bytes), False when it is absorbed (no payload,
+        or only bytes already held or already verified)."""
+        flags = pkt.flags
+        if flags & ACK:
+            ack = pkt.ack
+            m = self.s_max_ack
+            if m is None or ((ack - m) & _MASK) < _HALF:
+                self.s_max_ack = ack
+        if flags & SYN:
+            self.s_syn = True
+            if self.finished():
+                self.s_syn_after_close = True
+        if flags & RST:
+            self.s_rst = True
+        if end <= off and not flags & FIN:
+            return False
+        a = self.unwrap(pkt.seq)
+        start = a + 1 if flags & SYN else a
+        dend = start + (end - off)
+        pkt.seq_abs = a
+        pkt.end_abs = dend
+        if flags & FIN:
+            self.s_fin = dend
+        if end <= off:
+            return False
+        return self._add_data(False, start, data[off:end])
+
+    def _lock(self, base: int) -> None:
+        self.base = base
+        self.anchor = base
+        if self.origin is None:
+            self.origin = base
+        self.locked = True
+        for primary in (True, False):
+            pending = self.p_pending if primary else self.s_pending
+            buf = self.p_buf if primary else self.s_buf
+            keep = []
+            for start, payload in pending:
+                if start + len(payload) <= base:
+                    continue          # before the origin: nothing to verify
+                keep.append((start, payload))
+            pending[:] = keep
+            del buf[:]
+            self._merge(buf, pending)
+
+    def _merge(self, buf: bytearray, pending: list) -> None:
+        buf_end = self.base + len(buf)
+        while pending and pending[0][0] <= buf_end:
+            start, payload = pending.pop(0)
+            stop = start + len(payload)
+            if stop > buf_end:
+                buf += payload[buf_end - start:]
+                buf_end = stop
+
+    def _add_data(self, primary: bool, start: int, payload) -> bool:
+        pending = self.p_pending if primary else self.s_pending
+        if not self.locked:
+            insort(pending, (start, payload))
+            other = self.s_pending if primary else self.p_pending
+            if other:
+                self._lock(min(pending[0][0], other[0][0]))
+            return True
+        buf = self.p_buf if primary else self.s_buf
+        buf_end = self.base + len(buf)
+        stop = start + len(payload)
+        if stop <= buf_end:
+            return False              # nothing new (already held or verified)
+        if start <= buf_end:
+            buf += payload[buf_end - start:] if start < buf_end else payload
+            if pending:
+                self._merge(buf, pending)
+        else:
+            insort(pending, (start, payload))
+        return True
+
+    # -- verifying ----------------------------------------------------------
+
+    def advance(self):
+        """Verify as far as both sides go.  Returns None, or
+        ``(cause, abs_seq)`` at the first divergence."""
+        if not self.locked:
+            return None
+        p_buf, s_buf = self.p_buf, self.s_buf
+        while True:
+            n = min(len(p_buf), len(s_buf))
+            if n:
+                if p_buf[:n] != s_buf[:n]:
+                    return "content", self.base + first_difference(p_buf, s_buf)
+                del p_buf[:n]
+                del s_buf[:n]
+                self.base += n
+                self.anchor = self.base
+                continue
+            base = self.base
+            if self.p_fin == base and self.s_fin == base:
+                self.base = base + 1   # both ended here: the FIN is verified
+                continue
+            if (self.p_fin == base and s_buf) or (self.s_fin == base and p_buf):
+                return "stream-end", base
+            return None
+
+    def releasable(self, queue: list) -> int:
+        """How many segments at the head of the (sequence-ordered) primary
+        queue may leave now."""
+        base = self.base
+        ack_max = self.s_max_ack
+        n = 0
+        for pkt in queue:
+            if pkt.end_abs == pkt.seq_abs:
+                # occupies no sequence space (pure ACK, bare RST): it only has
+                # to wait for what was sent before it
+                if base is not None and pkt.seq_abs > base:
+                    break
+            elif base is None or pkt.end_abs > base:
+                break
+            flags = pkt.flags
+            if flags & SYN and not self.s_syn:
+                break
+            if flags & RST and not self.s_rst:
+                break
+            if flags & ACK and (ack_max is None or ((ack_max - pkt.ack) & _MASK) >= _HALF):
+                break
+            n += 1
+        return n
+
+    def verified_secondaries(self, queue: list) -> int:
+        """How many segments at the head of the secondary queue hold only
+        verified bytes (they can be let go)."""
+        base = self.base
+        if base is None:
+            return 0
+        n = 0
+        for pkt in queue:
+            if pkt.end_abs > base:
+                break
+            n += 1
+        return n
+
+    def reset(self) -> None:
+        """After a checkpoint: the secondary now holds the primary's state, so
+        verification restarts at the primary's next sequence number."""
+        self.p_buf = bytearray()
+        self.s_buf = bytearray()
+        self.p_pending = []
+        self.s_pending = []
+        self.s_max_ack = None
+        self.s_syn = self.s_rst = self.p_rst = False
+        self.s_syn_after_close = False
+        self.p_fin = self.s_fin = None
+        if self.p_next is not None:
+            self._lock(self.p_next)
+        else:
+            self.base = None
+            self.locked = False
+
+    @staticmethod
+    def find(queue: list, abs_seq: int):
+        """The queued segment whose payload holds ``abs_seq``, and the byte's
+        offset inside the segment's data; ``(None, -1)`` if none does."""
+        for pkt in queue:
+            start = pkt.seq_abs + (1 if pkt.flags & SYN else 0)
+            plen = pkt.cmp_end - pkt.cmp_off
+            if start <= abs_seq < start + plen:
+                return pkt, pkt.cmp_off + (abs_seq - start)
+        return None, -1
+
+
+def insert_segment(queue: list, pkt) -> None:
+    """Keep a TCP queue in sequence order (stable for equal numbers)."""
+    if not queue or queue[-1].seq_abs <= pkt.seq_abs:
+        queue.append(pkt)
+    else:
+        insort(queue, pkt, key=_seq_key)
+
+
+def datagrams_equal(p, s) -> bool:
+    if p.cmp_end - p.cmp_off != s.cmp_end - s.cmp_off:
+        return False
+    if p.kind == KIND_FRAGMENT and p.seq != s.seq:
+        return False
+    return p.data[p.cmp_off:p.cmp_end] == s.data[s.cmp_off:s.cmp_end]
+
+
+def datagram_difference(p, s):
+    """(cause, offset in the compared region) for two unequal datagrams."""
+    from .events import MISCOMPARE_CONTENT, MISCOMPARE_LENGTH
+    a = p.data[p.cmp_off:p.cmp_end]
+    b = s.data[s.cmp_off:s.cmp_end]
+    if p.kind == KIND_FRAGMENT and p.seq != s.seq:
+        return MISCOMPARE_CONTENT, 0
+    cause = MISCOMPARE_LENGTH if len(a) != len(b) else MISCOMPARE_CONTENT
+    return cause, first_difference(a, b)

@@ -1,0 +1,396 @@
+"""Raw frame -> what the comparator needs to know about it.
+
+``parse(data, l2)`` looks at the Ethernet frame that starts at offset ``l2`` of
+``data`` (the record may carry a length word and a vnet header in front) and
+returns a tuple:
+
+* ``(kind, key, cmp_off, cmp_end, seq, ack, flags)`` for a comparable frame.
+  ``kind`` is one of the ``KIND_*`` constants; ``key`` is the connection key
+  (bytes, see below); ``data[cmp_off:cmp_end]`` is what is compared (for TCP:
+  the payload, and ``seq``/``ack``/``flags`` are the TCP fields; for
+  fragments ``seq`` is the fragment offset and MF flag).
+* ``(None, reason)`` for a frame that cannot be compared (``REASON_*``).
+
+Nothing here raises on bad input: every malformed or truncated frame comes
+back with a reason, so the comparator can count it and bypass it.
+
+Connection keys are ``bytes`` rather than tuples: Python randomises the hash
+of bytes (SipHash), so crafted traffic cannot flood one hash bucket, which it
+could with tuples of small ints.  A key is a type byte, the raw VLAN tags,
+the addresses, the L4 protocol and the ports, taken as they arrive: no
+direction normalisation, since both inputs carry only guest-outbound
+traffic (as in QEMU).
+
+What is compared, per kind (``spec/qemu-colo-compare.md`` section 7):
+
+* TCP: the payload, as a byte stream (headers, IP ID/TTL, window, options
+  and checksums are not compared).
+* UDP, ICMP, ICMPv6 and other IP protocols: from the L4 header to the end of
+  the IP payload, checksum included, as QEMU does for UDP/ICMP.  Unlike QEMU
+  the end is the IP total length, so Ethernet padding is never compared
+  (QEMU compares it: observed a7), and "other" protocols are not compared on
+  their Ethernet and IP headers (QEMU does, so they miscompare on IP ID:
+  observed d5).
+* ARP: the ARP body (without Ethernet padding).
+* IP fragments: the fragment payload plus its offset and MF flag.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+KIND_TCP = 1
+KIND_UDP = 2
+KIND_ICMP = 3      # ICMP and ICMPv6
+KIND_OTHER = 4     # any other IP protocol
+KIND_ARP = 5
+KIND_FRAGMENT = 6  # an IPv4 or IPv6 fragment (compared as a datagram)
+
+KIND_NAMES = {KIND_TCP: "tcp", KIND_UDP: "udp", KIND_ICMP: "icmp",
+              KIND_OTHER: "ip", KIND_ARP: "arp", KIND_FRAGMENT: "fragment"}
+
+# TCP flags
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+
+ETH_IPV4 = 0x0800
+ETH_ARP = 0x0806
+ETH_IPV6 = 0x86DD
+ETH_VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
+
+#: the largest virtio-net header (virtio_net_hdr_v1_hash); QEMU treats a
+#: longer one as "load wrong" and so do we.
+MAX_VNET_HDR_LEN = 20
+
+# Why a frame was not compared.  Stable strings: they appear in reports,
+# JSON and metrics.
+REASON_SHORT_FRAME = "short-frame"
+REASON_BAD_VNET_HDR = "bad-vnet-header"
+REASON_UNKNOWN_ETHERTYPE = "unknown-ethertype"
+REASON_IPV4_BAD_VERSION = "ipv4-bad-version"
+REASON_IPV4_BAD_IHL = "ipv4-bad-header-length"
+REASON_IPV4_BAD_LENGTH = "ipv4-bad-total-length"
+REASON_IPV4_TRUNCATED = "ipv4-truncated"
+REASON_IPV6_BAD_VERSION = "ipv6-bad-version"
+REASON_IPV6_TRUNCATED = "ipv6-truncated"
+REASON_IPV6_BAD_EXTENSION = "ipv6-bad-extension-header"
+REASON_TCP_TRUNCATED = "tcp-truncated"
+REASON_TCP_BAD_OFFSET = "tcp-bad-data-offset"
+REASON_UDP_TRUNCATED = "udp-truncated"
+REASON_ICMP_TRUNCATED = "icmp-truncated"
+REASON_ARP_TRUNCATED = "arp-truncated"
+
+_u16 = struct.Struct(">H").unpack_from
+_tcp_fields = struct.Struct(">IIB B").unpack_from   # seq, ack, data offset, flags
+_ipv4_head = struct.Struct(">BxH").unpack_from       # ver/ihl, total length
+_ipv6_head = struct.Struct(">IHB").unpack_from       # ver/tc/flow, payload len, next header
+
+# Protocols whose first four L4 bytes are the source and destination ports
+# (QEMU uses the same list: TCP, UDP, DCCP, SCTP, UDP-Lite), plus ESP, whose
+# first four bytes are its SPI.
+_PORT_PROTOS = frozenset((6, 17, 33, 50, 132, 136))
+_AH = 51
+
+# IPv6 extension headers that we walk through.  ESP (50) is not one: what
+# follows it is encrypted, so it is treated as the L4 protocol.
+_V6_EXT = frozenset((0, 43, 60, 135, 139, 140, 253, 254))
+_V6_FRAGMENT = 44
+_V6_NO_NEXT = 59
+_MAX_V6_EXT_HEADERS = 16
+
+_ZERO_PORTS = b"\0\0\0\0"
+
+
+def parse(data: bytes, l2: int = 0):
+    """Classify the Ethernet frame at ``data[l2:]``.  See the module doc."""
+    end = len(data)
+    if end - l2 < 14:
+        return None, REASON_SHORT_FRAME
+    off = l2 + 12
+    etype = _u16(data, off)[0]
+    tags = b""
+    # 802.1Q / 802.1ad tags, stacked too.  The tags are part of the key, so
+    # different VLANs are different connections; they are not compared.
+    while etype in ETH_VLAN_TPIDS:
+        if end - off < 6:
+            return None, REASON_SHORT_FRAME
+        tags += data[off:off + 4]
+        off += 4
+        etype = _u16(data, off)[0]
+    l3 = off + 2
+    if etype == ETH_IPV4:
+        return _parse_ipv4(data, l3, end, tags)
+    if etype == ETH_IPV6:
+        return _parse_ipv6(data, l3, end, tags)
+    if etype == ETH_ARP:
+        return _parse_arp(data, l3, end, tags)
+    return None, REASON_UNKNOWN_ETHERTYPE
+
+
+def _parse_ipv4(data, l3, end, tags):
+    if end - l3 < 20:
+        return None, REASON_IPV4_TRUNCATED
+    vihl, total = _ipv4_head(data, l3)
+    if vihl >> 4 != 4:
+        return None, REASON_IPV4_BAD_VERSION
+    ihl = (vihl & 15) * 4
+    if ihl < 20:
+        return None, REASON_IPV4_BAD_IHL
+    if total < ihl:
+        return None, REASON_IPV4_BAD_LENGTH
+    ip_end = l3 + total
+    if ip_end > end:
+        # Captured short of the IP total length (snaplen), or a lying length.
+        return None, REASON_IPV4_TRUNCATED
+    proto = data[l3 + 9]
+    addrs = data[l3 + 12:l3 + 20]
+    l4 = l3 + ihl
+    frag = _u16(data, l3 + 6)[0] & 0x3FFF  # MF flag and fragment offset
+    if frag:
+        # Not reassembled: compared as a datagram of its own, offset and MF
+        # included, keyed without the IP ID (which differs between replicas).
+        return (KIND_FRAGMENT, b"f4" + tags + addrs + bytes((proto,)),
+                l4, ip_end, frag, 0, 0)
+    return _parse_l4(data, b"4" + tags + addrs, proto, l4, ip_end, 1)
+
+
+def _parse_ipv6(data, l3, end, tags):
+    if end - l3 < 40:
+        return None, REASON_IPV6_TRUNCATED
+    vtf, plen, nh = _ipv6_head(data, l3)
+    if vtf >> 28 != 6:
+        return None, REASON_IPV6_BAD_VERSION
+    off = l3 + 40
+    if plen == 0 and nh == 0:
+        # Possibly a jumbogram: the real length is in a Hop-by-Hop option.
+        ip_end = _jumbo_end(data, off, end)
+        if ip_end is None:
+            return None, REASON_IPV6_BAD_EXTENSION
+    else:
+        ip_end = off + plen
+    if ip_end > end:
+        return None, REASON_IPV6_TRUNCATED
+    addrs = data[l3 + 8:l3 + 40]
+    for _ in range(_MAX_V6_EXT_HEADERS):
+        if nh in _V6_EXT:
+            if ip_end - off < 8:
+                return None, REASON_IPV6_BAD_EXTENSION
+            nh, hlen = data[off], (data[off + 1] + 1) * 8
+        elif nh == _AH:
+            if ip_end - off < 8:
+                return None, REASON_IPV6_BAD_EXTENSION
+            nh, hlen = data[off], (data[off + 1] + 2) * 4
+        elif nh == _V6_FRAGMENT:
+            if ip_end - off < 8:
+                return None, REASON_IPV6_BAD_EXTENSION
+            frag = _u16(data, off + 2)[0] & 0xFFF9  # offset and M flag
+            if frag:
+                inner = data[off]
+                return (KIND_FRAGMENT, b"f6" + tags + addrs + bytes((inner,)),
+                        off + 8, ip_end, frag, 0, 0)
+            # An atomic fragment (offset 0, M clear) is a whole datagram.
+            nh, hlen = data[off], 8
+        else:
+            break
+        off += hlen
+        if off > ip_end:
+            return None, REASON_IPV6_BAD_EXTENSION
+    else:
+        return None, REASON_IPV6_BAD_EXTENSION
+    if nh == _V6_NO_NEXT:
+        return KIND_OTHER, b"6" + tags + addrs + b"\x3b" + _ZERO_PORTS, off, ip_end, 0, 0, 0
+    return _parse_l4(data, b"6" + tags + addrs, nh, off, ip_end, 58)
+
+
+def _jumbo_end(data, off, end):
+    """End of an IPv6 jumbogram, from its Hop-by-Hop Jumbo Payload option."""
+    if end - off < 8:
+        return None
+    hlen = (data[off + 1] + 1) * 8
+    opt, stop = off + 2, min(off + hlen, end)
+    while opt + 1 < stop:
+        otype = data[opt]
+        if otype == 0:            # Pad1
+            opt += 1
+            continue
+        olen = data[opt + 1]
+        if otype == 0xC2 and olen == 4 and opt + 6 <= stop:
+            return off + struct.unpack_from(">I", data, opt + 2)[0]
+        opt += 2 + olen
+    return None
+
+
+def _parse_l4(data, prefix, proto, l4, ip_end, icmp_proto):
+    avail = ip_end - l4
+    if proto == 6:
+        if avail < 20:
+            return None, REASON_TCP_TRUNCATED
+        seq, ack, doff, flags = _tcp_fields(data, l4 + 4)
+        hlen = (doff >> 4) * 4
+        if hlen < 20:
+            return None, REASON_TCP_BAD_OFFSET
+        if hlen > avail:
+            return None, REASON_TCP_TRUNCATED
+        return (KIND_TCP, prefix + b"\x06" + data[l4:l4 + 4],
+                l4 + hlen, ip_end, seq, ack, flags)
+    if proto == 17:
+        if avail < 8:
+            return None, REASON_UDP_TRUNCATED
+        return KIND_UDP, prefix + b"\x11" + data[l4:l4 + 4], l4, ip_end, 0, 0, 0
+    if proto == icmp_proto:
+        # All ICMP between two addresses is one connection, compared in
+        # order, as in QEMU (its key has no ports for ICMP).
+        # ICMP's header is 8 bytes, ICMPv6's fixed part 4.
+        if avail < (8 if icmp_proto == 1 else 4):
+            return None, REASON_ICMP_TRUNCATED
+        return KIND_ICMP, prefix + bytes((proto,)) + _ZERO_PORTS, l4, ip_end, 0, 0, 0
+    if proto in _PORT_PROTOS and avail >= 4:
+        ports = data[l4:l4 + 4]
+    elif proto == _AH and avail >= 8:
+        ports = data[l4 + 4:l4 + 8]   # the SPI, as QEMU keys AH
+    else:
+        ports = _ZERO_PORTS
+    return KIND_OTHER, prefix + bytes((proto,)) + ports, l4, ip_end, 0, 0, 0
+
+
+def _parse_arp(data, l3, end, tags):
+    if end - l3 < 8:
+        return None, REASON_ARP_TRUNCATED
+    hlen, plen = data[l3 + 4], data[l3 + 5]
+    body_end = l3 + 8 + 2 * (hlen + plen)
+    if body_end > end:
+        return None, REASON_ARP_TRUNCATED
+    spa = data[l3 + 8 + hlen:l3 + 8 + hlen + plen]
+    tpa = data[l3 + 8 + 2 * hlen + plen:body_end]
+    # Keyed by who asks about whom, so requests for different addresses are
+    # compared separately and in order.
+    return KIND_ARP, b"a" + tags + bytes((plen,)) + spa + tpa, l3, body_end, 0, 0, 0
+
+
+# --- presentation of keys (reports, JSON, the control socket) ---------------
+
+_PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 33: "dccp", 47: "gre", 50: "esp",
+                51: "ah", 58: "icmpv6", 59: "none", 132: "sctp", 136: "udplite",
+                2: "igmp", 89: "ospf", 103: "pim", 112: "vrrp"}
+
+
+def proto_name(proto: int) -> str:
+    return _PROTO_NAMES.get(proto, f"ip-proto-{proto}")
+
+
+def describe_key(key: bytes) -> dict:
+    """A connection key as a dict for humans and JSON: protocol, src, dst,
+    ports (when the protocol has them) and VLAN ids."""
+    try:
+        return _describe_key(key)
+    except (IndexError, ValueError, struct.error):
+        return {"protocol": "unknown", "key": key.hex()}
+
+
+def _vlan_ids(tags: bytes) -> list[int]:
+    """VLAN ids from the raw 4-byte tags (TPID, TCI) kept in a key."""
+    return [int.from_bytes(tags[i + 2:i + 4], "big") & 0x0FFF
+            for i in range(0, len(tags) - 3, 4)]
+
+
+def _describe_key(key: bytes) -> dict:
+    if key.startswith(b"f4") or key.startswith(b"f6"):
+        v6 = key[1:2] == b"6"
+        alen = 16 if v6 else 4
+        # tags cannot be told from addresses by content alone; the address
+        # block has a fixed size, so count from the end.
+        tail = 2 * alen + 1
+        vlans = _vlan_ids(key[2:len(key) - tail])
+        a = key[len(key) - tail:]
+        mk = ipaddress.IPv6Address if v6 else ipaddress.IPv4Address
+        return {"protocol": proto_name(a[-1]) + "-fragment", "src": str(mk(a[:alen])),
+                "dst": str(mk(a[alen:2 * alen])), "vlan": vlans}
+    kind = key[:1]
+    if kind in (b"4", b"6"):
+        alen = 16 if kind == b"6" else 4
+        tail = 2 * alen + 5
+        vlans = _vlan_ids(key[1:len(key) - tail])
+        a = key[len(key) - tail:]
+        mk = ipaddress.IPv6Address if kind == b"6" else ipaddress.IPv4Address
+        proto = a[2 * alen]
+        out = {"protocol": proto_name(proto), "src": str(mk(a[:alen])),
+               "dst": str(mk(a[alen:2 * alen])), "vlan": vlans}
+        if proto in (6, 17, 33, 132, 136):
+            out["sport"] = int.from_bytes(a[-4:-2], "big")
+            out["dport"] = int.from_bytes(a[-2:], "big")
+        return out
+    if kind == b"a":
+        # ARP keys are b"a" + tags + plen + spa + tpa: the tail's size is
+        # known from plen, which is found by skipping TPID-led tags.
+        pos = 1
+        while key[pos:pos + 2] in (b"\x81\x00", b"\x88\xa8", b"\x91\x00"):
+            pos += 4
+        vlans = _vlan_ids(key[1:pos])
+        plen = key[pos]
+        spa, tpa = key[pos + 1:pos + 1 + plen], key[pos + 1 + plen:pos + 1 + 2 * plen]
+        if plen == 4:
+            spa, tpa = str(ipaddress.IPv4Address(spa)), str(ipaddress.IPv4Address(tpa))
+        else:
+            spa, tpa = spa.hex(), tpa.hex()
+        return {"protocol": "arp", "src": spa, "dst": tpa, "vlan": vlans}
+    return {"protocol": "unknown", "key": key.hex()}
+
+
+def format_key(key: bytes) -> str:
+    """One-line form: ``tcp 10.0.0.1:40000 > 10.0.0.2:80 vlan 5``."""
+    d = describe_key(key)
+    if "src" not in d:
+        return f"{d['protocol']} {d.get('key', '')}".strip()
+    src, dst = d["src"], d["dst"]
+    if ":" in src and "sport" in d:
+        src, dst = f"[{src}]", f"[{dst}]"
+    if "sport" in d:
+        src, dst = f"{src}:{d['sport']}", f"{dst}:{d['dport']}"
+    text = f"{d['protocol']} {src} > {dst}"
+    if d.get("vlan"):
+        text += " vlan " + ".".join(str(v) for v in d["vlan"])
+    return text
+
+
+class Packet:
+    """One frame as the comparator holds it.
+
+    ``data`` is the record exactly as it arrived (for ``serve`` the whole wire
+    record, length words included, so it can be written to outdev as is; for
+    ``replay`` the captured bytes) and the Ethernet header starts at ``l2``.
+    ``index`` numbers the frames of one side from 0, in arrival order.
+    The remaining fields are filled in by the comparator.
+    """
+    __slots__ = ("side", "data", "l2", "vnet_hdr_len", "arrival_ms", "index",
+                 "kind", "key", "cmp_off", "cmp_end", "seq", "ack", "flags",
+                 "seq_abs", "end_abs", "done", "conn")
+
+    def __init__(self, side, data, l2, vnet_hdr_len, arrival_ms, index):
+        self.side = side
+        self.data = data
+        self.l2 = l2
+        self.vnet_hdr_len = vnet_hdr_len
+        self.arrival_ms = arrival_ms
+        self.index = index
+        self.kind = None
+        self.key = None
+        self.seq_abs = 0
+        self.end_abs = 0
+        self.done = False
+        self.conn = None
+
+    @property
+    def frame(self) -> bytes:
+        """The Ethernet frame alone (no length words, no vnet header)."""
+        return self.data[self.l2:]
+
+    @property
+    def vnet_header(self) -> bytes:
+        return self.data[self.l2 - self.vnet_hdr_len:self.l2]
+
+    def __repr__(self) -> str:
+        return f"Packet({self.side!r}, #{self.index}, {len(self.data)} B)"

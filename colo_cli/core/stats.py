@@ -1,0 +1,177 @@
+"""Counters and histograms kept by the comparator.
+
+Both adapters read the same ``Stats`` object, so ``serve`` and ``replay``
+count the same way.  The hot path only does attribute increments and one
+histogram insert per released frame; everything else (percentiles, dicts for
+JSON) is computed in ``snapshot()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+#: bump when the snapshot's keys change incompatibly.
+SNAPSHOT_VERSION = 1
+
+_SUB_BUCKETS = 8  # per power of two: about 9 % relative error on quantiles
+_frexp = math.frexp
+
+
+class Histogram:
+    """A log-scale histogram of non-negative values (milliseconds here).
+
+    Buckets are powers of two split into eight, so a quantile is exact to
+    within about 9 %; ``max``, ``count`` and ``sum`` are exact.  Memory is a
+    few hundred integers at most, whatever is recorded.
+    """
+    __slots__ = ("buckets", "count", "sum", "max", "min")
+
+    #: values at or below this are recorded in one "zero" bucket
+    FLOOR = 1e-3
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, int] = {}
+        self.count = 0
+        self.sum = 0.0
+        self.max = 0.0
+        self.min = math.inf
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        self.sum += value
+        if value > self.max:
+            self.max = value
+        if value < self.min:
+            self.min = value
+        if value <= self.FLOOR:
+            idx = -(1 << 20)
+        else:
+            m, e = _frexp(value)
+            idx = e * _SUB_BUCKETS + int((m - 0.5) * 2 * _SUB_BUCKETS)
+        b = self.buckets
+        b[idx] = b.get(idx, 0) + 1
+
+    def merge(self, other: "Histogram") -> None:
+        for k, v in other.buckets.items():
+            self.buckets[k] = self.buckets.get(k, 0) + v
+        self.count += other.count
+        self.sum += other.sum
+        self.max = max(self.max, other.max)
+        self.min = min(self.min, other.min)
+
+    @staticmethod
+    def bucket_upper(idx: int) -> float:
+        if idx == -(1 << 20):
+            return Histogram.FLOOR
+        e, sub = divmod(idx, _SUB_BUCKETS)
+        return math.ldexp(0.5 + (sub + 1) / (2 * _SUB_BUCKETS), e)
+
+    def quantile(self, q: float) -> float:
+        """The value below which a fraction ``q`` of the recorded values fall
+        (the upper edge of the bucket holding it, capped by the true max)."""
+        if not self.count:
+            return 0.0
+        rank = q * self.count
+        seen = 0
+        for idx in sorted(self.buckets):
+            seen += self.buckets[idx]
+            if seen >= rank:
+                return min(self.bucket_upper(idx), self.max)
+        return self.max
+
+    def cumulative(self, bounds) -> list[int]:
+        """Counts of values <= each bound (for Prometheus ``le`` buckets);
+        values are attributed by their bucket's upper edge."""
+        items = sorted((self.bucket_upper(i), n) for i, n in self.buckets.items())
+        out = []
+        for bound in bounds:
+            out.append(sum(n for upper, n in items if upper <= bound))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "sum_ms": round(self.sum, 6),
+                "min_ms": round(self.min, 6) if self.count else 0.0,
+                "max_ms": round(self.max, 6),
+                "p50_ms": round(self.quantile(0.50), 6),
+                "p90_ms": round(self.quantile(0.90), 6),
+                "p99_ms": round(self.quantile(0.99), 6),
+                "buckets": {repr(self.bucket_upper(i)): n
+                            for i, n in sorted(self.buckets.items())}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Histogram":
+        h = cls()
+        h.count = int(d.get("count", 0))
+        h.sum = float(d.get("sum_ms", 0.0))
+        h.max = float(d.get("max_ms", 0.0))
+        h.min = float(d.get("min_ms", 0.0)) if h.count else math.inf
+        for upper, n in d.get("buckets", {}).items():
+            u = float(upper)
+            if u <= cls.FLOOR:
+                idx = -(1 << 20)
+            else:
+                # the upper edge lies inside the bucket's own range only at
+                # its top; step down a hair to land in it.
+                m, e = _frexp(u * (1 - 1e-12))
+                idx = e * _SUB_BUCKETS + int((m - 0.5) * 2 * _SUB_BUCKETS)
+            h.buckets[idx] = h.buckets.get(idx, 0) + int(n)
+        return h
+
+
+class Stats:
+    """Everything the comparator counts.  Plain attributes for the per-frame
+    counters (cheap to bump), Counters for the rare, keyed ones."""
+
+    def __init__(self) -> None:
+        self.frames_in = [0, 0]          # by side
+        self.bytes_in = [0, 0]
+        # primary frames out
+        self.released_match = 0
+        self.released_flushed = Counter()   # by reason: checkpoint, queue-full, ...
+        self.released_bytes = 0
+        self.bypassed = Counter()           # primary, by reason
+        # secondary frames: consumed by a match, absorbed (pure ACKs,
+        # duplicates of compared data), discarded at a checkpoint, dropped
+        # (not comparable, by reason)
+        self.secondary_matched = 0
+        self.secondary_absorbed = 0
+        self.secondary_discarded = 0
+        self.dropped = Counter()            # "side:reason"
+        self.miscompares = Counter()        # "kind:cause"
+        self.checkpoint_requests = Counter()  # by cause
+        self.checkpoints = 0
+        self.connections_created = 0
+        self.connections_evicted = Counter()  # idle, table-full
+        self.queue_high_water = [0, 0]      # longest queue of any connection, by side
+        self.queued_bytes_high_water = 0
+        self.hold = Histogram()             # ms each released primary frame waited
+
+    @property
+    def released_total(self) -> int:
+        return self.released_match + sum(self.released_flushed.values())
+
+    def snapshot(self) -> dict:
+        """A JSON-ready dict with stable keys."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "frames_in": {"primary": self.frames_in[0], "secondary": self.frames_in[1]},
+            "bytes_in": {"primary": self.bytes_in[0], "secondary": self.bytes_in[1]},
+            "released": {"match": self.released_match, **dict(sorted(self.released_flushed.items())),
+                         "total": self.released_total},
+            "released_bytes": self.released_bytes,
+            "bypassed": dict(sorted(self.bypassed.items())),
+            "secondary": {"matched": self.secondary_matched,
+                          "absorbed": self.secondary_absorbed,
+                          "discarded": self.secondary_discarded},
+            "dropped": dict(sorted(self.dropped.items())),
+            "miscompares": dict(sorted(self.miscompares.items())),
+            "checkpoint_requests": dict(sorted(self.checkpoint_requests.items())),
+            "checkpoints": self.checkpoints,
+            "connections": {"created": self.connections_created,
+                            "evicted": dict(sorted(self.connections_evicted.items()))},
+            "queue_high_water": {"primary": self.queue_high_water[0],
+                                 "secondary": self.queue_high_water[1]},
+            "queued_bytes_high_water": self.queued_bytes_high_water,
+            "hold_ms": self.hold.to_dict(),
+        }
