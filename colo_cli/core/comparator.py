@@ -31,8 +31,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from . import events as ev
-from .compare import (TcpStream, datagram_difference, datagrams_equal,
-                      insert_segment)
+from .compare import datagram_difference, datagrams_equal, insert_segment
 from .conntrack import Connection, ConnectionTable
 from .packet import (KIND_NAMES, KIND_TCP, MAX_VNET_HDR_LEN, REASON_BAD_VNET_HDR,
                      RST, SYN, Packet, parse)
@@ -172,14 +171,11 @@ class Comparator:
         tcp = conn.tcp
         if (pkt.flags & SYN and side == PRIMARY and tcp.finished()
                 and not conn.p and not conn.s):
-            # The 4-tuple is reused by a new connection (after a close): start
-            # a fresh stream, keeping a secondary SYN already seen for it.
-            fresh = TcpStream()
-            fresh.s_syn = tcp.s_syn_after_close
-            conn.tcp = tcp = fresh
+            # The 4-tuple is reused by a new connection (after a close).
+            conn.tcp = tcp = tcp.successor()
         if side == PRIMARY:
+            tcp.add_primary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end)   # sets seq_abs
             insert_segment(conn.p, pkt)
-            tcp.add_primary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end)
             self._enqueue(conn, conn.p, pkt, PRIMARY, now_ms, out)
         else:
             if tcp.add_secondary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end):

@@ -118,7 +118,7 @@ class TcpStream:
         self.p_rst = False       # a primary RST was released
         self.p_fin = None        # absolute position of each side's FIN
         self.s_fin = None
-        self.s_syn_after_close = False  # a secondary SYN seen once finished
+        self.s_syn_after_close = None  # (flags, ack) of a secondary SYN seen once finished
 
     # -- sequence numbers -------------------------------------------------
 
@@ -133,6 +133,17 @@ class TcpStream:
         if d & _HALF:
             d -= _WRAP
         return a + d
+
+    def successor(self) -> "TcpStream":
+        """A fresh stream for a new connection on the same 4-tuple, knowing
+        the secondary's SYN if it came first."""
+        fresh = TcpStream()
+        if self.s_syn_after_close is not None:
+            flags, ack = self.s_syn_after_close
+            fresh.s_syn = True
+            if flags & ACK:
+                fresh.s_max_ack = ack
+        return fresh
 
     def finished(self) -> bool:
         """The connection is over: both FINs verified, or both sides reset."""
@@ -180,7 +191,9 @@ class TcpStream:
         if flags & SYN:
             self.s_syn = True
             if self.finished():
-                self.s_syn_after_close = True
+                # the 4-tuple is being reused: remember the SYN for the new
+                # connection's stream (see Comparator._receive_tcp)
+                self.s_syn_after_close = (flags, pkt.ack)
         if flags & RST:
             self.s_rst = True
         if end <= off and not flags & FIN:
@@ -316,7 +329,7 @@ class TcpStream:
         self.s_pending = []
         self.s_max_ack = None
         self.s_syn = self.s_rst = self.p_rst = False
-        self.s_syn_after_close = False
+        self.s_syn_after_close = None
         self.p_fin = self.s_fin = None
         if self.p_next is not None:
             self._lock(self.p_next)
