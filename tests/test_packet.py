@@ -45,11 +45,19 @@ def test_tcp_with_ip_options():
     assert kind == pk.KIND_TCP and f[off:end] == b"data"
 
 
-def test_icmp_keyed_without_ports_and_compared_from_l4():
+def test_icmp_echo_keyed_by_identifier_and_compared_from_l4():
     f = icmp_frame(b"abc", ident=9)
     kind, key, off, end, *_ = parse(f)
     assert kind == pk.KIND_ICMP and off == 34 and end == len(f)
-    assert parse(icmp_frame(b"zzz", ident=1))[1] == key     # one ICMP "connection" per pair
+    assert parse(icmp_frame(b"zzz", ident=9, seq=5))[1] == key
+    assert parse(icmp_frame(b"abc", ident=10))[1] != key       # another ping session
+    assert format_key(key) == "icmp 10.0.0.1 > 10.0.0.2 id 9"
+
+
+def test_other_icmp_keyed_by_address_pair_as_qemu():
+    unreach = ether(ipv4(bytes([3, 1, 0, 0]) + b"\0" * 4 + b"orig", 1), 0x0800)
+    other = ether(ipv4(bytes([11, 0, 0, 0]) + b"\0" * 4 + b"orig", 1), 0x0800)
+    assert parse(unreach)[1] == parse(other)[1]
 
 
 def test_other_ip_protocol_compares_ip_payload_only():

@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from . import events as ev
-from .compare import datagram_difference, datagrams_equal, insert_segment
+from .compare import TcpStream, datagram_difference, datagrams_equal, insert_segment
 from .conntrack import Connection, ConnectionTable
 from .packet import (KIND_NAMES, KIND_TCP, MAX_VNET_HDR_LEN, REASON_BAD_VNET_HDR,
                      RST, SYN, Packet, parse)
@@ -169,25 +169,47 @@ class Comparator:
 
     def _receive_tcp(self, conn, pkt, side, now_ms, out) -> None:
         tcp = conn.tcp
-        if (pkt.flags & SYN and side == PRIMARY and tcp.finished()
-                and not conn.p and not conn.s):
-            # The 4-tuple is reused by a new connection (after a close).
-            conn.tcp = tcp = tcp.successor()
-        if side == PRIMARY:
+        later = conn.p_later if side == PRIMARY else conn.s_later
+        if later or (pkt.flags & SYN and tcp.ended(side == PRIMARY)):
+            # A new connection on the same 4-tuple, opened by this side before
+            # the old one is fully compared: it waits until the old one is.
+            later.append(pkt)
+            self._enqueue(conn, later, pkt, side, now_ms, out)
+        elif side == PRIMARY:
             tcp.add_primary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end)   # sets seq_abs
             insert_segment(conn.p, pkt)
             self._enqueue(conn, conn.p, pkt, PRIMARY, now_ms, out)
         else:
-            if tcp.add_secondary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end):
-                insert_segment(conn.s, pkt)
-                self._enqueue(conn, conn.s, pkt, SECONDARY, now_ms, out)
-            else:
-                pkt.done = True
-                self.stats.secondary_absorbed += 1
+            self._add_secondary_segment(conn, pkt, now_ms, out)
         self._progress_tcp(conn, now_ms, out)
-        if len(conn.p) > self.config.max_queue_size or len(conn.s) > self.config.max_queue_size:
+        if conn.queued_primary > self.config.max_queue_size or \
+                conn.queued_secondary > self.config.max_queue_size:
             self._flush_connection(conn, now_ms, ev.RELEASE_QUEUE_FULL, out)
             self._request(ev.CAUSE_QUEUE_FULL, conn, now_ms, out)
+
+    def _add_secondary_segment(self, conn, pkt, now_ms, out) -> None:
+        if conn.tcp.add_secondary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end):
+            insert_segment(conn.s, pkt)
+            self._enqueue(conn, conn.s, pkt, SECONDARY, now_ms, out)
+        else:
+            pkt.done = True
+            self.stats.secondary_absorbed += 1
+
+    def _start_next_connection(self, conn) -> None:
+        conn.tcp = tcp = TcpStream()
+        conn.diverged = False
+        p_later, s_later = conn.p_later, conn.s_later
+        conn.p_later, conn.s_later = [], []
+        for pkt in p_later:
+            tcp.add_primary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end)
+            insert_segment(conn.p, pkt)
+        for pkt in s_later:
+            # already counted as queued: keep it if it brings bytes
+            if tcp.add_secondary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end):
+                insert_segment(conn.s, pkt)
+            else:
+                self._leave(pkt)
+                self.stats.secondary_absorbed += 1
 
     def _progress_tcp(self, conn, now_ms, out) -> None:
         tcp = conn.tcp
@@ -209,6 +231,10 @@ class Comparator:
                 if pkt.flags & RST:
                     tcp.p_rst = True
                 self._release(conn, pkt, ev.RELEASE_MATCH, now_ms, out)
+        if (conn.p_later or conn.s_later) and not conn.p and not conn.s and tcp.finished():
+            # the old connection on this 4-tuple is over: compare the new one
+            self._start_next_connection(conn)
+            self._progress_tcp(conn, now_ms, out)
 
     def _tcp_miscompare(self, conn, bad, now_ms, out) -> None:
         cause, at = bad
@@ -286,17 +312,29 @@ class Comparator:
     def _flush_connection(self, conn, now_ms, reason, out) -> tuple[int, int]:
         """Release every queued primary frame of ``conn`` in order, discard its
         secondary frames, and reset its comparison state."""
-        released = len(conn.p)
+        p_later = conn.p_later
+        released = len(conn.p) + len(p_later)
         for pkt in conn.p:
             self._release(conn, pkt, reason, now_ms, out)
-        discarded = len(conn.s)
+        for pkt in p_later:
+            self._release(conn, pkt, reason, now_ms, out)
+        discarded = len(conn.s) + len(conn.s_later)
         for pkt in conn.s:
+            self._leave(pkt)
+        for pkt in conn.s_later:
             self._leave(pkt)
         self.stats.secondary_discarded += discarded
         conn.p.clear()
         conn.s.clear()
         conn.diverged = False
         if conn.tcp is not None:
+            if p_later:
+                # the primary had moved on to a new connection on this 4-tuple:
+                # the secondary now holds that state, so continue from there
+                tcp = conn.tcp = TcpStream()
+                for pkt in p_later:
+                    tcp.add_primary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end)
+            conn.p_later, conn.s_later = [], []
             conn.tcp.reset()
         return released, discarded
 
@@ -305,7 +343,7 @@ class Comparator:
         recently active connection, releasing what it holds."""
         victim = None
         for conn in self.table.least_recent(64):
-            if not conn.p and not conn.s:
+            if not conn.queued:
                 victim = conn
                 break
         if victim is not None:
@@ -385,7 +423,7 @@ class Comparator:
         for conn in self.table.least_recent(256):
             if conn.last_ms > limit:
                 break
-            if conn.p or conn.s:
+            if conn.queued:
                 continue
             self.table.remove(conn)
             self.stats.connections_evicted["idle"] += 1
@@ -401,7 +439,7 @@ class Comparator:
         self._last_now_ms = now_ms
         released = discarded = 0
         for conn in self.table:
-            if conn.p or conn.s or conn.diverged or conn.tcp is not None:
+            if conn.queued or conn.diverged or conn.tcp is not None:
                 r, d = self._flush_connection(conn, now_ms, ev.RELEASE_CHECKPOINT, out)
                 released += r
                 discarded += d
@@ -415,7 +453,7 @@ class Comparator:
         are released with reason ``end`` and count as unmatched."""
         out: list = []
         for conn in self.table:
-            if conn.p or conn.s:
+            if conn.queued:
                 self._flush_connection(conn, now_ms, ev.RELEASE_END, out)
         self._arrivals.clear()
         return out

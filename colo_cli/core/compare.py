@@ -99,8 +99,8 @@ class TcpStream:
     """Byte-stream comparison state of one TCP connection."""
 
     __slots__ = ("anchor", "base", "origin", "locked", "p_buf", "s_buf",
-                 "p_pending", "s_pending", "p_next", "s_max_ack", "s_syn",
-                 "s_rst", "p_rst", "p_fin", "s_fin", "s_syn_after_close")
+                 "p_pending", "s_pending", "p_end_max", "s_max_ack", "s_syn",
+                 "s_rst", "p_rst", "p_rst_sent", "p_fin", "s_fin")
 
     def __init__(self) -> None:
         self.anchor = None       # an absolute sequence number near the action
@@ -111,14 +111,14 @@ class TcpStream:
         self.s_buf = bytearray()
         self.p_pending = []      # (start, bytes) beyond a gap, or before lock
         self.s_pending = []
-        self.p_next = None       # highest primary end seen (the primary's snd_nxt)
+        self.p_end_max = None    # highest primary end seen (the primary's snd_nxt)
         self.s_max_ack = None    # highest ack the secondary sent (32-bit)
         self.s_syn = False
         self.s_rst = False
         self.p_rst = False       # a primary RST was released
+        self.p_rst_sent = False  # a primary RST arrived
         self.p_fin = None        # absolute position of each side's FIN
         self.s_fin = None
-        self.s_syn_after_close = None  # (flags, ack) of a secondary SYN seen once finished
 
     # -- sequence numbers -------------------------------------------------
 
@@ -134,16 +134,12 @@ class TcpStream:
             d -= _WRAP
         return a + d
 
-    def successor(self) -> "TcpStream":
-        """A fresh stream for a new connection on the same 4-tuple, knowing
-        the secondary's SYN if it came first."""
-        fresh = TcpStream()
-        if self.s_syn_after_close is not None:
-            flags, ack = self.s_syn_after_close
-            fresh.s_syn = True
-            if flags & ACK:
-                fresh.s_max_ack = ack
-        return fresh
+    def ended(self, primary: bool) -> bool:
+        """That side has closed this connection (sent a FIN or an RST): a SYN
+        it sends now opens a new connection on the same 4-tuple."""
+        if primary:
+            return self.p_fin is not None or self.p_rst_sent
+        return self.s_fin is not None or self.s_rst
 
     def finished(self) -> bool:
         """The connection is over: both FINs verified, or both sides reset."""
@@ -169,8 +165,10 @@ class TcpStream:
         dend = start + (end - off)
         pkt.seq_abs = a
         pkt.end_abs = dend + 1 if flags & FIN else dend
-        if self.p_next is None or pkt.end_abs > self.p_next:
-            self.p_next = pkt.end_abs
+        if self.p_end_max is None or pkt.end_abs > self.p_end_max:
+            self.p_end_max = pkt.end_abs
+        if flags & RST:
+            self.p_rst_sent = True
         if flags & SYN and not self.locked:
             self._lock(start)
         if flags & FIN:
@@ -190,10 +188,6 @@ class TcpStream:
                 self.s_max_ack = ack
         if flags & SYN:
             self.s_syn = True
-            if self.finished():
-                # the 4-tuple is being reused: remember the SYN for the new
-                # connection's stream (see Comparator._receive_tcp)
-                self.s_syn_after_close = (flags, pkt.ack)
         if flags & RST:
             self.s_rst = True
         if end <= off and not flags & FIN:
@@ -328,11 +322,10 @@ class TcpStream:
         self.p_pending = []
         self.s_pending = []
         self.s_max_ack = None
-        self.s_syn = self.s_rst = self.p_rst = False
-        self.s_syn_after_close = None
+        self.s_syn = self.s_rst = self.p_rst = self.p_rst_sent = False
         self.p_fin = self.s_fin = None
-        if self.p_next is not None:
-            self._lock(self.p_next)
+        if self.p_end_max is not None:
+            self._lock(self.p_end_max)
         else:
             self.base = None
             self.locked = False

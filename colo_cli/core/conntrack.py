@@ -21,7 +21,7 @@ from .packet import KIND_TCP
 
 
 class Connection:
-    __slots__ = ("key", "kind", "p", "s", "tcp", "diverged", "last_ms",
+    __slots__ = ("key", "kind", "p", "s", "p_later", "s_later", "tcp", "diverged", "last_ms",
                  "created_ms", "compared", "miscompares", "released",
                  "hold_sum_ms", "hold_max_ms", "checkpoint_requested")
 
@@ -37,6 +37,11 @@ class Connection:
             self.tcp = None
             self.p = deque()
             self.s = deque()
+        # TCP only: segments of a *new* connection on the same 4-tuple that one
+        # side opened (SYN after its own FIN/RST) while the old connection is
+        # still being compared; they wait for it to finish.
+        self.p_later: list = []
+        self.s_later: list = []
         self.diverged = False
         self.checkpoint_requested = False
         self.last_ms = now_ms
@@ -49,12 +54,20 @@ class Connection:
 
     @property
     def queued(self) -> int:
-        return len(self.p) + len(self.s)
+        return len(self.p) + len(self.s) + len(self.p_later) + len(self.s_later)
+
+    @property
+    def queued_primary(self) -> int:
+        return len(self.p) + len(self.p_later)
+
+    @property
+    def queued_secondary(self) -> int:
+        return len(self.s) + len(self.s_later)
 
     def summary(self) -> dict:
         from .packet import describe_key, format_key
         d = {"flow": format_key(self.key), **describe_key(self.key),
-             "queued_primary": len(self.p), "queued_secondary": len(self.s),
+             "queued_primary": self.queued_primary, "queued_secondary": self.queued_secondary,
              "diverged": self.diverged, "miscompares": self.miscompares,
              "released": self.released,
              "hold_mean_ms": round(self.hold_sum_ms / self.released, 3) if self.released else 0.0,

@@ -103,6 +103,7 @@ _V6_NO_NEXT = 59
 _MAX_V6_EXT_HEADERS = 16
 
 _ZERO_PORTS = b"\0\0\0\0"
+_ECHO_TYPES = frozenset((0, 8, 128, 129))   # ICMP and ICMPv6 echo request/reply
 
 
 def parse(data: bytes, l2: int = 0):
@@ -242,12 +243,18 @@ def _parse_l4(data, prefix, proto, l4, ip_end, icmp_proto):
             return None, REASON_UDP_TRUNCATED
         return KIND_UDP, prefix + b"\x11" + data[l4:l4 + 4], l4, ip_end, 0, 0, 0
     if proto == icmp_proto:
-        # All ICMP between two addresses is one connection, compared in
-        # order, as in QEMU (its key has no ports for ICMP).
         # ICMP's header is 8 bytes, ICMPv6's fixed part 4.
         if avail < (8 if icmp_proto == 1 else 4):
             return None, REASON_ICMP_TRUNCATED
-        return KIND_ICMP, prefix + bytes((proto,)) + _ZERO_PORTS, l4, ip_end, 0, 0, 0
+        # Echo requests and replies are keyed by their identifier, so two ping
+        # sessions between the same hosts are compared separately and their
+        # interleaving does not matter.  Other ICMP between two addresses is
+        # one connection, compared in order, as in QEMU (no ports for ICMP).
+        if data[l4] in _ECHO_TYPES and avail >= 8:
+            ports = b"\0\0" + data[l4 + 4:l4 + 6]
+        else:
+            ports = _ZERO_PORTS
+        return KIND_ICMP, prefix + bytes((proto,)) + ports, l4, ip_end, 0, 0, 0
     if proto in _PORT_PROTOS and avail >= 4:
         ports = data[l4:l4 + 4]
     elif proto == _AH and avail >= 8:
@@ -319,6 +326,8 @@ def _describe_key(key: bytes) -> dict:
         proto = a[2 * alen]
         out = {"protocol": proto_name(proto), "src": str(mk(a[:alen])),
                "dst": str(mk(a[alen:2 * alen])), "vlan": vlans}
+        if proto in (1, 58) and a[-4:] != _ZERO_PORTS:
+            out["echo_id"] = int.from_bytes(a[-2:], "big")
         if proto in (6, 17, 33, 132, 136):
             out["sport"] = int.from_bytes(a[-4:-2], "big")
             out["dport"] = int.from_bytes(a[-2:], "big")
@@ -351,6 +360,8 @@ def format_key(key: bytes) -> str:
     if "sport" in d:
         src, dst = f"{src}:{d['sport']}", f"{dst}:{d['dport']}"
     text = f"{d['protocol']} {src} > {dst}"
+    if "echo_id" in d:
+        text += f" id {d['echo_id']}"
     if d.get("vlan"):
         text += " vlan " + ".".join(str(v) for v in d["vlan"])
     return text
