@@ -251,6 +251,14 @@ class Comparator:
     # -- datagrams ---------------------------------------------------------
 
     def _receive_datagram(self, conn, pkt, side, now_ms, out) -> None:
+        if conn.stale and side == SECONDARY:
+            if conn.stale[0] == pkt.data[pkt.cmp_off:pkt.cmp_end]:
+                # the secondary's copy of a datagram flushed at the checkpoint
+                conn.stale.popleft()
+                pkt.done = True
+                self.stats.secondary_absorbed += 1
+                return
+            conn.stale.clear()      # the secondary has moved past them
         queue = conn.p if side == PRIMARY else conn.s
         queue.append(pkt)
         self._enqueue(conn, queue, pkt, side, now_ms, out)
@@ -324,6 +332,12 @@ class Comparator:
         for pkt in conn.s_later:
             self._leave(pkt)
         self.stats.secondary_discarded += discarded
+        if conn.tcp is None:
+            # remember what the flushed primaries compare as, in case their
+            # secondary copies are still to come (see Connection.stale);
+            # those already paired with a queued secondary are not waited for
+            unpaired = list(conn.p)[len(conn.s):]
+            conn.stale = deque(p.data[p.cmp_off:p.cmp_end] for p in unpaired)
         conn.p.clear()
         conn.s.clear()
         conn.diverged = False

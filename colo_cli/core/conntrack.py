@@ -21,7 +21,7 @@ from .packet import KIND_TCP
 
 
 class Connection:
-    __slots__ = ("key", "kind", "p", "s", "p_later", "s_later", "tcp", "diverged", "last_ms",
+    __slots__ = ("key", "kind", "p", "s", "p_later", "s_later", "stale", "tcp", "diverged", "last_ms",
                  "created_ms", "compared", "miscompares", "released",
                  "hold_sum_ms", "hold_max_ms", "checkpoint_requested")
 
@@ -42,6 +42,12 @@ class Connection:
         # still being compared; they wait for it to finish.
         self.p_later: list = []
         self.s_later: list = []
+        # Datagrams only: what the primary frames flushed at the last
+        # checkpoint compared as, oldest first.  The secondary's copies of
+        # them may still be in flight; they are recognised and absorbed
+        # instead of being paired with the next primary datagram (the
+        # datagram twin of TCP's "below the verification point").
+        self.stale: deque = deque()
         self.diverged = False
         self.checkpoint_requested = False
         self.last_ms = now_ms
