@@ -385,6 +385,11 @@ class CaptureReader:
                          else self._pcapng_records())
         return self._gen
 
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from the file so far (to the chunk): for progress bars."""
+        return self._src.base + len(self._src.buf)
+
     def close(self) -> None:
         if self._closed:
             return

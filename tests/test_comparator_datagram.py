@@ -336,3 +336,14 @@ def test_stale_copies_only_absorbed_in_order_then_forgotten():
     assert releases(events)[2] == (u(5), "match")
     (m,) = miscompares(events)                 # u(1) now pairs with u(6)
     assert m.datagram_index == 1
+
+
+def test_overdue_scans_collapse_into_the_last_due_tick():
+    # a loop that slept, or a capture with a gap: the decision is the last
+    # due tick's, with the ages as they were at that tick
+    c = Comparator()
+    c.receive(P, u(0), 0)
+    assert requests(c.handle_timer(3500)) == []        # last due tick 3000: age 3000
+    assert c.last_scan_ms == 3000 and c.get_timer() == 4000
+    assert requests(c.handle_timer(10**12)) == ["timeout"]   # one request, not a billion
+    assert c.get_timer() == 10**12 + 1000

@@ -112,11 +112,18 @@ def test_ipv6_fragment_and_atomic_fragment():
     assert parse(f2)[0] == pk.KIND_UDP
 
 
-def test_ipv4_fragments_keyed_without_ip_id():
-    a = ether(ipv4(b"x" * 16, 17, ident=1, flags_frag=0x2000), 0x0800)     # MF
-    b = ether(ipv4(b"x" * 16, 17, ident=2, flags_frag=0x2000), 0x0800)
-    pa, pb = parse(a), parse(b)
-    assert pa[0] == pk.KIND_FRAGMENT and pa[1] == pb[1] and pa[4] == 0x2000
+def test_ipv4_fragments_identified_for_reassembly():
+    a = ether(ipv4(b"x" * 16, 17, ident=1, flags_frag=0x2000), 0x0800)          # MF, offset 0
+    b = ether(ipv4(b"y" * 16, 17, ident=1, flags_frag=0x0002), 0x0800)          # offset 16
+    c = ether(ipv4(b"x" * 16, 17, ident=2, flags_frag=0x2000), 0x0800)          # another datagram
+    pa, pb, pc = parse(a), parse(b), parse(c)
+    assert pa[0] == pb[0] == pk.KIND_FRAGMENT
+    assert pa[1] == pb[1] != pc[1]                  # reassembly key has the IP ID
+    assert (pa[4], pa[5], pa[6]) == (0, 1, 17)      # offset, more fragments, protocol
+    assert (pb[4], pb[5]) == (16, 0)
+    assert a[pa[2]:pa[3]] == b"x" * 16
+    assert pk.fragment_prefix(pa[1]) == b"4" + bytes([10, 0, 0, 1, 10, 0, 0, 2])
+    assert pk.describe_key(pa[1])["ip_id"] == 1
 
 
 def test_ipv6_jumbogram():
@@ -146,7 +153,7 @@ MALFORMED = [
     (_ip4(vihl=0x44), pk.REASON_IPV4_BAD_IHL),
     (_ip4(vihl=0x4F), pk.REASON_IPV4_BAD_LENGTH),                        # IHL 60 > total (28)
     (_ip4(total=10), pk.REASON_IPV4_BAD_LENGTH),
-    (_ip4(total=1500), pk.REASON_IPV4_TRUNCATED),                        # lies about its length
+    (ether(b"\x46\0\0\x18" + b"\0" * 18, 0x0800), pk.REASON_IPV4_TRUNCATED),  # options cut
     (_ip4(payload=b"\0" * 4, proto=17), pk.REASON_UDP_TRUNCATED),
     (_ip4(payload=b"\0" * 19, proto=6), pk.REASON_TCP_TRUNCATED),
     (_ip4(payload=b"\0" * 12 + b"\x40" + b"\0" * 7, proto=6), pk.REASON_TCP_BAD_OFFSET),  # doff 4
@@ -161,6 +168,19 @@ MALFORMED = [
 def test_every_malformed_frame_has_its_reason():
     for frame, reason in MALFORMED:
         assert parse(frame) == (None, reason), (frame.hex(), reason)
+
+
+def test_captured_short_of_its_ip_length_is_still_compared():
+    # snaplen: the L4 header is whole, the payload cut.  cmp_end says where
+    # the payload really ends; only the captured part can be compared.
+    f = udp_frame(b"z" * 100)[:60]
+    kind, key, off, end, *_ = parse(f)
+    assert kind == pk.KIND_UDP and off == 34 and end == 34 + 108 and end > len(f)
+    t = tcp_frame(b"q" * 100)[:70]
+    kind, key, off, end, *_ = parse(t)
+    assert kind == pk.KIND_TCP and end - off == 100
+    # but not when even the L4 header was cut
+    assert parse(udp_frame(b"z" * 100)[:38]) == (None, pk.REASON_UDP_TRUNCATED)
 
 
 def test_ipv6_extension_chain_that_overruns():
@@ -189,7 +209,7 @@ def test_parser_never_raises_on_garbage(data, l2):
     assert result[0] is None or len(result) == 7
     if result[0] is not None:
         _, key, off, end, *_ = result
-        assert l2 <= off <= end <= len(data)
+        assert l2 <= off <= len(data) and off <= end
         assert isinstance(key, bytes)
         format_key(key)
 
@@ -205,5 +225,5 @@ def test_parser_never_raises_on_mutated_real_frames(pos, value, frame):
     for cut in (len(data), pos % len(data)):
         result = parse(bytes(data[:cut]))
         if result[0] is not None:
-            assert result[2] <= result[3] <= cut
+            assert result[2] <= cut and result[2] <= result[3]
             format_key(result[1])

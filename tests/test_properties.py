@@ -13,7 +13,19 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from colo_cli.core import (PRIMARY, SECONDARY, Bypassed, Comparator, Config, Miscompare,
                            Released)
-from colo_cli.testing import arp_frame, icmp_frame, tcp_frame, udp_frame
+from colo_cli.testing import arp_frame, ether, icmp_frame, ipv4, tcp_frame, udp, udp_frame
+
+
+def fragments(l4: bytes, ident: int, pieces: int) -> list:
+    """``l4`` in IPv4 fragments of 8-byte multiples."""
+    size = max(8, (len(l4) // pieces) // 8 * 8)
+    out, off = [], 0
+    while off < len(l4):
+        piece = l4[off:off + size]
+        more = 0x2000 if off + len(piece) < len(l4) else 0
+        out.append(ether(ipv4(piece, 17, ident=ident, flags_frag=more | (off // 8)), 0x0800))
+        off += len(piece)
+    return out
 
 SETTINGS = settings(max_examples=int(__import__("os").environ.get("COLO_HYPOTHESIS_EXAMPLES", "150")), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -58,7 +70,7 @@ def tcp_flow(draw, n):
 def flow_pair(draw, n, mutate):
     """(primary frames, secondary frames) of one flow; the secondary is an
     identical replica or, with ``mutate``, one that differs."""
-    kind = draw(st.sampled_from(["udp", "tcp", "icmp", "arp", "junk"]))
+    kind = draw(st.sampled_from(["udp", "tcp", "icmp", "arp", "junk", "frag"]))
     if kind == "udp":
         p = draw(udp_flow(n))
     elif kind == "tcp":
@@ -67,9 +79,15 @@ def flow_pair(draw, n, mutate):
         p = [icmp_frame(b"%d" % n, ident=n, seq=i) for i in range(draw(st.integers(1, 4)))]
     elif kind == "arp":
         p = [arp_frame(spa="10.9.%d.%d" % (n // 250, n % 250 + 1))]
+    elif kind == "frag":
+        # one UDP datagram in IPv4 fragments; the secondary uses its own IP ID
+        # and may cut it differently
+        dgram = udp(b"%d:" % n + draw(st.binary(min_size=20, max_size=120)), sport=n * 1000 + 1)
+        p = fragments(dgram, n + 1, draw(st.integers(1, 4)))
+        s_frags = fragments(dgram, n + 500, draw(st.integers(1, 4)))
     else:
         p = [draw(st.binary(max_size=80))]
-    s = list(p)
+    s = list(p) if kind != "frag" else s_frags
     if mutate and draw(st.booleans()):
         how = draw(st.sampled_from(["flip", "drop", "extra", "resegment"]))
         i = draw(st.integers(0, len(s) - 1))

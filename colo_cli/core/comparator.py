@@ -33,8 +33,10 @@ from dataclasses import dataclass
 from . import events as ev
 from .compare import TcpStream, datagram_difference, datagrams_equal, insert_segment
 from .conntrack import Connection, ConnectionTable
-from .packet import (KIND_NAMES, KIND_TCP, MAX_VNET_HDR_LEN, REASON_BAD_VNET_HDR,
-                     RST, SYN, Packet, parse)
+from .packet import (KIND_FRAGMENT, KIND_NAMES, KIND_TCP, MAX_VNET_HDR_LEN,
+                     REASON_BAD_VNET_HDR, RST, SYN, Packet, fragment_prefix, parse,
+                     parse_reassembled)
+from .reassembly import Reassembler
 from .stats import Stats
 
 PRIMARY = ev.Side.PRIMARY
@@ -62,6 +64,9 @@ class Config:
     #: a connection with nothing queued and no traffic for this long is
     #: forgotten (its TCP comparison state with it).
     idle_timeout_ms: float = 120_000
+    #: an IP datagram whose fragments have not all arrived after this long
+    #: is given up (its primary fragments bypassed): Linux's ipfrag_time.
+    fragment_timeout_ms: float = 30_000
 
     def validate(self) -> None:
         if self.compare_timeout_ms is not None and self.compare_timeout_ms <= 0:
@@ -74,6 +79,14 @@ class Config:
             raise ValueError("max connections must be at least 1")
         if self.max_queued_bytes < 1:
             raise ValueError("max queued bytes must be at least 1")
+        if self.fragment_timeout_ms <= 0:
+            raise ValueError("fragment timeout must be positive")
+
+
+def _frames(pkt) -> int:
+    """How many frames a queued packet stands for (a reassembled datagram
+    came in several)."""
+    return 1 if pkt.fragments is None else len(pkt.fragments)
 
 
 class Comparator:
@@ -89,6 +102,8 @@ class Comparator:
         self._epoch_ms = None           # first now_ms seen: scan ticks are phased from it
         self._next_scan_ms = None
         self._last_now_ms = 0.0
+        self._reassembly = (Reassembler(), Reassembler())   # per side
+        self.last_scan_ms = None        # time of the last periodic scan
 
     # ------------------------------------------------------------------
     # input
@@ -113,6 +128,18 @@ class Comparator:
         kind = parsed[0]
         if kind is None:
             return self._not_comparable(pkt, parsed[1])
+        out: list = []
+        if kind == KIND_FRAGMENT:
+            self._receive_fragment(pkt, parsed, now_ms, out)
+        else:
+            self._dispatch(pkt, parsed, now_ms, out)
+        if self.queued_bytes > self.config.max_queued_bytes:
+            self._relieve_memory(now_ms, out)
+        return out
+
+    def _dispatch(self, pkt, parsed, now_ms, out) -> None:
+        """A parsed, comparable frame (or reassembled datagram) joins its
+        connection and is compared."""
         kind, key, off, end, seq, ack, flags = parsed
         pkt.kind = kind
         pkt.key = key
@@ -121,7 +148,10 @@ class Comparator:
         pkt.seq = seq
         pkt.ack = ack
         pkt.flags = flags
-        out: list = []
+        if end > len(pkt.data):
+            # captured short of its IP length (snaplen): only the captured
+            # part can be compared
+            self.stats.truncated[pkt.side] += 1
         conn = self.table.get(key)
         if conn is None:
             conn = self._new_connection(key, kind, now_ms, out)
@@ -130,12 +160,39 @@ class Comparator:
             conn.last_ms = now_ms
         pkt.conn = conn
         if kind == KIND_TCP:
-            self._receive_tcp(conn, pkt, side, now_ms, out)
+            self._receive_tcp(conn, pkt, pkt.side, now_ms, out)
         else:
-            self._receive_datagram(conn, pkt, side, now_ms, out)
-        if self.queued_bytes > self.config.max_queued_bytes:
-            self._relieve_memory(now_ms, out)
-        return out
+            self._receive_datagram(conn, pkt, pkt.side, now_ms, out)
+
+    # -- fragments -----------------------------------------------------------
+
+    def _receive_fragment(self, pkt, parsed, now_ms, out) -> None:
+        _, key, off, end, offset, more, proto = parsed
+        side = pkt.side
+        pkt.key = key
+        self.stats.fragments_in[side] += 1
+        reasm = self._reassembly[side]
+        done, failed = reasm.add(pkt, key, offset, more, proto, pkt.data[off:end], now_ms)
+        for dg, reason in failed:
+            self._fail_datagram(dg, reason, out)
+        if done is None:
+            return
+        payload = reasm.complete_payload(done)
+        parsed = parse_reassembled(payload, fragment_prefix(key), done.proto)
+        first = done.fragments[0]
+        whole = Packet(side, payload, 0, 0, first.arrival_ms, first.index)
+        whole.fragments = done.fragments
+        if parsed[0] is None:
+            self._fail_datagram(done, parsed[1], out)
+            return
+        self.stats.reassembled[side] += 1
+        self._dispatch(whole, parsed, now_ms, out)
+
+    def _fail_datagram(self, dg, reason, out) -> None:
+        """A datagram that cannot be reassembled (or compared): its primary
+        fragments leave at once, its secondary ones are dropped."""
+        for frag in dg.fragments:
+            out.extend(self._not_comparable(frag, reason))
 
     def _not_comparable(self, pkt, reason: str) -> list:
         if pkt.side == PRIMARY:
@@ -193,7 +250,7 @@ class Comparator:
             self._enqueue(conn, conn.s, pkt, SECONDARY, now_ms, out)
         else:
             pkt.done = True
-            self.stats.secondary_absorbed += 1
+            self.stats.secondary_absorbed += _frames(pkt)
 
     def _start_next_connection(self, conn) -> None:
         conn.tcp = tcp = TcpStream()
@@ -209,7 +266,7 @@ class Comparator:
                 insert_segment(conn.s, pkt)
             else:
                 self._leave(pkt)
-                self.stats.secondary_absorbed += 1
+                self.stats.secondary_absorbed += _frames(pkt)
 
     def _progress_tcp(self, conn, now_ms, out) -> None:
         tcp = conn.tcp
@@ -220,9 +277,10 @@ class Comparator:
         s = conn.s
         n = tcp.verified_secondaries(s)
         if n:
-            self.stats.secondary_matched += n
             for _ in range(n):
-                self._leave(s.pop(0))
+                done = s.pop(0)
+                self.stats.secondary_matched += _frames(done)
+                self._leave(done)
         n = tcp.releasable(conn.p)
         if n:
             p = conn.p
@@ -256,7 +314,7 @@ class Comparator:
                 # the secondary's copy of a datagram flushed at the checkpoint
                 conn.stale.popleft()
                 pkt.done = True
-                self.stats.secondary_absorbed += 1
+                self.stats.secondary_absorbed += _frames(pkt)
                 return
             conn.stale.clear()      # the secondary has moved past them
         queue = conn.p if side == PRIMARY else conn.s
@@ -271,7 +329,7 @@ class Comparator:
                     p.popleft()
                     s.popleft()
                     conn.compared += 1
-                    self.stats.secondary_matched += 1
+                    self.stats.secondary_matched += _frames(ss)
                     self._leave(ss)
                     self._release(conn, pp, ev.RELEASE_MATCH, now_ms, out)
                     continue
@@ -299,6 +357,15 @@ class Comparator:
 
     def _release(self, conn, pkt, reason, now_ms, out) -> None:
         self._leave(pkt)
+        if pkt.fragments is not None:
+            # a reassembled datagram leaves as the fragments it came in
+            for frag in pkt.fragments:
+                frag.done = True
+                self._count_release(conn, frag, reason, now_ms, out)
+            return
+        self._count_release(conn, pkt, reason, now_ms, out)
+
+    def _count_release(self, conn, pkt, reason, now_ms, out) -> None:
         hold_ms = now_ms - pkt.arrival_ms
         stats = self.stats
         if reason is ev.RELEASE_MATCH:
@@ -321,15 +388,18 @@ class Comparator:
         """Release every queued primary frame of ``conn`` in order, discard its
         secondary frames, and reset its comparison state."""
         p_later = conn.p_later
-        released = len(conn.p) + len(p_later)
+        released = discarded = 0
         for pkt in conn.p:
+            released += _frames(pkt)
             self._release(conn, pkt, reason, now_ms, out)
         for pkt in p_later:
+            released += _frames(pkt)
             self._release(conn, pkt, reason, now_ms, out)
-        discarded = len(conn.s) + len(conn.s_later)
         for pkt in conn.s:
+            discarded += _frames(pkt)
             self._leave(pkt)
         for pkt in conn.s_later:
+            discarded += _frames(pkt)
             self._leave(pkt)
         self.stats.secondary_discarded += discarded
         if conn.tcp is None:
@@ -406,30 +476,45 @@ class Comparator:
         timer is needed (nothing queued, or timeouts off and nothing idle)."""
         if self._next_scan_ms is None:
             return None
-        if self.queued_frames or len(self.table):
+        if self.queued_frames or len(self.table) or self._reassembly[0] or self._reassembly[1]:
             return self._next_scan_ms
         return None
 
     def handle_timer(self, now_ms) -> list:
-        """Run the periodic scan if it is due.  Like QEMU: one checkpoint
-        request per scan however many frames are too old; the request
-        repeats every scan until a checkpoint empties the queues."""
+        """Run the periodic scan if one is due by ``now_ms``.
+
+        Scans happen on a fixed grid every ``expired_scan_cycle_ms`` from the
+        first ``now_ms`` seen, as QEMU's timer does.  Like QEMU, a scan that
+        finds frames older than ``compare_timeout_ms`` (strictly) raises one
+        checkpoint request however many there are, and the request repeats
+        every scan until a checkpoint empties the queues.
+
+        If several scans are overdue (a loop that slept, a capture with a gap
+        of hours) they collapse into the last one: ages only grow, so it alone
+        decides, and the decision is the one QEMU's last tick would take.
+        The scan's time is in ``last_scan_ms``.
+        """
         out: list = []
         if self._epoch_ms is None:
             self._start_clock(now_ms)
             return out
         if now_ms < self._next_scan_ms:
             return out
-        self._last_now_ms = now_ms
         cycle = self.config.expired_scan_cycle_ms
-        ticks = (now_ms - self._epoch_ms) // cycle + 1
-        self._next_scan_ms = self._epoch_ms + ticks * cycle
+        ticks = (now_ms - self._epoch_ms) // cycle
+        tick_ms = self._epoch_ms + ticks * cycle        # the last tick due
+        self._next_scan_ms = tick_ms + cycle
+        self.last_scan_ms = tick_ms
+        self._last_now_ms = now_ms
         timeout = self.config.compare_timeout_ms
         if timeout is not None:
             oldest = self._oldest_queued()
-            if oldest is not None and now_ms - oldest.arrival_ms > timeout:
-                self._request(ev.CAUSE_TIMEOUT, oldest.conn, now_ms, out)
-        self._evict_idle(now_ms)
+            if oldest is not None and tick_ms - oldest.arrival_ms > timeout:
+                self._request(ev.CAUSE_TIMEOUT, oldest.conn, tick_ms, out)
+        self._evict_idle(tick_ms)
+        for reasm in self._reassembly:
+            for dg, reason in reasm.expire(tick_ms, self.config.fragment_timeout_ms):
+                self._fail_datagram(dg, reason, out)
         return out
 
     def _evict_idle(self, now_ms) -> None:
@@ -469,6 +554,9 @@ class Comparator:
         for conn in self.table:
             if conn.queued:
                 self._flush_connection(conn, now_ms, ev.RELEASE_END, out)
+        for reasm in self._reassembly:
+            for dg, reason in reasm.drain():
+                self._fail_datagram(dg, reason, out)
         self._arrivals.clear()
         return out
 

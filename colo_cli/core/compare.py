@@ -64,7 +64,7 @@ from __future__ import annotations
 
 from bisect import insort
 
-from .packet import ACK, FIN, KIND_FRAGMENT, RST, SYN
+from .packet import ACK, FIN, RST, SYN
 
 _MASK = 0xFFFFFFFF
 _HALF = 0x80000000
@@ -100,7 +100,8 @@ class TcpStream:
 
     __slots__ = ("anchor", "base", "origin", "locked", "p_buf", "s_buf",
                  "p_pending", "s_pending", "p_end_max", "s_max_ack", "s_syn",
-                 "s_rst", "p_rst", "p_rst_sent", "p_fin", "s_fin")
+                 "s_rst", "p_rst", "p_rst_sent", "p_fin", "s_fin", "unknown",
+                 "p_first", "s_first", "gap_bytes")
 
     def __init__(self) -> None:
         self.anchor = None       # an absolute sequence number near the action
@@ -119,6 +120,10 @@ class TcpStream:
         self.p_rst_sent = False  # a primary RST arrived
         self.p_fin = None        # absolute position of each side's FIN
         self.s_fin = None
+        self.unknown = None      # [(start, end)] not captured (snaplen), either side
+        self.p_first = None      # lowest stream position each side showed before lock
+        self.s_first = None
+        self.gap_bytes = 0       # skipped: missing on both sides (capture loss)
 
     # -- sequence numbers -------------------------------------------------
 
@@ -169,12 +174,18 @@ class TcpStream:
             self.p_end_max = pkt.end_abs
         if flags & RST:
             self.p_rst_sent = True
-        if flags & SYN and not self.locked:
-            self._lock(start)
+        if not self.locked:
+            if flags & SYN:
+                self._lock(start)
+            elif not flags & RST:
+                self._position(True, start)
         if flags & FIN:
             self.p_fin = dend
         if end > off:
-            self._add_data(True, start, data[off:end])
+            payload = data[off:end]
+            if len(payload) < end - off:
+                payload = self._cut_short(True, start, payload, end - off)
+            self._add_data(True, start, payload)
 
     def add_secondary(self, pkt, data, off, end) -> bool:
         """Place a secondary segment.  Returns True when the caller should
@@ -190,6 +201,9 @@ class TcpStream:
             self.s_syn = True
         if flags & RST:
             self.s_rst = True
+        if not self.locked and not flags & (SYN | RST):
+            # where the secondary's stream stands, even from a pure ACK
+            self._position(False, self.unwrap(pkt.seq))
         if end <= off and not flags & FIN:
             return False
         a = self.unwrap(pkt.seq)
@@ -201,7 +215,46 @@ class TcpStream:
             self.s_fin = dend
         if end <= off:
             return False
-        return self._add_data(False, start, data[off:end])
+        payload = data[off:end]
+        if len(payload) < end - off:
+            payload = self._cut_short(False, start, payload, end - off)
+        return self._add_data(False, start, payload)
+
+    def _cut_short(self, primary: bool, start: int, payload, length: int):
+        """A segment captured short of its length (snaplen): remember which
+        sequence range was not captured, and pad it so the stream keeps its
+        shape.  Differences inside such a range are not divergences: nothing
+        is known of those bytes."""
+        if self.unknown is None:
+            self.unknown = []
+        elif len(self.unknown) > 32 and self.base is not None:
+            # forget ranges already behind the verification point
+            self.unknown = [r for r in self.unknown if r[1] > self.base]
+        self.unknown.append((start + len(payload), start + length))
+        return payload + bytes(length - len(payload))
+
+    def _unknown_until(self, pos: int):
+        """End of the uncaptured range holding ``pos``, or None."""
+        if not self.unknown:
+            return None
+        best = None
+        for lo, hi in self.unknown:
+            if lo <= pos < hi and (best is None or hi > best):
+                best = hi
+        return best
+
+    def _position(self, primary: bool, pos: int) -> None:
+        """Before the stream origin is known: a side's segment says where its
+        stream stands (data start, FIN, or a pure ACK's sequence number, which
+        is the next byte that side will send).  Once both sides have said,
+        comparison starts at the lower of their first positions."""
+        if primary:
+            if self.p_first is None or pos < self.p_first:
+                self.p_first = pos
+        elif self.s_first is None or pos < self.s_first:
+            self.s_first = pos
+        if self.p_first is not None and self.s_first is not None:
+            self._lock(min(self.p_first, self.s_first))
 
     def _lock(self, base: int) -> None:
         self.base = base
@@ -234,9 +287,7 @@ class TcpStream:
         pending = self.p_pending if primary else self.s_pending
         if not self.locked:
             insort(pending, (start, payload))
-            other = self.s_pending if primary else self.p_pending
-            if other:
-                self._lock(min(pending[0][0], other[0][0]))
+            self._position(primary, start)
             return True
         buf = self.p_buf if primary else self.s_buf
         buf_end = self.base + len(buf)
@@ -263,7 +314,12 @@ class TcpStream:
             n = min(len(p_buf), len(s_buf))
             if n:
                 if p_buf[:n] != s_buf[:n]:
-                    return "content", self.base + first_difference(p_buf, s_buf)
+                    i = first_difference(p_buf, s_buf)
+                    skip_to = self._unknown_until(self.base + i)
+                    if skip_to is None:
+                        return "content", self.base + i
+                    # not captured on one side: step over what is unknown
+                    n = min(n, skip_to - self.base)
                 del p_buf[:n]
                 del s_buf[:n]
                 self.base += n
@@ -272,6 +328,17 @@ class TcpStream:
             base = self.base
             if self.p_fin == base and self.s_fin == base:
                 self.base = base + 1   # both ended here: the FIN is verified
+                continue
+            if (not p_buf and not s_buf and self.p_pending and self.s_pending
+                    and self.p_pending[0][0] == self.s_pending[0][0] > base):
+                # Both sides go on from the same place after the same hole: a
+                # guest sends in order, so only a capture that lost packets
+                # looks like this.  Nothing is known of the hole; skip it.
+                gap_end = self.p_pending[0][0]
+                self.gap_bytes += gap_end - base
+                self.base = self.anchor = gap_end
+                self._merge(p_buf, self.p_pending)
+                self._merge(s_buf, self.s_pending)
                 continue
             if (self.p_fin == base and s_buf) or (self.s_fin == base and p_buf):
                 return "stream-end", base
@@ -324,6 +391,8 @@ class TcpStream:
         self.s_max_ack = None
         self.s_syn = self.s_rst = self.p_rst = self.p_rst_sent = False
         self.p_fin = self.s_fin = None
+        self.unknown = None
+        self.p_first = self.s_first = None
         if self.p_end_max is not None:
             self._lock(self.p_end_max)
         else:
@@ -353,9 +422,14 @@ def insert_segment(queue: list, pkt) -> None:
 def datagrams_equal(p, s) -> bool:
     if p.cmp_end - p.cmp_off != s.cmp_end - s.cmp_off:
         return False
-    if p.kind == KIND_FRAGMENT and p.seq != s.seq:
-        return False
-    return p.data[p.cmp_off:p.cmp_end] == s.data[s.cmp_off:s.cmp_end]
+    a = p.data[p.cmp_off:p.cmp_end]
+    b = s.data[s.cmp_off:s.cmp_end]
+    if len(a) == len(b):
+        return a == b
+    # a capture cut one of them short (snaplen): the lengths in their headers
+    # agree, so compare what both captured
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
 
 
 def datagram_difference(p, s):
@@ -363,7 +437,7 @@ def datagram_difference(p, s):
     from .events import MISCOMPARE_CONTENT, MISCOMPARE_LENGTH
     a = p.data[p.cmp_off:p.cmp_end]
     b = s.data[s.cmp_off:s.cmp_end]
-    if p.kind == KIND_FRAGMENT and p.seq != s.seq:
-        return MISCOMPARE_CONTENT, 0
-    cause = MISCOMPARE_LENGTH if len(a) != len(b) else MISCOMPARE_CONTENT
-    return cause, first_difference(a, b)
+    if p.cmp_end - p.cmp_off != s.cmp_end - s.cmp_off:
+        return MISCOMPARE_LENGTH, first_difference(a, b)
+    n = min(len(a), len(b))
+    return MISCOMPARE_CONTENT, first_difference(a[:n], b[:n])

@@ -32,7 +32,10 @@ What is compared, per kind (``spec/qemu-colo-compare.md`` section 7):
   their Ethernet and IP headers (QEMU does, so they miscompare on IP ID:
   observed d5).
 * ARP: the ARP body (without Ethernet padding).
-* IP fragments: the fragment payload plus its offset and MF flag.
+* IP fragments are reassembled (per side) by the comparator and the whole
+  datagram compared; here a fragment is only identified: its key is the
+  reassembly key (addresses, protocol and IP ID), ``seq`` its offset in
+  bytes, ``ack`` its more-fragments flag and ``flags`` the L4 protocol.
 """
 
 from __future__ import annotations
@@ -143,20 +146,21 @@ def _parse_ipv4(data, l3, end, tags):
         return None, REASON_IPV4_BAD_IHL
     if total < ihl:
         return None, REASON_IPV4_BAD_LENGTH
-    ip_end = l3 + total
-    if ip_end > end:
-        # Captured short of the IP total length (snaplen), or a lying length.
-        return None, REASON_IPV4_TRUNCATED
-    proto = data[l3 + 9]
-    addrs = data[l3 + 12:l3 + 20]
     l4 = l3 + ihl
+    if l4 > end:
+        return None, REASON_IPV4_TRUNCATED
+    ip_end = l3 + total
+    proto = data[l3 + 9]
+    prefix = b"4" + tags + data[l3 + 12:l3 + 20]
     frag = _u16(data, l3 + 6)[0] & 0x3FFF  # MF flag and fragment offset
     if frag:
-        # Not reassembled: compared as a datagram of its own, offset and MF
-        # included, keyed without the IP ID (which differs between replicas).
-        return (KIND_FRAGMENT, b"f4" + tags + addrs + bytes((proto,)),
-                l4, ip_end, frag, 0, 0)
-    return _parse_l4(data, b"4" + tags + addrs, proto, l4, ip_end, 1)
+        if ip_end > end:
+            return None, REASON_IPV4_TRUNCATED   # a cut fragment cannot be reassembled
+        # keyed for reassembly by the IP ID (within one side only: the
+        # replicas' IDs differ); seq = offset in bytes, ack = more fragments
+        return (KIND_FRAGMENT, b"f" + prefix + bytes((proto,)) + data[l3 + 4:l3 + 6],
+                l4, ip_end, (frag & 0x1FFF) * 8, frag >> 13, proto)
+    return _parse_l4(data, prefix, proto, l4, ip_end, min(ip_end, end), 1)
 
 
 def _parse_ipv6(data, l3, end, tags):
@@ -173,26 +177,33 @@ def _parse_ipv6(data, l3, end, tags):
             return None, REASON_IPV6_BAD_EXTENSION
     else:
         ip_end = off + plen
-    if ip_end > end:
-        return None, REASON_IPV6_TRUNCATED
-    addrs = data[l3 + 8:l3 + 40]
+    prefix = b"6" + tags + data[l3 + 8:l3 + 40]
+    return _parse_v6_chain(data, prefix, nh, off, ip_end, min(ip_end, end))
+
+
+def _parse_v6_chain(data, prefix, nh, off, ip_end, cap_end):
+    """Walk IPv6 extension headers from ``off`` (next header ``nh``) to the
+    L4 header.  ``cap_end`` is where the captured bytes stop (before
+    ``ip_end`` when the capture was cut short)."""
     for _ in range(_MAX_V6_EXT_HEADERS):
         if nh in _V6_EXT:
-            if ip_end - off < 8:
-                return None, REASON_IPV6_BAD_EXTENSION
+            if cap_end - off < 8:
+                return None, REASON_IPV6_BAD_EXTENSION if cap_end == ip_end else REASON_IPV6_TRUNCATED
             nh, hlen = data[off], (data[off + 1] + 1) * 8
         elif nh == _AH:
-            if ip_end - off < 8:
-                return None, REASON_IPV6_BAD_EXTENSION
+            if cap_end - off < 8:
+                return None, REASON_IPV6_BAD_EXTENSION if cap_end == ip_end else REASON_IPV6_TRUNCATED
             nh, hlen = data[off], (data[off + 1] + 2) * 4
         elif nh == _V6_FRAGMENT:
-            if ip_end - off < 8:
-                return None, REASON_IPV6_BAD_EXTENSION
-            frag = _u16(data, off + 2)[0] & 0xFFF9  # offset and M flag
-            if frag:
+            if cap_end - off < 8:
+                return None, REASON_IPV6_BAD_EXTENSION if cap_end == ip_end else REASON_IPV6_TRUNCATED
+            frag = _u16(data, off + 2)[0]
+            if frag & 0xFFF9:
+                if cap_end < ip_end:
+                    return None, REASON_IPV6_TRUNCATED
                 inner = data[off]
-                return (KIND_FRAGMENT, b"f6" + tags + addrs + bytes((inner,)),
-                        off + 8, ip_end, frag, 0, 0)
+                return (KIND_FRAGMENT, b"f" + prefix + bytes((inner,)) + data[off + 4:off + 8],
+                        off + 8, ip_end, frag & 0xFFF8, frag & 1, inner)
             # An atomic fragment (offset 0, M clear) is a whole datagram.
             nh, hlen = data[off], 8
         else:
@@ -200,11 +211,13 @@ def _parse_ipv6(data, l3, end, tags):
         off += hlen
         if off > ip_end:
             return None, REASON_IPV6_BAD_EXTENSION
+        if off > cap_end:
+            return None, REASON_IPV6_TRUNCATED
     else:
         return None, REASON_IPV6_BAD_EXTENSION
     if nh == _V6_NO_NEXT:
-        return KIND_OTHER, b"6" + tags + addrs + b"\x3b" + _ZERO_PORTS, off, ip_end, 0, 0, 0
-    return _parse_l4(data, b"6" + tags + addrs, nh, off, ip_end, 58)
+        return KIND_OTHER, prefix + b"\x3b" + _ZERO_PORTS, off, ip_end, 0, 0, 0
+    return _parse_l4(data, prefix, nh, off, ip_end, cap_end, 58)
 
 
 def _jumbo_end(data, off, end):
@@ -225,8 +238,13 @@ def _jumbo_end(data, off, end):
     return None
 
 
-def _parse_l4(data, prefix, proto, l4, ip_end, icmp_proto):
-    avail = ip_end - l4
+def _parse_l4(data, prefix, proto, l4, ip_end, cap_end, icmp_proto):
+    """The L4 part.  ``ip_end`` is where the IP payload ends by its header;
+    ``cap_end`` where the captured bytes stop.  A frame captured short of
+    its IP length (snaplen) is still compared when its L4 header is whole:
+    ``cmp_end`` is then beyond the data, and only the captured part can be
+    compared (the comparator knows)."""
+    avail = cap_end - l4
     if proto == 6:
         if avail < 20:
             return None, REASON_TCP_TRUNCATED
@@ -262,6 +280,25 @@ def _parse_l4(data, prefix, proto, l4, ip_end, icmp_proto):
     else:
         ports = _ZERO_PORTS
     return KIND_OTHER, prefix + bytes((proto,)) + ports, l4, ip_end, 0, 0, 0
+
+
+def parse_reassembled(payload: bytes, prefix: bytes, proto: int):
+    """Parse a reassembled IP payload (``payload`` starts at what followed
+    the IPv4 header, or the IPv6 Fragment header) as ``parse`` would a whole
+    datagram; ``prefix`` is the key prefix of its fragments."""
+    end = len(payload)
+    if prefix[:1] == b"6":
+        result = _parse_v6_chain(payload, prefix, proto, 0, end, end)
+        if result[0] == KIND_FRAGMENT:
+            return None, REASON_IPV6_BAD_EXTENSION   # a fragment inside a fragment
+        return result
+    return _parse_l4(payload, prefix, proto, 0, end, end, 1)
+
+
+def fragment_prefix(key: bytes) -> bytes:
+    """The key prefix (b"4"/b"6", VLAN tags, addresses) of a fragment key."""
+    ident_len = 2 if key[1:2] == b"4" else 4
+    return key[1:len(key) - 1 - ident_len]
 
 
 def _parse_arp(data, l3, end, tags):
@@ -305,17 +342,16 @@ def _vlan_ids(tags: bytes) -> list[int]:
 
 
 def _describe_key(key: bytes) -> dict:
-    if key.startswith(b"f4") or key.startswith(b"f6"):
+    if key[:1] == b"f":
         v6 = key[1:2] == b"6"
-        alen = 16 if v6 else 4
-        # tags cannot be told from addresses by content alone; the address
-        # block has a fixed size, so count from the end.
-        tail = 2 * alen + 1
-        vlans = _vlan_ids(key[2:len(key) - tail])
-        a = key[len(key) - tail:]
+        alen, ident_len = (16, 4) if v6 else (4, 2)
+        a = key[len(key) - 1 - ident_len - 2 * alen:]
+        vlans = _vlan_ids(key[2:len(key) - len(a)])
         mk = ipaddress.IPv6Address if v6 else ipaddress.IPv4Address
-        return {"protocol": proto_name(a[-1]) + "-fragment", "src": str(mk(a[:alen])),
-                "dst": str(mk(a[alen:2 * alen])), "vlan": vlans}
+        proto = a[2 * alen]
+        return {"protocol": proto_name(proto) + "-fragment", "src": str(mk(a[:alen])),
+                "dst": str(mk(a[alen:2 * alen])), "vlan": vlans,
+                "ip_id": int.from_bytes(a[2 * alen + 1:], "big")}
     kind = key[:1]
     if kind in (b"4", b"6"):
         alen = 16 if kind == b"6" else 4
@@ -374,11 +410,13 @@ class Packet:
     record, length words included, so it can be written to outdev as is; for
     ``replay`` the captured bytes) and the Ethernet header starts at ``l2``.
     ``index`` numbers the frames of one side from 0, in arrival order.
-    The remaining fields are filled in by the comparator.
+    The remaining fields are filled in by the comparator.  A reassembled
+    IP datagram is a Packet too: its ``data`` is the reassembled IP payload
+    (``l2`` 0) and ``fragments`` the frames it arrived in.
     """
     __slots__ = ("side", "data", "l2", "vnet_hdr_len", "arrival_ms", "index",
                  "kind", "key", "cmp_off", "cmp_end", "seq", "ack", "flags",
-                 "seq_abs", "end_abs", "done", "conn")
+                 "seq_abs", "end_abs", "done", "conn", "fragments")
 
     def __init__(self, side, data, l2, vnet_hdr_len, arrival_ms, index):
         self.side = side
@@ -393,6 +431,7 @@ class Packet:
         self.end_abs = 0
         self.done = False
         self.conn = None
+        self.fragments = None   # for a reassembled datagram: the frames it came in
 
     @property
     def frame(self) -> bytes:

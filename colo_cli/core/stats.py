@@ -146,6 +146,9 @@ class Stats:
         self.queue_high_water = [0, 0]      # longest queue of any connection, by side
         self.queued_bytes_high_water = 0
         self.hold = Histogram()             # ms each released primary frame waited
+        self.truncated = [0, 0]             # frames compared on their captured part only
+        self.fragments_in = [0, 0]
+        self.reassembled = [0, 0]           # datagrams put back together
 
     @property
     def released_total(self) -> int:
@@ -174,4 +177,8 @@ class Stats:
                                  "secondary": self.queue_high_water[1]},
             "queued_bytes_high_water": self.queued_bytes_high_water,
             "hold_ms": self.hold.to_dict(),
+            "truncated": {"primary": self.truncated[0], "secondary": self.truncated[1]},
+            "fragments": {"in": {"primary": self.fragments_in[0], "secondary": self.fragments_in[1]},
+                          "reassembled": {"primary": self.reassembled[0],
+                                          "secondary": self.reassembled[1]}},
         }

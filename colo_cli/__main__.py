@@ -1,0 +1,5 @@
+"""``python -m colo_cli`` is ``colo-compare``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,272 @@
+"""The command line: a click group and its commands.  The only place that exits.
+
+Exit status, like diff(1)/cmp(1): 0 same (or a clean stop), 1 divergence
+found, 2 trouble (usage, unreadable input, bind/connect failure), 130
+interrupted.  Every error is one line on stderr; a traceback only with
+``--debug``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+
+import click
+
+from . import __version__
+
+EXIT_SAME = 0
+EXIT_DIVERGE = 1
+EXIT_TROUBLE = 2
+EXIT_INTERRUPTED = 130
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class Trouble(Exception):
+    """An error to report in one line and exit 2."""
+
+
+def _version_message() -> str:
+    try:
+        from importlib.metadata import version
+        dpkt_version = version("dpkt")
+    except Exception:  # pragma: no cover - dpkt is a dependency
+        dpkt_version = "unknown"
+    return (f"colo-compare {__version__} (Python {platform.python_version()}, "
+            f"dpkt {dpkt_version})")
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", message=_version_message())
+@click.option("--debug", is_flag=True, help="Show a full traceback when something goes wrong.")
+@click.pass_context
+def cli(ctx, debug):
+    """Compare the network output of two replicas packet by packet, the way
+    QEMU's COLO colo-compare does, live or from captures.
+
+    \b
+    colo-compare serve   live, over QEMU's colo-compare sockets
+    colo-compare replay  offline, from two captures (pcap/pcapng)
+    colo-compare stats   counters of a running serve, or of a saved report
+
+    Exit status: 0 the replicas match (or a clean stop), 1 they diverge,
+    2 trouble (bad usage, unreadable input, socket errors), 130 interrupted.
+    Run 'colo-compare COMMAND --help' for each command, or see
+    colo-compare(1).
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+# -- shared options ---------------------------------------------------------------
+
+def comparator_options(f):
+    """The comparator's settings, named after QEMU's colo-compare properties."""
+    options = [
+        click.option("--compare-timeout", "compare_timeout_ms", type=click.IntRange(min=1),
+                     default=3000, show_default=True, metavar="MS",
+                     help="A frame queued longer than this raises a checkpoint request "
+                          "(QEMU compare_timeout)."),
+        click.option("--expired-scan-cycle", "expired_scan_cycle_ms", type=click.IntRange(min=1),
+                     default=1000, show_default=True, metavar="MS",
+                     help="How often queued frames are checked for age (QEMU "
+                          "expired_scan_cycle; its real default is 1000, not the documented 3000)."),
+        click.option("--max-queue-size", type=click.IntRange(min=1), default=1024,
+                     show_default=True, metavar="N",
+                     help="Frames queued per connection and side before the connection is "
+                          "flushed and a checkpoint requested (QEMU max_queue_size; QEMU drops "
+                          "the excess instead)."),
+        click.option("--max-connections", type=click.IntRange(min=1), default=16384,
+                     show_default=True, metavar="N",
+                     help="Connections tracked at once; the least recently active one is "
+                          "evicted (its frames released) to make room."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
+            no_timeout=False):
+    from .core import Config
+    return Config(compare_timeout_ms=None if no_timeout else compare_timeout_ms,
+                  expired_scan_cycle_ms=expired_scan_cycle_ms,
+                  max_queue_size=max_queue_size, max_connections=max_connections)
+
+
+color_option = click.option("--color", type=click.Choice(["auto", "always", "never"]),
+                            default="auto", show_default=True,
+                            help="Colour in the output: on a terminal only (auto), or always/never.")
+
+
+# -- replay -----------------------------------------------------------------------
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("primary", metavar="PRIMARY")
+@click.argument("secondary", metavar="SECONDARY")
+@comparator_options
+@click.option("--no-timeout", is_flag=True,
+              help="Never raise timeout checkpoints (for captures whose clocks drift apart).")
+@click.option("--hold", is_flag=True,
+              help="Hold diverged connections until the end instead of checkpointing at once "
+                   "(then only the first divergence of each connection is found).")
+@click.option("--vnet-hdr-len", type=click.IntRange(0, 20), default=0, show_default=True,
+              metavar="BYTES",
+              help="Every captured frame starts with a virtio-net header of this many bytes "
+                   "(a filter-dump of a vnet netdev): kept, not compared.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document (version 1) instead of the report.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE.pcap",
+              help="Write every primary frame, in the order it would have left, to a pcap.")
+@click.option("--diverged", "diverged_path", type=click.Path(dir_okay=False, writable=True),
+              metavar="FILE.pcap",
+              help="Write the primary frames that left without a match (flushed at a "
+                   "checkpoint, by a limit, or at the end) to a pcap.")
+@click.option("--hexdump", "hexdump_limit", type=click.IntRange(min=0), default=3,
+              show_default=True, metavar="N",
+              help="Show side-by-side hexdumps of the first N miscompares (0: none).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing; only the exit status tells.")
+@color_option
+@click.pass_context
+def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, max_queue_size,
+           max_connections, no_timeout, hold, vnet_hdr_len, as_json, out_path, diverged_path,
+           hexdump_limit, quiet, color):
+    """Compare two captures offline, making the decisions colo-compare would
+    make live.
+
+    PRIMARY and SECONDARY are pcap or pcapng files (the format is read from
+    the file, not its name) of Ethernet frames: QEMU filter-dump or tcpdump
+    captures of what each replica sent.  '-' reads one of them from stdin.
+
+    Each capture's own timestamps drive the clock, relative to its first
+    packet.  A checkpoint request is answered at once, as a COLO system
+    would: the queues are flushed and comparison starts afresh, so each
+    later divergence is reported on its own.
+
+    \b
+    Exit status: 0 the captures match, 1 they diverge (a miscompare or an
+    unmatched frame), 2 trouble.
+
+    \b
+    Examples:
+      colo-compare replay primary.pcap secondary.pcap
+      colo-compare replay --json --no-timeout a.pcapng b.pcapng > report.json
+      tcpdump -r big.pcap -w - 'tcp port 80' | colo-compare replay - other.pcap
+    """
+    from .capture import CaptureError, PcapWriter, open_capture
+    from .render import make_console, print_replay_report, replay_json
+    from .replay import replay as run_replay
+
+    if primary == "-" and secondary == "-":
+        raise click.UsageError("only one of PRIMARY and SECONDARY can be '-' (stdin)")
+    config = _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
+                     no_timeout)
+    with contextlib.ExitStack() as stack:
+        try:
+            p_reader = stack.enter_context(open_capture(primary))
+            s_reader = stack.enter_context(open_capture(secondary))
+        except CaptureError as e:
+            raise Trouble(str(e)) from None
+        on_release = on_unmatched = None
+        if out_path:
+            out_writer = PcapWriter(stack.enter_context(_open_output(out_path)), nano=True)
+            on_release = out_writer.write
+        if diverged_path:
+            div_writer = PcapWriter(stack.enter_context(_open_output(diverged_path)), nano=True)
+            on_unmatched = div_writer.write
+        progress = stack.enter_context(_progress(p_reader, quiet or as_json))
+        try:
+            result = run_replay(p_reader, s_reader, config, hold=hold, vnet_hdr_len=vnet_hdr_len,
+                                on_release=on_release, on_unmatched=on_unmatched,
+                                on_progress=progress)
+        except CaptureError as e:
+            raise Trouble(str(e)) from None
+    if not quiet:
+        if as_json:
+            click.echo(json.dumps(replay_json(result), indent=1))
+        else:
+            print_replay_report(make_console(color=color), result, hexdump_limit)
+    elif result.primary.warnings or result.secondary.warnings:
+        for w in result.primary.warnings + result.secondary.warnings:
+            click.echo(f"colo-compare: warning: {w}", err=True)
+    ctx.exit(EXIT_DIVERGE if result.diverged else EXIT_SAME)
+
+
+@contextlib.contextmanager
+def _open_output(path):
+    try:
+        f = open(path, "wb")
+    except OSError as e:
+        raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
+    with f:
+        yield f
+
+
+@contextlib.contextmanager
+def _progress(reader, silent):
+    """A progress bar on stderr for long captures, on a terminal only."""
+    total = 0
+    if not silent and sys.stderr.isatty() and reader.name != "<stdin>":
+        with contextlib.suppress(OSError):
+            total = os.path.getsize(reader.name)
+    if total < 50 * 1024 * 1024:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .render import make_console
+    with Progress(TextColumn("comparing"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeRemainingColumn(), console=make_console(sys.stderr), transient=True) as bar:
+        task = bar.add_task("replay", total=total)
+        yield lambda _count: bar.update(task, completed=reader.bytes_read)
+
+
+# -- entry point --------------------------------------------------------------------
+
+def main(argv=None) -> None:
+    """Console-script entry: run the CLI and turn every failure into one line."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        rc = cli.main(args=argv, prog_name="colo-compare", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.ctx.get_help() if e.ctx else str(e))
+        rc = EXIT_SAME
+    except click.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx else "colo-compare"
+        click.echo(f"{cmd}: {e.format_message()} (see '{cmd} --help')", err=True)
+        rc = EXIT_TROUBLE
+    except click.exceptions.Exit as e:
+        rc = e.exit_code
+    except click.Abort:
+        rc = EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        click.echo("colo-compare: interrupted", err=True)
+        rc = EXIT_INTERRUPTED
+    except Trouble as e:
+        if debug:
+            raise
+        click.echo(f"colo-compare: {e}", err=True)
+        rc = EXIT_TROUBLE
+    except click.ClickException as e:
+        click.echo(f"colo-compare: {e.format_message()}", err=True)
+        rc = e.exit_code
+    except BrokenPipeError:
+        # the reader of our output went away (| head): not an error of ours
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")
+        rc = EXIT_SAME
+    except Exception as e:  # noqa: BLE001 - the last line of defence
+        if debug:
+            raise
+        click.echo(f"colo-compare: internal error: {type(e).__name__}: {e} "
+                   f"(rerun with --debug for a traceback, and please report it)", err=True)
+        rc = EXIT_TROUBLE
+    sys.exit(rc if isinstance(rc, int) else EXIT_SAME)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
