@@ -225,6 +225,127 @@ def _progress(reader, silent):
         yield lambda _count: bar.update(task, completed=reader.bytes_read)
 
 
+# -- serve ------------------------------------------------------------------------
+
+class EndpointType(click.ParamType):
+    name = "EP"
+
+    def convert(self, value, param, ctx):
+        from .endpoints import parse_endpoint
+        if not isinstance(value, str):
+            return value
+        try:
+            return parse_endpoint(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+ENDPOINT = EndpointType()
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--primary-in", required=True, type=ENDPOINT, metavar="EP",
+              help="Where the primary's output arrives (QEMU primary_in).")
+@click.option("--secondary-in", required=True, type=ENDPOINT, metavar="EP",
+              help="Where the secondary's output arrives (QEMU secondary_in).")
+@click.option("--outdev", required=True, type=ENDPOINT, metavar="EP",
+              help="Where released primary frames go (QEMU outdev).")
+@click.option("--notify-dev", type=ENDPOINT, metavar="EP",
+              help="Xen's COLO channel (QEMU notify_dev): DO_CHECKPOINT goes out on it, "
+                   "COLO_CHECKPOINT and COLO_USERSPACE_PROXY_INIT come in.")
+@comparator_options
+@click.option("--vnet-hdr-support", is_flag=True,
+              help="Records carry a vnet header length word and a virtio-net header, as "
+                   "with QEMU's vnet_hdr_support=on; every peer must agree.")
+@click.option("--checkpoint-policy", type=click.Choice(["release", "hold"]), default=None,
+              help="What a checkpoint request does.  release: checkpoint at once, locally "
+                   "(the primary wins: held frames are released, the divergence recorded).  "
+                   "hold: hold until COLO_CHECKPOINT arrives on --notify-dev or 'checkpoint' "
+                   "on --control, as QEMU does.  [default: hold with --notify-dev, else release]")
+@click.option("--control", "control_path", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Create a control socket (owner-only) for 'colo-compare stats' and for "
+                   "checkpoints on demand.")
+@click.option("--events", "events_path", metavar="FILE",
+              help="Append one JSON line per release-affecting event (miscompare, checkpoint "
+                   "request, checkpoint, bypass, drop, input error) to FILE ('-': stdout).")
+@click.option("--hexdump", is_flag=True,
+              help="Print a side-by-side hexdump of each miscompare on stderr.")
+@click.option("--hexdump-rate", type=click.IntRange(min=1), default=10, show_default=True,
+              metavar="N", help="At most N hexdumps a minute (the rest are counted).")
+@click.option("--outdev-buffer", "outdev_buffer_mib", type=click.IntRange(min=1), default=256,
+              show_default=True, metavar="MIB",
+              help="Released frames waiting for a slow or absent outdev are buffered up to "
+                   "this many MiB, in order; past it new ones are dropped, counted and "
+                   "reported.  Inputs are read whatever outdev does.")
+@click.option("--connect-timeout", type=click.FloatRange(min=0), default=30.0,
+              show_default=True, metavar="SECONDS",
+              help="Give up (exit 2) when a connecting endpoint has never connected after "
+                   "this long; 0 waits forever.  Once connected, lost peers are reconnected "
+                   "without limit.")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              metavar="SECONDS",
+              help="On SIGINT/SIGTERM, how long to wait for outdev to take the frames "
+                   "released at shutdown.")
+@click.option("-v", "--verbose", is_flag=True, help="Also report connections and settings.")
+@click.option("-q", "--quiet", is_flag=True, help="Report only errors.")
+def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
+          expired_scan_cycle_ms, max_queue_size, max_connections, vnet_hdr_support,
+          checkpoint_policy, control_path, events_path, hexdump, hexdump_rate,
+          outdev_buffer_mib, connect_timeout, drain_timeout, verbose, quiet):
+    """Compare live, in place of QEMU's -object colo-compare.
+
+    Frames arrive on --primary-in and --secondary-in in QEMU's socket
+    framing (a 4-byte big-endian length, and with --vnet-hdr-support a
+    vnet header length word).  A primary frame goes to --outdev once the
+    secondary sent the same; a divergence, or a secondary later than
+    --compare-timeout, raises a checkpoint request.
+
+    \b
+    Endpoints use QEMU's chardev syntax:
+      tcp:HOST:PORT          connect (reconnect when lost)
+      tcp:HOST:PORT,server   listen; a new peer replaces the old one
+      unix:PATH              connect to a unix socket
+      unix:PATH,server       listen on a unix socket
+
+    Runs until SIGINT or SIGTERM, then releases every queued primary frame
+    to outdev and exits 0.  Exit status 2: bad options, or an endpoint that
+    cannot listen or never connects.
+
+    \b
+    Example (the roles of QEMU's COLO wiring):
+      colo-compare serve --primary-in unix:/run/colo/compare0.sock \\
+          --secondary-in unix:/run/colo/compare1.sock,server \\
+          --outdev unix:/run/colo/compare_out.sock --control /run/colo/ctl
+    """
+    from .serve import ServeError, ServeOptions
+    from .serve import serve as run_serve
+
+    names = [("--primary-in", primary_in), ("--secondary-in", secondary_in), ("--outdev", outdev)]
+    if notify_dev is not None:
+        names.append(("--notify-dev", notify_dev))
+    seen = {}
+    for name, ep in names:
+        where = (ep.kind, ep.address)
+        if where in seen:
+            raise click.UsageError(f"{name} and {seen[where]} are the same endpoint ({ep})")
+        seen[where] = name
+    config = _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections)
+    options = ServeOptions(primary_in=primary_in, secondary_in=secondary_in, outdev=outdev,
+                           notify_dev=notify_dev, config=config,
+                           vnet_hdr_support=vnet_hdr_support,
+                           checkpoint_policy=checkpoint_policy, control_path=control_path,
+                           events_path=events_path, hexdump=hexdump,
+                           hexdumps_per_minute=hexdump_rate,
+                           outdev_buffer_bytes=outdev_buffer_mib * 1024 * 1024,
+                           connect_timeout_s=connect_timeout, drain_timeout_s=drain_timeout,
+                           verbose=-1 if quiet else (1 if verbose else 0))
+    try:
+        rc = run_serve(options)
+    except ServeError as e:
+        raise Trouble(str(e)) from None
+    sys.exit(rc)
+
+
 # -- entry point --------------------------------------------------------------------
 
 def main(argv=None) -> None:

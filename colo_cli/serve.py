@@ -1,0 +1,794 @@
+"""``colo-compare serve``: the comparison core on QEMU's colo-compare sockets.
+
+A thin adapter: bytes from the primary and secondary sockets go into the
+framing decoder and the core, with ``now_ms`` from the event loop's
+monotonic clock; released frames go to outdev as the very bytes they arrived
+in; checkpoint requests go to the notify peer (Xen's DO_CHECKPOINT) or are
+answered locally, by policy.
+
+Never block, never lose, never reorder:
+
+* every socket is non-blocking and serviced from one asyncio loop; inputs are
+  read whatever state outdev is in.  In the real COLO wiring one QEMU main
+  loop writes ``--primary-in`` and reads ``--outdev``, so a comparator that
+  stops reading while an outdev write is pending deadlocks QEMU
+  (``spec/qemu-filter-interop.md`` pitfall 8).
+* released frames wait in one FIFO for outdev (QEMU's send list pops the
+  newest first under backpressure: observed m1), bounded by
+  ``outdev_buffer_bytes``; past the bound new frames are dropped, counted and
+  reported.  A frame cut by an outdev disconnect is sent again, whole, on the
+  next connection.
+* a hostile length prefix closes that connection only; the next connection is
+  read by a fresh decoder (QEMU kills the input for good, observed j1b, or
+  stays desynchronised across reconnects, observed j5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import islice
+
+from . import __version__
+from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointDone, CheckpointRequested,
+                   Comparator, Config, Dropped, Miscompare, Released)
+from .core.framing import (MSG_CHECKPOINT, MSG_DO_CHECKPOINT, MSG_GET_XEN_INIT,
+                           MSG_PROXY_INIT, FrameDecoder, NotifyDecoder, encode_notify)
+from .core.packet import format_key
+from .endpoints import Endpoint
+
+POLICY_RELEASE = "release"   # checkpoint at once, locally: the primary wins
+POLICY_HOLD = "hold"         # hold until COLO_CHECKPOINT or a control "checkpoint"
+
+RECV_BYTES = 256 * 1024
+MAX_IOV = 512                 # buffers per sendmsg (IOV_MAX is 1024 on Linux)
+CONTROL_LINE_MAX = 64 * 1024  # bytes in one control request
+BACKOFF_START_S = 0.05
+BACKOFF_MAX_S = 2.0
+
+
+class ServeError(Exception):
+    """Cannot start: a one-line message for the user."""
+
+
+@dataclass
+class ServeOptions:
+    primary_in: Endpoint
+    secondary_in: Endpoint
+    outdev: Endpoint
+    notify_dev: Endpoint | None = None
+    config: Config = field(default_factory=Config)
+    vnet_hdr_support: bool = False
+    checkpoint_policy: str | None = None        # default: hold with notify_dev, else release
+    control_path: str | None = None
+    events_path: str | None = None
+    hexdump: bool = False
+    hexdumps_per_minute: int = 10
+    outdev_buffer_bytes: int = 256 * 1024 * 1024
+    connect_timeout_s: float = 30.0              # 0: wait forever for a first connection
+    drain_timeout_s: float = 5.0
+    verbose: int = 0                             # -1 quiet, 0 normal, 1 verbose
+
+    @property
+    def policy(self) -> str:
+        if self.checkpoint_policy:
+            return self.checkpoint_policy
+        return POLICY_HOLD if self.notify_dev is not None else POLICY_RELEASE
+
+
+# -- output queue ------------------------------------------------------------------
+
+class OutQueue:
+    """Frames waiting for a socket, in order.  ``head_sent`` bytes of the
+    first frame have gone out on the current connection."""
+
+    __slots__ = ("frames", "head_sent", "bytes", "limit", "high_water", "dropped",
+                 "dropped_bytes")
+
+    def __init__(self, limit: int) -> None:
+        self.frames: deque = deque()
+        self.head_sent = 0
+        self.bytes = 0
+        self.limit = limit
+        self.high_water = 0
+        self.dropped = 0
+        self.dropped_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def push(self, data: bytes) -> bool:
+        if self.bytes + len(data) > self.limit:
+            self.dropped += 1
+            self.dropped_bytes += len(data)
+            return False
+        self.frames.append(data)
+        self.bytes += len(data)
+        if self.bytes > self.high_water:
+            self.high_water = self.bytes
+        return True
+
+    def restart(self) -> None:
+        """A new connection: the frame that was cut goes again, whole."""
+        self.head_sent = 0
+
+    def send(self, sock) -> int:
+        """Send what the socket takes now; returns the number of whole frames
+        that left.  Raises OSError (other than EAGAIN) on a broken peer."""
+        frames = self.frames
+        done = 0
+        while frames:
+            bufs = list(islice(frames, MAX_IOV))
+            if self.head_sent:
+                bufs[0] = memoryview(bufs[0])[self.head_sent:]
+            try:
+                n = sock.sendmsg(bufs)
+            except (BlockingIOError, InterruptedError):
+                return done
+            sent = n
+            while sent and frames:
+                head_left = len(frames[0]) - self.head_sent
+                if sent >= head_left:
+                    sent -= head_left
+                    self.bytes -= len(frames.popleft())
+                    self.head_sent = 0
+                    done += 1
+                else:
+                    self.head_sent += sent
+                    sent = 0
+            if n < sum(len(b) for b in bufs):
+                return done        # the socket is full
+        return done
+
+
+# -- one endpoint ------------------------------------------------------------------------
+
+class Link:
+    """One endpoint and, at most, one peer on it at a time.
+
+    A server endpoint listens and takes the newest connection (the old one
+    is closed, as a QEMU server chardev does); a client endpoint connects,
+    and reconnects with backoff whenever the peer goes away.
+    """
+
+    def __init__(self, serve: "Server", name: str, endpoint: Endpoint, out_limit: int = 0):
+        self.serve = serve
+        self.loop = serve.loop
+        self.name = name
+        self.endpoint = endpoint
+        self.listener: socket.socket | None = None
+        self.sock: socket.socket | None = None
+        self.peer = ""
+        self.out = OutQueue(out_limit) if out_limit else None
+        self.writer_registered = False
+        self.closed = False
+        self.connected_once = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._task = None
+        # counters
+        self.connections = 0
+        self.disconnects = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.frames_out = 0
+        self.last_error = ""
+
+    # setup ----------------------------------------------------------------
+    def open_server(self) -> None:
+        ep = self.endpoint
+        try:
+            if ep.kind == "unix":
+                _remove_stale_socket(ep.path)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            else:
+                family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(ep.address)
+            sock.listen(4)
+        except OSError as e:
+            raise ServeError(f"--{self.name} {ep}: cannot listen: {_reason(e)}") from None
+        sock.setblocking(False)
+        self.listener = sock
+        self.loop.add_reader(sock, self._accept)
+
+    def start_client(self) -> None:
+        self._task = self.loop.create_task(self._connect_loop())
+
+    async def _connect_loop(self) -> None:
+        ep = self.endpoint
+        backoff = ep.reconnect_s or BACKOFF_START_S
+        reported = ""
+        while not self.closed:
+            family = socket.AF_UNIX if ep.kind == "unix" else (
+                socket.AF_INET6 if ":" in ep.host else socket.AF_INET)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await self.loop.sock_connect(sock, ep.address)
+            except OSError as e:
+                sock.close()
+                self.last_error = _reason(e)
+                if self.last_error != reported:
+                    self.serve.log(f"{self.name}: {ep}: {self.last_error}; retrying", 1 if self.connections else 0)
+                    reported = self.last_error
+                await asyncio.sleep(backoff)
+                if not ep.reconnect_s:
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                continue
+            reported = ""
+            backoff = ep.reconnect_s or BACKOFF_START_S
+            self._lost.clear()
+            self._adopt(sock, _peer_name(sock, ep))
+            await self._lost.wait()
+            if not self.closed:
+                await asyncio.sleep(ep.reconnect_s or BACKOFF_START_S)
+
+    def _accept(self) -> None:
+        try:
+            sock, addr = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.serve.log(f"{self.name}: accept failed: {_reason(e)}", 0)
+            return
+        sock.setblocking(False)
+        if self.sock is not None:
+            self._drop("replaced by a new connection")
+        self._adopt(sock, _addr_text(addr) or "unix peer")
+
+    def _adopt(self, sock, peer: str) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.peer = peer
+        self.connections += 1
+        self.connected_once.set()
+        self.serve.log(f"{self.name}: connected ({peer})", 1)
+        self.loop.add_reader(sock, self._readable)
+        self.serve.on_connect(self)
+        if self.out is not None:
+            self.out.restart()
+            self.flush()
+
+    # data -------------------------------------------------------------------
+    def _readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            data = sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._drop(_reason(e))
+            return
+        if not data:
+            self._drop("closed by the peer")
+            return
+        self.bytes_in += len(data)
+        self.serve.on_data(self, data)
+
+    def flush(self) -> None:
+        """Send what is queued, as far as the socket takes it now."""
+        sock = self.sock
+        if sock is None or self.writer_registered or not self.out.frames:
+            return
+        try:
+            before = self.out.bytes
+            self.frames_out += self.out.send(sock)
+            self.bytes_out += before - self.out.bytes
+        except OSError as e:
+            self._drop(_reason(e))
+            return
+        if self.out.frames:
+            self.writer_registered = True
+            self.loop.add_writer(sock, self._writable)
+
+    def _writable(self) -> None:
+        self.loop.remove_writer(self.sock)
+        self.writer_registered = False
+        self.flush()
+
+    def _drop(self, why: str) -> None:
+        """The peer is gone (or cut off): forget it; clients reconnect."""
+        sock = self.sock
+        if sock is None:
+            return
+        self.loop.remove_reader(sock)
+        if self.writer_registered:
+            self.loop.remove_writer(sock)
+            self.writer_registered = False
+        with contextlib.suppress(OSError):
+            sock.close()
+        self.sock = None
+        self.disconnects += 1
+        self.last_error = why
+        self.serve.log(f"{self.name}: disconnected ({self.peer}): {why}", 0 if self.serve.running else 1)
+        self.serve.on_disconnect(self)
+        self._lost.set()
+
+    def cut_off(self, why: str) -> None:
+        self._drop(why)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock)
+            if self.writer_registered:
+                self.loop.remove_writer(self.sock)
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener)
+            self.listener.close()
+            if self.endpoint.kind == "unix":
+                with contextlib.suppress(OSError):
+                    os.unlink(self.endpoint.path)
+            self.listener = None
+        if self._task is not None:
+            self._task.cancel()
+        self._lost.set()
+
+    def snapshot(self) -> dict:
+        d = {"endpoint": str(self.endpoint), "connected": self.sock is not None,
+             "peer": self.peer if self.sock is not None else None,
+             "connections": self.connections, "disconnects": self.disconnects,
+             "bytes_in": self.bytes_in, "last_error": self.last_error or None}
+        if self.out is not None:
+            d.update({"frames_out": self.frames_out, "bytes_out": self.bytes_out,
+                      "queued_frames": len(self.out), "queued_bytes": self.out.bytes,
+                      "queued_bytes_high_water": self.out.high_water,
+                      "dropped_frames": self.out.dropped})
+        return d
+
+
+def _reason(e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return "address already in use"
+    if e.errno == errno.ECONNREFUSED:
+        return "connection refused"
+    return (e.strerror or str(e)).lower() if e.strerror else str(e)
+
+
+def _addr_text(addr) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = addr[0]
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr) if addr else ""
+
+
+def _peer_name(sock, ep: Endpoint) -> str:
+    if ep.kind == "unix":
+        return ep.path
+    with contextlib.suppress(OSError):
+        return _addr_text(sock.getpeername())
+    return str(ep)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A unix socket left behind by a process that died: remove it, unless
+    something still listens there (then bind fails with a clear error)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+    except OSError:
+        pass
+    else:
+        raise OSError(errno.EADDRINUSE, "address already in use")
+    finally:
+        probe.close()
+
+
+# -- the server --------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, options: ServeOptions, loop: asyncio.AbstractEventLoop | None = None,
+                 stderr=None) -> None:
+        self.options = options
+        self.loop = loop or asyncio.get_event_loop()
+        self.stderr = stderr or sys.stderr
+        self.comparator = Comparator(options.config)
+        self.running = False
+        self.started_wall = time.time()
+        self.started_ms = self.now_ms()
+        vnet = options.vnet_hdr_support
+        self.header_len = 8 if vnet else 4
+        self.primary = Link(self, "primary-in", options.primary_in)
+        self.secondary = Link(self, "secondary-in", options.secondary_in)
+        self.outdev = Link(self, "outdev", options.outdev, out_limit=options.outdev_buffer_bytes)
+        self.notify = (Link(self, "notify-dev", options.notify_dev, out_limit=1024 * 1024)
+                       if options.notify_dev is not None else None)
+        self.links = [l for l in (self.primary, self.secondary, self.outdev, self.notify) if l]
+        self._decoders = {}
+        self._zero_seen = [0, 0]
+        self._notify_decoder = None
+        self._side = {id(self.primary): PRIMARY, id(self.secondary): SECONDARY}
+        self._timer = None
+        self._timer_at = None
+        self._stopping = None
+        self._events_file = None
+        self._control = None
+        self._hexdump_tokens = float(options.hexdumps_per_minute)
+        self._hexdump_refill = time.monotonic()
+        # counters the core does not keep
+        self.framing_errors = [0, 0]
+        self.zero_length = [0, 0]
+        self.cut_records = [0, 0]          # incomplete records lost with a connection
+        self.do_checkpoint_sent = 0
+        self.colo_checkpoint_received = 0
+        self.notify_unknown = 0
+        self.checkpoints_by = {"local": 0, "notify": 0, "control": 0}
+        self.hexdumps_suppressed = 0
+
+    # -- time -------------------------------------------------------------------
+    def now_ms(self) -> float:
+        return self.loop.time() * 1000.0
+
+    # -- logging ------------------------------------------------------------------
+    def log(self, msg: str, level: int = 0) -> None:
+        """level 0: always (unless --quiet); 1: with --verbose."""
+        if level <= self.options.verbose:
+            print(f"colo-compare: {msg}", file=self.stderr, flush=True)
+
+    def event(self, kind: str, **fields) -> None:
+        f = self._events_file
+        if f is None:
+            return
+        record = {"v": 1, "time": round(time.time(), 6), "event": kind, **fields}
+        try:
+            f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        except (OSError, ValueError) as e:
+            self.log(f"--events: cannot write: {e}; events are no longer written", -1)
+            self._events_file = None
+
+    # -- start and stop -------------------------------------------------------------
+    async def start(self) -> None:
+        o = self.options
+        if o.events_path:
+            try:
+                self._events_file = (sys.stdout if o.events_path == "-"
+                                     else open(o.events_path, "a", buffering=1))
+            except OSError as e:
+                raise ServeError(f"--events {o.events_path}: {_reason(e)}") from None
+        if o.control_path:
+            from .control import ControlServer
+            self._control = ControlServer(self, o.control_path)
+            await self._control.start()
+        for link in self.links:
+            if link.endpoint.server:
+                link.open_server()
+        for link in self.links:
+            if not link.endpoint.server:
+                link.start_client()
+        self.running = True
+        if o.policy == POLICY_HOLD and self.notify is None and not o.control_path:
+            self.log("warning: --checkpoint-policy hold with neither --notify-dev nor --control: "
+                     "nothing can perform a checkpoint, so a divergence holds its frames "
+                     "until a queue limit flushes them")
+        self.log(f"serving: primary-in {o.primary_in}, secondary-in {o.secondary_in}, "
+                 f"outdev {o.outdev}" + (f", notify-dev {o.notify_dev}" if o.notify_dev else "")
+                 + f"; checkpoint policy {o.policy}", 1)
+        self.event("start", version=__version__, policy=o.policy,
+                   endpoints={l.name: str(l.endpoint) for l in self.links})
+
+    async def wait_first_connections(self) -> None:
+        """A client endpoint that never connects is a startup failure."""
+        timeout = self.options.connect_timeout_s
+        clients = [l for l in self.links if not l.endpoint.server]
+        if not clients or not timeout:
+            return
+        try:
+            await asyncio.wait_for(asyncio.gather(*(l.connected_once.wait() for l in clients)),
+                                   timeout)
+        except asyncio.TimeoutError:
+            late = [l for l in clients if not l.connected_once.is_set()]
+            l = late[0]
+            raise ServeError(f"--{l.name} {l.endpoint}: {l.last_error or 'no connection'} "
+                             f"(gave up after {timeout:g} s; see --connect-timeout)") from None
+
+    async def run(self) -> int:
+        """Serve until SIGINT/SIGTERM (or stop()); then flush and exit 0."""
+        self._stopping = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                self.loop.add_signal_handler(sig, self.stop)
+        try:
+            await self.start()
+            waiter = self.loop.create_task(self.wait_first_connections())
+            stopper = self.loop.create_task(self._stopping.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter.done():
+                waiter.result()          # raises ServeError when a client never connected
+            else:
+                waiter.cancel()
+            await stopper
+            await self.shutdown()
+            return 0
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    self.loop.remove_signal_handler(sig)
+            self.close()
+
+    def stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def shutdown(self) -> None:
+        """Release every queued primary frame, then give outdev a moment to
+        take them."""
+        self.log("stopping: flushing queued frames to outdev", 1)
+        self.running = False
+        now = self.now_ms()
+        self.handle(self.comparator.finish(now), now)
+        self.outdev.flush()
+        deadline = time.monotonic() + self.options.drain_timeout_s
+        while self.outdev.out.frames and time.monotonic() < deadline:
+            # (a client outdev keeps reconnecting meanwhile; a server one accepts)
+            await asyncio.sleep(0.01)
+            self.outdev.flush()
+        left = len(self.outdev.out)
+        if left:
+            self.log(f"stopping: {left} released frames could not be written to outdev "
+                     f"within {self.options.drain_timeout_s:g} s", 0)
+        self.event("stop", unwritten=left)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for link in self.links:
+            link.close()
+        if self._control is not None:
+            self._control.close()
+        if self._events_file not in (None, sys.stdout):
+            with contextlib.suppress(OSError):
+                self._events_file.close()
+
+    # -- links --------------------------------------------------------------------
+    def on_connect(self, link: Link) -> None:
+        side = self._side.get(id(link))
+        if side is not None:
+            # a fresh decoder: nothing of the last connection's stream survives
+            self._decoders[side] = FrameDecoder(self.options.vnet_hdr_support)
+            self._zero_seen[side] = 0
+        elif link is self.notify:
+            self._notify_decoder = NotifyDecoder()
+        self.event("connect", link=link.name, peer=link.peer)
+
+    def on_disconnect(self, link: Link) -> None:
+        side = self._side.get(id(link))
+        if side is not None:
+            decoder = self._decoders.pop(side, None)
+            if decoder is not None and decoder.pending_bytes:
+                self.cut_records[side] += 1
+                self.event("input_error", link=link.name, error="record cut by disconnect",
+                           bytes=decoder.pending_bytes)
+        self.event("disconnect", link=link.name, reason=link.last_error)
+
+    def on_data(self, link: Link, data: bytes) -> None:
+        side = self._side.get(id(link))
+        if side is not None:
+            self._on_frames(side, link, data)
+        elif link is self.notify:
+            self._on_notify(data)
+        # outdev: its peer never talks; whatever arrives is ignored
+
+    def _on_frames(self, side, link: Link, data: bytes) -> None:
+        decoder = self._decoders.get(side)
+        if decoder is None:
+            return
+        records = decoder.feed(data)
+        new_zero = decoder.zero_length_records - self._zero_seen[side]
+        if new_zero:
+            # QEMU aborts on a zero-length record (observed j3): skip and count
+            self._zero_seen[side] = decoder.zero_length_records
+            self.zero_length[side] += new_zero
+            self.event("input_error", link=link.name, error="zero-length record skipped",
+                       count=new_zero)
+        now = self.now_ms()
+        receive = self.comparator.receive
+        header = self.header_len
+        handle = self.handle
+        for wire, vnet_len in records:
+            events = receive(side, wire, now, header + vnet_len, vnet_len)
+            if events:
+                handle(events, now)
+        if decoder.error is not None:
+            self.framing_errors[side] += 1
+            self.log(f"{link.name}: {decoder.error}; closing the connection "
+                     "(the next one is read afresh)", 0)
+            self.event("input_error", link=link.name, error=decoder.error)
+            link.cut_off(decoder.error)
+        self.outdev.flush()
+        self._arm_timer()
+
+    # -- events from the core ------------------------------------------------------------
+    def handle(self, events, now_ms) -> None:
+        push = self.outdev.out.push
+        requested = False
+        for e in events:
+            t = type(e)
+            if t is Released:
+                if not push(e.packet.data):
+                    self._overflow(e.packet)
+            elif t is Bypassed:
+                if not push(e.packet.data):
+                    self._overflow(e.packet)
+                self.event("bypass", side="primary", reason=e.reason, length=len(e.packet.frame))
+            elif t is Dropped:
+                self.event("drop", side=e.side.label, reason=e.reason, length=len(e.packet.frame))
+            elif t is Miscompare:
+                self._on_miscompare(e)
+            elif t is CheckpointRequested:
+                self.event("checkpoint_request", cause=e.cause,
+                           flow=format_key(e.key) if e.key is not None else None)
+                requested = True
+            elif t is CheckpointDone:
+                self.event("checkpoint", released=e.released, discarded=e.discarded)
+        if requested:
+            self._on_request(now_ms)
+
+    def _overflow(self, pkt) -> None:
+        self.event("drop", side="primary", reason="outdev-overflow", length=len(pkt.frame))
+        if self.outdev.out.dropped == 1 or self.outdev.out.dropped % 1000 == 0:
+            self.log(f"outdev: {self.outdev.out.dropped} released frames dropped: "
+                     f"more than {self.options.outdev_buffer_bytes} bytes wait for outdev "
+                     "(see --outdev-buffer)")
+
+    def _on_request(self, now_ms) -> None:
+        if self.notify is not None and self.notify.sock is not None:
+            # one DO_CHECKPOINT per batch of requests (QEMU sends one per
+            # request; the peer checkpoints once either way)
+            self.notify.out.push(encode_notify(MSG_DO_CHECKPOINT))
+            self.notify.flush()
+            self.do_checkpoint_sent += 1
+        if self.options.policy == POLICY_RELEASE:
+            self.checkpoint("local")
+
+    def checkpoint(self, by: str) -> dict:
+        now = self.now_ms()
+        events = self.comparator.checkpoint(now)
+        self.checkpoints_by[by] += 1
+        done = events[-1]
+        self.handle(events, now)
+        self.outdev.flush()
+        return {"released": done.released, "discarded": done.discarded}
+
+    def _on_miscompare(self, e) -> None:
+        flow = format_key(e.key)
+        fields = {"flow": flow, "protocol": e.kind, "cause": e.cause,
+                  "stream_offset": e.stream_offset}
+        if e.raw_seq is not None:
+            fields["raw_seq"] = e.raw_seq
+        if e.datagram_index is not None:
+            fields["datagram_index"] = e.datagram_index
+        for label, pkt, off in (("primary", e.primary, e.primary_offset),
+                                ("secondary", e.secondary, e.secondary_offset)):
+            if pkt is not None:
+                fields[label] = {"index": pkt.index, "length": len(pkt.frame),
+                                 "offset": off - pkt.l2 if off >= 0 else None}
+        self.event("miscompare", **fields)
+        if self.options.hexdump:
+            self._hexdump(e, flow)
+
+    def _hexdump(self, e, flow) -> None:
+        now = time.monotonic()
+        rate = self.options.hexdumps_per_minute
+        self._hexdump_tokens = min(rate, self._hexdump_tokens + (now - self._hexdump_refill) * rate / 60)
+        self._hexdump_refill = now
+        if self._hexdump_tokens < 1:
+            self.hexdumps_suppressed += 1
+            return
+        self._hexdump_tokens -= 1
+        from .render import make_console, print_hexdump
+        from .replay import MiscompareRecord
+        console = make_console(self.stderr)
+        n = self.comparator.stats.miscompares.total()
+        print_hexdump(console, MiscompareRecord(e, flow, self.now_ms() - self.started_ms), n, n)
+        if self.hexdumps_suppressed:
+            console.print(f"({self.hexdumps_suppressed} hexdumps suppressed by the rate limit)")
+            self.hexdumps_suppressed = 0
+
+    # -- notify_dev ------------------------------------------------------------------------
+    def _on_notify(self, data: bytes) -> None:
+        decoder = self._notify_decoder
+        if decoder is None:
+            return
+        for msg in decoder.feed(data):
+            if msg == MSG_CHECKPOINT:
+                self.colo_checkpoint_received += 1
+                self.checkpoint("notify")
+            elif msg == MSG_PROXY_INIT:
+                self.notify.out.push(encode_notify(MSG_GET_XEN_INIT))
+                self.notify.flush()
+            else:
+                self.notify_unknown += 1
+                text = msg[:40].decode("ascii", "replace")
+                self.log(f"notify-dev: unsupported instruction {text!r} ignored", 0)
+                self.event("notify_unknown", message=text)
+        if decoder.error is not None:
+            self.log(f"notify-dev: {decoder.error}; closing the connection", 0)
+            self.notify.cut_off(decoder.error)
+        self._arm_timer()
+
+    # -- the core's timer ---------------------------------------------------------------
+    def _arm_timer(self) -> None:
+        due = self.comparator.get_timer()
+        if due is None:
+            return
+        if self._timer is not None and self._timer_at is not None and self._timer_at <= due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = due
+        self._timer = self.loop.call_at(due / 1000.0, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        now = self.now_ms()
+        events = self.comparator.handle_timer(now)
+        if events:
+            self.handle(events, now)
+            self.outdev.flush()
+        self._arm_timer()
+
+    # -- introspection (the control socket) ----------------------------------------------
+    def snapshot(self) -> dict:
+        snap = self.comparator.snapshot()
+        dropped = snap["dropped"]
+        if self.outdev.out.dropped:
+            dropped["primary:outdev-overflow"] = self.outdev.out.dropped
+        snap["serve"] = {
+            "uptime_s": round((self.now_ms() - self.started_ms) / 1000, 3),
+            "started": round(self.started_wall, 3),
+            "version": __version__,
+            "policy": self.options.policy,
+            "vnet_hdr_support": self.options.vnet_hdr_support,
+            "links": {l.name: l.snapshot() for l in self.links},
+            "input_errors": {
+                "primary": {"oversized": self.framing_errors[0], "zero_length": self.zero_length[0],
+                            "cut_by_disconnect": self.cut_records[0]},
+                "secondary": {"oversized": self.framing_errors[1], "zero_length": self.zero_length[1],
+                              "cut_by_disconnect": self.cut_records[1]}},
+            "notify": {"do_checkpoint_sent": self.do_checkpoint_sent,
+                       "colo_checkpoint_received": self.colo_checkpoint_received,
+                       "unknown_messages": self.notify_unknown},
+            "checkpoints_by": dict(self.checkpoints_by),
+        }
+        return snap
+
+
+def serve(options: ServeOptions, stderr=None) -> int:
+    """Run the server until a signal; returns the exit status."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    server = Server(options, loop, stderr)
+    try:
+        return loop.run_until_complete(server.run())
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        asyncio.set_event_loop(None)
