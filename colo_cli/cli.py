@@ -346,6 +346,134 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
     sys.exit(rc)
 
 
+# -- stats ------------------------------------------------------------------------
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("report", required=False, metavar="[REPORT.json]")
+@click.option("--control", "control_path", metavar="PATH", envvar="COLO_COMPARE_CONTROL",
+              help="The control socket of a running 'colo-compare serve --control PATH' "
+                   "(or $COLO_COMPARE_CONTROL).")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "prometheus"]),
+              default="table", show_default=True,
+              help="table: for people; json: one versioned document; prometheus: text "
+                   "exposition for Prometheus or node_exporter's textfile collector.")
+@click.option("--watch", type=float, is_flag=False, flag_value=2.0, default=None,
+              metavar="[SECONDS]",
+              help="Refresh every SECONDS (default 2) until Ctrl-C, which ends the watch with "
+                   "exit status 0.")
+@click.option("--top", type=click.IntRange(0, 1000), default=10, show_default=True, metavar="N",
+              help="How many connections to list by miscompares and by hold time.")
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write to FILE instead of stdout, atomically (a scraper never sees half a "
+                   "file): e.g. node_exporter's textfile directory with --format prometheus.")
+@color_option
+def stats(report, control_path, as_json, fmt, watch, top, output_path, color):
+    """Show what a running serve is doing, or what a replay found.
+
+    With --control PATH, asks a running 'colo-compare serve' for its
+    counters: frames in and out, released, bypassed and dropped frames by
+    reason, miscompares by protocol and cause, checkpoint requests by cause,
+    connections, queue depths, and how long primary frames were held
+    (p50/p90/p99/max); then its endpoints and the connections with the most
+    miscompares and the longest holds.  With REPORT.json (from 'replay
+    --json'), the same view of that replay.
+
+    \b
+    Exit status: 0 on success, 2 when there is nothing to ask (no socket, or
+    nothing listening, permission denied, an unreadable or incompatible
+    report).
+
+    \b
+    Examples:
+      colo-compare stats --control /run/colo/ctl
+      colo-compare stats --control /run/colo/ctl --watch 1
+      colo-compare stats --control /run/colo/ctl --format prometheus \\
+          -o /var/lib/node_exporter/textfile/colo.prom
+      colo-compare replay --json a.pcap b.pcap > r.json; colo-compare stats r.json
+    """
+    from .control import ControlError, query
+    from .metrics import ReportError, from_report, from_serve, prometheus
+    from .render import make_console, print_stats, stats_renderables
+
+    if as_json:
+        fmt = "json"
+    if report and control_path:
+        raise click.UsageError("give either REPORT.json or --control PATH, not both")
+    if not report and not control_path:
+        raise click.UsageError("give REPORT.json, or --control PATH for a running serve")
+    if watch is not None and (report or fmt != "table" or output_path):
+        raise click.UsageError("--watch shows a running serve's table on the terminal")
+    if watch is not None and watch <= 0:
+        raise click.UsageError("--watch SECONDS must be positive")
+
+    def fetch() -> dict:
+        if report:
+            try:
+                with open(report, "rb") as f:
+                    data = json.load(f)
+            except OSError as e:
+                raise Trouble(f"{report}: {e.strerror or e}") from None
+            except ValueError:
+                raise Trouble(f"{report}: not JSON (expected a 'replay --json' report)") from None
+            try:
+                return from_report(data, report)
+            except ReportError as e:
+                raise Trouble(str(e)) from None
+        try:
+            return from_serve(query(control_path, {"cmd": "stats", "top": top}))
+        except ControlError as e:
+            raise Trouble(str(e)) from None
+
+    if watch is not None:
+        import time as _time
+
+        from rich.console import Group
+        from rich.live import Live
+        console = make_console(color=color)
+        try:
+            with Live(Group(*stats_renderables(console, fetch())), console=console,
+                      auto_refresh=False, screen=False) as live:
+                while True:
+                    _time.sleep(watch)
+                    live.update(Group(*stats_renderables(console, fetch())), refresh=True)
+        except KeyboardInterrupt:
+            return
+    doc = fetch()
+    if fmt == "json":
+        text = json.dumps(doc, indent=1) + "\n"
+    elif fmt == "prometheus":
+        text = prometheus(doc)
+    else:
+        text = None
+    if output_path:
+        if text is None:
+            import io
+            buf = io.StringIO()
+            print_stats(make_console(buf, color="never"), doc)
+            text = buf.getvalue()
+        _write_atomically(output_path, text)
+    elif text is not None:
+        click.echo(text, nl=False)
+    else:
+        print_stats(make_console(color=color), doc)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    import tempfile
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".colo-compare-", dir=directory)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(Exception):
+            os.unlink(tmp)
+        raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
+
+
 # -- entry point --------------------------------------------------------------------
 
 def main(argv=None) -> None:

@@ -114,7 +114,11 @@ class ControlServer:
         cmd = req["cmd"]
         srv = self.server
         if cmd == "stats":
-            return {"ok": True, "protocol": PROTOCOL_VERSION, "stats": srv.snapshot()}
+            top = req.get("top", 10)
+            if not isinstance(top, int) or not 0 <= top <= 1000:
+                return {"ok": False, "error": "top must be an integer from 0 to 1000"}
+            return {"ok": True, "protocol": PROTOCOL_VERSION, "stats": srv.snapshot(),
+                    "top_connections": srv.comparator.top_connections(top)}
         if cmd == "connections":
             limit = req.get("limit", 100)
             if not isinstance(limit, int) or limit < 1:

@@ -308,3 +308,120 @@ def replay_json(result) -> dict:
         "top_divergent": [{"flow": f, "miscompares": m, "timeouts": to, "unmatched": u}
                           for f, m, to, u in top_divergent(result, 20)],
     }
+
+
+# -- colo-compare stats ------------------------------------------------------------
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    if d:
+        return f"{d}d{h:02d}h{m:02d}m"
+    if h:
+        return f"{h}h{m:02d}m{s:02d}s"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def stats_renderables(console: Console, doc: dict) -> list:
+    """The stats view (a running serve, or a saved report) as rich
+    renderables: a summary table, links, and the top connections."""
+    from .core.stats import Histogram
+    st = doc["stats"]
+    serve = st.get("serve")
+    color = console.color_system is not None
+    parts = []
+    if serve:
+        head = (f"colo-compare serve {serve['version']}: up {_duration(serve['uptime_s'])}, "
+                f"checkpoint policy {serve['policy']}"
+                + (", vnet headers" if serve.get("vnet_hdr_support") else ""))
+    else:
+        head = f"colo-compare replay report {doc.get('file', '')}: {doc.get('result', '')}"
+    parts.append(Text(head, style="bold" if color else ""))
+    t = _table(console, "", "primary", "secondary", "")
+    t.add_row("frames in", fmt_count(st["frames_in"]["primary"]), fmt_count(st["frames_in"]["secondary"]), "")
+    t.add_row("bytes in", fmt_count(st["bytes_in"]["primary"]), fmt_count(st["bytes_in"]["secondary"]), "")
+    queued = st.get("queued")
+    if queued:
+        t.add_row("queued now", fmt_count(queued["primary"]), fmt_count(queued["secondary"]),
+                  f"{fmt_count(queued['bytes'])} bytes")
+    t.add_row("queue high water", fmt_count(st["queue_high_water"]["primary"]),
+              fmt_count(st["queue_high_water"]["secondary"]), "frames, longest connection queue")
+    parts.append(t)
+    rel = dict(st["released"])
+    total = rel.pop("total", 0)
+    match = rel.pop("match", 0)
+    checkpoint = rel.pop("checkpoint", 0)
+    t = _table(console, "", "count", "by kind")
+    t.add_row("released", fmt_count(total), f"match {match:,}" + (f", {breakdown(rel)}" if rel else ""))
+    t.add_row("flushed at checkpoints", fmt_count(checkpoint), "")
+    t.add_row("bypassed", fmt_count(sum(st["bypassed"].values())), breakdown(st["bypassed"]))
+    t.add_row("dropped", fmt_count(sum(st["dropped"].values())), breakdown(st["dropped"]))
+    sec = st["secondary"]
+    t.add_row("secondary consumed", fmt_count(sec["matched"] + sec["absorbed"] + sec["discarded"]),
+              breakdown(sec))
+    t.add_row("miscompares", fmt_count(sum(st["miscompares"].values())), breakdown(st["miscompares"]))
+    t.add_row("checkpoint requests", fmt_count(sum(st["checkpoint_requests"].values())),
+              breakdown(st["checkpoint_requests"]))
+    by = breakdown(serve["checkpoints_by"]) if serve else ""
+    t.add_row("checkpoints performed", fmt_count(st["checkpoints"]), by)
+    conns = st["connections"]
+    now = conns.get("now")
+    t.add_row("connections", fmt_count(now) if now is not None else "-",
+              f"total {conns['created']:,}" + (f", evicted {breakdown(conns['evicted'])}"
+                                                if conns["evicted"] else ""))
+    hold = Histogram.from_dict(st["hold_ms"])
+    if hold.count:
+        t.add_row("hold time", fmt_ms(hold.quantile(0.5)),
+                  f"p50; p90 {fmt_ms(hold.quantile(0.9))}, p99 {fmt_ms(hold.quantile(0.99))}, "
+                  f"max {fmt_ms(hold.max)}")
+    if serve:
+        errs = {f"{side} {kind}": n for side, kinds in serve["input_errors"].items()
+                for kind, n in kinds.items() if n}
+        t.add_row("input errors", fmt_count(sum(errs.values())), breakdown(errs))
+        notify = serve["notify"]
+        if "notify-dev" in serve["links"]:
+            t.add_row("notify-dev", fmt_count(notify["do_checkpoint_sent"]),
+                      f"DO_CHECKPOINT sent; COLO_CHECKPOINT received "
+                      f"{notify['colo_checkpoint_received']:,}")
+    parts.append(t)
+    if serve:
+        t = _table(console, "link", "endpoint", "peer", "connections", "in/out")
+        for name, d in serve["links"].items():
+            state = d["peer"] if d["connected"] else (f"(none: {d['last_error']})" if d["last_error"] else "(none)")
+            io = fmt_count(d["bytes_in"]) + " B in"
+            if "frames_out" in d:
+                io = (f"{d['frames_out']:,} frames out, {d['queued_frames']:,} queued"
+                      + (f", {d['dropped_frames']:,} dropped" if d["dropped_frames"] else ""))
+            t.add_row(name, d["endpoint"], state, fmt_count(d["connections"]), io)
+        parts.append(t)
+    top = doc.get("top_connections") or {}
+    worst = top.get("by_miscompares") or []
+    if worst and "timeouts" in worst[0]:
+        # from a replay report: divergence per flow
+        t = _table(console, "flow", "miscompares", "timeouts", "left unmatched",
+                   title="Most divergent connections")
+        for c in worst:
+            t.add_row(c["flow"], fmt_count(c["miscompares"]), fmt_count(c["timeouts"]),
+                      fmt_count(c["unmatched"]))
+        parts.append(t)
+    elif worst:
+        t = _table(console, "flow", "miscompares", title="Top connections by miscompares")
+        for c in worst:
+            t.add_row(c["flow"], fmt_count(c["miscompares"]))
+        parts.append(t)
+    if top.get("by_hold"):
+        t = _table(console, "flow", "max hold", "mean hold", "released",
+                   title="Top connections by hold time")
+        for c in top["by_hold"]:
+            t.add_row(c["flow"], fmt_ms(c["hold_max_ms"]), fmt_ms(c["hold_mean_ms"]),
+                      fmt_count(c["released"]))
+        parts.append(t)
+    return parts
+
+
+def print_stats(console: Console, doc: dict) -> None:
+    for part in stats_renderables(console, doc):
+        console.print(part)
+        console.print()

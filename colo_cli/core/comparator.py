@@ -563,6 +563,17 @@ class Comparator:
     # ------------------------------------------------------------------
     # introspection
 
+    def top_connections(self, n: int = 10) -> dict:
+        """The connections now in the table with the most miscompares, and
+        with the longest hold time (evicted connections take their counts
+        with them)."""
+        import heapq
+        conns = list(self.table)
+        worst = heapq.nlargest(n, (c for c in conns if c.miscompares), key=lambda c: c.miscompares)
+        slowest = heapq.nlargest(n, (c for c in conns if c.released), key=lambda c: c.hold_max_ms)
+        return {"by_miscompares": [c.summary() for c in worst],
+                "by_hold": [c.summary() for c in slowest]}
+
     def connections(self, limit: int | None = None) -> list[dict]:
         conns = list(self.table)
         if limit is not None:

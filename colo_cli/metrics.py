@@ -1,0 +1,176 @@
+"""Statistics documents: what ``colo-compare stats`` prints as JSON and as
+Prometheus text exposition (for node_exporter's textfile collector, or any
+scraper of that format).
+
+The document is the same whether it comes from a running ``serve`` (its
+control socket) or from a saved ``replay --json`` report, so scripts and
+dashboards need one parser.
+"""
+
+from __future__ import annotations
+
+from .core.stats import Histogram
+
+#: version of the stats document (``colo-compare stats --json``).
+STATS_VERSION = 1
+
+#: Prometheus histogram bounds for hold times, in ms: powers of two, which are
+#: exact bucket edges of the core's log histogram, so the counts are exact.
+HOLD_BOUNDS_MS = [2.0 ** k for k in range(-3, 15)]   # 0.125 ms .. 16.4 s
+
+
+class ReportError(ValueError):
+    """Not a report this version understands (one-line message)."""
+
+
+def from_serve(reply: dict) -> dict:
+    """The stats document from a control-socket ``stats`` reply."""
+    stats = reply["stats"]
+    return {"version": STATS_VERSION, "source": "serve", "stats": stats,
+            "top_connections": reply.get("top_connections", {})}
+
+
+def from_report(report, name: str) -> dict:
+    """The stats document from a ``replay --json`` report."""
+    if not isinstance(report, dict) or "stats" not in report or report.get("command") != "replay":
+        raise ReportError(f"{name}: not a colo-compare replay report (made with 'replay --json')")
+    version = report.get("version")
+    if version != 1:
+        raise ReportError(f"{name}: report version {version!r} is not supported "
+                          f"(this colo-compare reads version 1)")
+    top = [{"flow": t["flow"], "miscompares": t["miscompares"], "timeouts": t.get("timeouts", 0),
+            "unmatched": t.get("unmatched", 0)} for t in report.get("top_divergent", [])]
+    return {"version": STATS_VERSION, "source": "replay-report", "file": name,
+            "result": report.get("result"), "inputs": report.get("inputs"),
+            "stats": report["stats"], "top_connections": {"by_miscompares": top, "by_hold": []}}
+
+
+# -- Prometheus text exposition ----------------------------------------------------------
+
+def _esc(value) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class _Exposition:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._seen: set[str] = set()
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        if name not in self._seen:
+            self._seen.add(name)
+            self.lines.append(f"# HELP {name} {help_text}")
+            self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value, **labels) -> None:
+        if labels:
+            inner = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
+            self.lines.append(f"{name}{{{inner}}} {_num(value)}")
+        else:
+            self.lines.append(f"{name} {_num(value)}")
+
+    def counter(self, name, help_text, value=None, **labels) -> None:
+        self.family(name, "counter", help_text)
+        if value is not None:
+            self.sample(name, value, **labels)
+
+    def gauge(self, name, help_text, value=None, **labels) -> None:
+        self.family(name, "gauge", help_text)
+        if value is not None:
+            self.sample(name, value, **labels)
+
+
+def _num(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    return repr(float(v))
+
+
+def prometheus(doc: dict) -> str:
+    """The stats document in Prometheus text format (version 0.0.4)."""
+    st = doc["stats"]
+    e = _Exposition()
+    p = "colo_compare_"
+    e.gauge(p + "info", "colo-compare instance information (always 1)",
+            1, source=doc.get("source", ""), version=st.get("serve", {}).get("version", ""))
+    for side in ("primary", "secondary"):
+        e.counter(p + "frames_in_total", "Frames received, by side.", st["frames_in"][side], side=side)
+    for side in ("primary", "secondary"):
+        e.counter(p + "bytes_in_total", "Bytes received, by side.", st["bytes_in"][side], side=side)
+    e.family(p + "released_total", "counter",
+             "Primary frames released, by reason (match, or flushed by a checkpoint, a limit or the end).")
+    for reason, n in st["released"].items():
+        if reason != "total":
+            e.sample(p + "released_total", n, reason=reason)
+    e.counter(p + "released_bytes_total", "Bytes of primary frames released.", st["released_bytes"])
+    e.family(p + "bypassed_total", "counter", "Primary frames passed through uncompared, by reason.")
+    for reason, n in st["bypassed"].items():
+        e.sample(p + "bypassed_total", n, reason=reason)
+    e.family(p + "dropped_total", "counter", "Frames dropped, by side and reason.")
+    for key, n in st["dropped"].items():
+        side, _, reason = key.partition(":")
+        e.sample(p + "dropped_total", n, side=side, reason=reason)
+    sec = st["secondary"]
+    e.family(p + "secondary_frames_total", "counter",
+             "Secondary frames by outcome: matched, absorbed (pure ACKs, copies), discarded at checkpoints.")
+    for outcome in ("matched", "absorbed", "discarded"):
+        e.sample(p + "secondary_frames_total", sec[outcome], outcome=outcome)
+    e.family(p + "miscompares_total", "counter", "Miscompares, by protocol and cause.")
+    for key, n in st["miscompares"].items():
+        proto, _, cause = key.partition(":")
+        e.sample(p + "miscompares_total", n, protocol=proto, cause=cause)
+    e.family(p + "checkpoint_requests_total", "counter", "Checkpoint requests, by cause.")
+    for cause, n in st["checkpoint_requests"].items():
+        e.sample(p + "checkpoint_requests_total", n, cause=cause)
+    serve = st.get("serve")
+    e.family(p + "checkpoints_total", "counter", "Checkpoints performed (by who asked, for serve).")
+    if serve:
+        for by, n in serve["checkpoints_by"].items():
+            e.sample(p + "checkpoints_total", n, by=by)
+    else:
+        e.sample(p + "checkpoints_total", st["checkpoints"], by="replay")
+    conns = st["connections"]
+    e.counter(p + "connections_created_total", "Connections created.", conns["created"])
+    e.family(p + "connections_evicted_total", "counter", "Connections evicted, by reason.")
+    for reason, n in conns["evicted"].items():
+        e.sample(p + "connections_evicted_total", n, reason=reason)
+    if "now" in conns:
+        e.gauge(p + "connections", "Connections in the table now.", conns["now"])
+    queued = st.get("queued")
+    if queued:
+        e.family(p + "queued_frames", "gauge", "Frames queued for comparison now, by side.")
+        e.sample(p + "queued_frames", queued["primary"], side="primary")
+        e.sample(p + "queued_frames", queued["secondary"], side="secondary")
+        e.gauge(p + "queued_bytes", "Bytes of frames queued for comparison now.", queued["bytes"])
+    e.family(p + "queue_high_water_frames", "gauge", "Longest queue of any connection so far, by side.")
+    for side in ("primary", "secondary"):
+        e.sample(p + "queue_high_water_frames", st["queue_high_water"][side], side=side)
+    hold = Histogram.from_dict(st["hold_ms"])
+    name = p + "hold_seconds"
+    e.family(name, "histogram", "How long released primary frames were held, in seconds.")
+    for bound_ms, count in zip(HOLD_BOUNDS_MS, hold.cumulative(HOLD_BOUNDS_MS)):
+        e.sample(name + "_bucket", count, le=repr(bound_ms / 1000))
+    e.sample(name + "_bucket", hold.count, le="+Inf")
+    e.sample(name + "_sum", hold.sum / 1000)
+    e.sample(name + "_count", hold.count)
+    if serve:
+        e.gauge(p + "uptime_seconds", "Seconds since serve started.", serve["uptime_s"])
+        e.family(p + "link_connected", "gauge", "Whether each endpoint has a peer (1) or not (0).")
+        for link, d in serve["links"].items():
+            e.sample(p + "link_connected", d["connected"], link=link)
+        e.family(p + "link_connections_total", "counter", "Peers each endpoint has had.")
+        for link, d in serve["links"].items():
+            e.sample(p + "link_connections_total", d["connections"], link=link)
+        out = serve["links"]["outdev"]
+        e.gauge(p + "outdev_queued_bytes", "Released bytes waiting for outdev.", out["queued_bytes"])
+        e.counter(p + "outdev_frames_total", "Frames written to outdev.", out["frames_out"])
+        e.family(p + "input_errors_total", "counter", "Framing errors on the inputs, by side and kind.")
+        for side, kinds in serve["input_errors"].items():
+            for kind, n in kinds.items():
+                e.sample(p + "input_errors_total", n, side=side, kind=kind)
+        notify = serve["notify"]
+        e.counter(p + "do_checkpoint_sent_total", "DO_CHECKPOINT messages sent on notify-dev.",
+                  notify["do_checkpoint_sent"])
+    return "\n".join(e.lines) + "\n"
