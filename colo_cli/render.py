@@ -6,6 +6,7 @@ asked); without a terminal the same report is plain text.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rich import box
@@ -29,7 +30,8 @@ def make_console(file=None, color: str = "auto") -> Console:
     auto (colour on a terminal), always or never."""
     file = file or sys.stdout
     tty = hasattr(file, "isatty") and file.isatty()
-    use_color = color == "always" or (color == "auto" and tty)
+    # https://no-color.org: NO_COLOR turns automatic colour off
+    use_color = color == "always" or (color == "auto" and tty and "NO_COLOR" not in os.environ)
     return Console(file=file, force_terminal=use_color or None, no_color=not use_color,
                    color_system="auto" if use_color else None, highlight=False,
                    soft_wrap=True, width=None if tty else 200, emoji=False)

@@ -2,6 +2,7 @@
 """Write the example capture pairs shipped in examples/.
 
     python examples/make_examples.py            # (re)writes examples/*.pcap
+    python examples/make_examples.py DIR        # writes them into DIR
 
 What the two "replicas" send is what a guest web/DNS server sends: the TCP
 side of an HTTP exchange (SYN-ACK, response data, pure ACKs, FIN), DNS
@@ -127,7 +128,7 @@ def write(path: str, frames: list[tuple[float, bytes]], epoch_s: int) -> None:
 
 
 def main() -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
     for name, diverge in (("match", False), ("diverge", True)):
         write(os.path.join(here, f"{name}-primary.pcap"), replica(False, diverge), 1_795_000_000)
         write(os.path.join(here, f"{name}-secondary.pcap"), replica(True, diverge), 1_795_654_321)

@@ -1,0 +1,127 @@
+"""The documentation cannot drift from the program: every option is in its
+manual page, the pages are clean under mandoc, the README's commands are the
+ones CI runs, and the example captures are what their generator writes."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from colo_cli import __version__
+from colo_cli.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = {"serve": "colo-compare-serve.1", "replay": "colo-compare-replay.1",
+         "stats": "colo-compare-stats.1"}
+
+
+def _roff_text(page: str) -> str:
+    text = (ROOT / "man" / page).read_text()
+    return text.replace("\\-", "-").replace("\\e", "\\")
+
+
+def _option_names(command: click.Command) -> list[str]:
+    names = []
+    for param in command.params:
+        if isinstance(param, click.Option):
+            names.extend(param.opts)
+    return names
+
+
+@pytest.mark.parametrize("name", sorted(PAGES))
+def test_every_option_is_in_its_manual_page(name):
+    command = cli.commands[name]
+    text = _roff_text(PAGES[name])
+    missing = [opt for opt in _option_names(command) + ["--help"] if opt not in text]
+    assert not missing, f"{PAGES[name]} does not mention {missing}"
+
+
+def test_top_level_options_in_the_main_page():
+    text = _roff_text("colo-compare.1")
+    for opt in _option_names(cli) + ["--help"]:
+        assert opt in text, opt
+    for name in PAGES:
+        assert f"colo-compare-{name}" in text
+
+
+@pytest.mark.parametrize("name", sorted(PAGES))
+def test_every_command_documents_its_defaults_in_the_page(name):
+    """Each option with a default shown in --help has that default in the page."""
+    command = cli.commands[name]
+    text = _roff_text(PAGES[name])
+    for param in command.params:
+        if isinstance(param, click.Option) and param.show_default and param.default not in (None, False):
+            default = param.default
+            shown = str(int(default)) if isinstance(default, float) and default.is_integer() else str(default)
+            # find the option's paragraph and look for the default in it
+            opt = param.opts[-1]
+            start = text.index(opt, text.index(".SH OPTIONS"))
+            paragraph = text[start:text.find(".TP", start + 1)]
+            assert shown in paragraph, f"{PAGES[name]}: {opt} default {shown} not in its paragraph"
+
+
+def test_pages_carry_the_version():
+    for page in list(PAGES.values()) + ["colo-compare.1"]:
+        head = (ROOT / "man" / page).read_text().splitlines()[0]
+        assert f'"colo-compare {__version__}"' in head, page
+
+
+@pytest.mark.skipif(shutil.which("mandoc") is None, reason="mandoc not installed (apt-get install mandoc)")
+@pytest.mark.parametrize("page", sorted(p.name for p in (ROOT / "man").glob("*.1")))
+def test_pages_are_clean_under_mandoc_lint(page):
+    r = subprocess.run(["mandoc", "-Tlint", "-Wstyle", str(ROOT / "man" / page)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
+
+
+def _readme_command(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    m = re.search(rf"<!-- {marker} -->\n+```sh\n(.*?)\n```", text, re.S)
+    assert m, f"README has no {marker} block"
+    return m.group(1)
+
+
+def test_readme_has_the_two_setup_commands_and_ci_runs_them():
+    demo = _readme_command("demo-command")
+    test = _readme_command("test-command")
+    assert "venv" in demo and "colo-compare replay examples/match-" in demo
+    assert "examples/diverge-" in demo
+    assert "venv" in test and "pytest" in test and "[test]" in test
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "demo-command" in ci and "test-command" in ci and "qemu-system-x86" in ci
+
+
+def test_ci_extracts_exactly_the_readme_commands():
+    script = (ROOT / ".ci" / "run").read_text()
+    awk = re.search(r"awk -v marker=.*?' README.md", script, re.S).group(0).replace(" README.md", "")
+    for marker in ("demo-command", "test-command"):
+        r = subprocess.run(["bash", "-c", awk.replace("$1", marker) + f" {ROOT / 'README.md'}"],
+                           capture_output=True, text=True)
+        assert r.stdout.strip() == _readme_command(marker)
+
+
+def test_example_captures_are_what_the_generator_writes(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "examples" / "make_examples.py"), str(tmp_path)],
+                   check=True, capture_output=True)
+    for name in ("match-primary", "match-secondary", "diverge-primary", "diverge-secondary"):
+        assert (tmp_path / f"{name}.pcap").read_bytes() == (ROOT / "examples" / f"{name}.pcap").read_bytes()
+
+
+def test_readme_quotes_the_real_replay_output(capsys):
+    """The tour's replay output is what the diverging examples really print."""
+    from colo_cli.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", str(ROOT / "examples" / "diverge-primary.pcap"),
+              str(ROOT / "examples" / "diverge-secondary.pcap"), "--hexdump", "1", "--color", "never"])
+    assert exc.value.code == 1
+    real = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("$ colo-compare replay examples/diverge-primary.pcap", 1)[1].split("```", 1)[0]
+    quoted = [line.rstrip() for line in block.splitlines()[1:]]
+    # the README shows paths relative to the repository
+    real = [line.replace(str(ROOT) + "/", "") for line in real]
+    assert [l for l in quoted if l] == [l for l in real if l]
