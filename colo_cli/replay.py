@@ -84,10 +84,10 @@ class ReplayResult:
 
 
 def _relative(reader, info: SideInfo, side):
-    """(now_ns, side, ts_ns, data) from one capture, time relative to its
-    first packet; fills ``info`` as it goes."""
+    """(now_ns, side, ts_ns, data, cut) from one capture, time relative to
+    its first packet; fills ``info`` as it goes."""
     first = None
-    for ts_ns, data, _orig_len in reader:
+    for ts_ns, data, orig_len in reader:
         if first is None:
             first = ts_ns
             info.first_ts_ns = ts_ns
@@ -97,16 +97,16 @@ def _relative(reader, info: SideInfo, side):
         # a capture may step back in time (clock adjustments, merged files):
         # never let its relative clock run backwards
         rel = ts_ns - first
-        yield rel, side, ts_ns, data
+        yield rel, side, ts_ns, data, orig_len > len(data)
 
 
 def _monotonic(stream):
     last = 0
-    for rel, side, ts_ns, data in stream:
+    for rel, side, ts_ns, data, cut in stream:
         if rel < last:
             rel = last
         last = rel
-        yield rel, side, ts_ns, data
+        yield rel, side, ts_ns, data, cut
 
 
 def replay(primary_reader, secondary_reader, config: Config | None = None, *,
@@ -123,7 +123,7 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     (a filter-dump of a netdev with virtio-net headers).
     """
     config = config or Config()
-    comparator = Comparator(config)
+    comparator = Comparator(config, compact=True)
     p_info = SideInfo(getattr(primary_reader, "name", "primary"),
                       getattr(primary_reader, "format", ""), getattr(primary_reader, "linktype", 1))
     s_info = SideInfo(getattr(secondary_reader, "name", "secondary"),
@@ -137,7 +137,11 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
         checkpoint_wanted = False
         for e in events:
             t = type(e)
-            if t is Released or t is Bypassed:
+            if t is bytes:
+                # released on a match (the core's compact form)
+                if on_release is not None:
+                    on_release((p_info.first_ts_ns or 0) + int(now_ms * 1e6), e)
+            elif t is Released or t is Bypassed:
                 pkt = e.packet
                 if on_release is not None:
                     base = p_info.first_ts_ns or 0
@@ -169,7 +173,7 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     l2 = vnet_hdr_len
     now_ms = 0.0
     count = 0
-    for rel_ns, side, _ts_ns, data in merged:
+    for rel_ns, side, _ts_ns, data, cut in merged:
         now_ms = rel_ns / 1e6
         timer = comparator.get_timer()
         if timer is not None and timer <= now_ms:
@@ -178,7 +182,7 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
             events = comparator.handle_timer(now_ms)
             if events:
                 emit(events, comparator.last_scan_ms)
-        events = receive(side, data, now_ms, l2, vnet_hdr_len)
+        events = receive(side, data, now_ms, l2, vnet_hdr_len, cut)
         if events:
             emit(events, now_ms)
         count += 1

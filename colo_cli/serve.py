@@ -119,6 +119,21 @@ class OutQueue:
             self.high_water = self.bytes
         return True
 
+    def trim(self) -> list:
+        """Enforce the bound on frames appended without ``push`` (the hot
+        path appends directly): the newest ones beyond it are dropped, as
+        ``push`` would have refused them.  Returns what was dropped."""
+        if self.bytes > self.high_water:
+            self.high_water = min(self.bytes, self.limit)
+        dropped = []
+        while self.bytes > self.limit and len(self.frames) > (1 if self.head_sent else 0):
+            data = self.frames.pop()
+            self.bytes -= len(data)
+            self.dropped += 1
+            self.dropped_bytes += len(data)
+            dropped.append(data)
+        return dropped
+
     def restart(self) -> None:
         """A new connection: the frame that was cut goes again, whole."""
         self.head_sent = 0
@@ -409,7 +424,7 @@ class Server:
         self.options = options
         self.loop = loop or asyncio.get_event_loop()
         self.stderr = stderr or sys.stderr
-        self.comparator = Comparator(options.config)
+        self.comparator = Comparator(options.config, compact=True)
         self.running = False
         self.started_wall = time.time()
         self.started_ms = self.now_ms()
@@ -441,6 +456,7 @@ class Server:
         self.notify_unknown = 0
         self.checkpoints_by = {"local": 0, "notify": 0, "control": 0}
         self.hexdumps_suppressed = 0
+        self._overflow_next_log = 1
 
     # -- time -------------------------------------------------------------------
     def now_ms(self) -> float:
@@ -611,10 +627,24 @@ class Server:
         receive = self.comparator.receive
         header = self.header_len
         handle = self.handle
+        out = self.outdev.out
+        frames = out.frames
+        queued = out.bytes
         for wire, vnet_len in records:
             events = receive(side, wire, now, header + vnet_len, vnet_len)
             if events:
+                first = events[0]
+                if len(events) == 1 and type(first) is bytes:
+                    # the common case, inlined: one frame released on a match
+                    frames.append(first)
+                    queued += len(first)
+                    continue
+                out.bytes = queued
+                self._trim()
                 handle(events, now)
+                queued = out.bytes
+        out.bytes = queued
+        self._trim()
         if decoder.error is not None:
             self.framing_errors[side] += 1
             self.log(f"{link.name}: {decoder.error}; closing the connection "
@@ -630,7 +660,11 @@ class Server:
         requested = False
         for e in events:
             t = type(e)
-            if t is Released:
+            if t is bytes:
+                # released on a match (the core's compact form)
+                if not push(e):
+                    self._overflow_data(e)
+            elif t is Released:
                 if not push(e.packet.data):
                     self._overflow(e.packet)
             elif t is Bypassed:
@@ -650,10 +684,25 @@ class Server:
         if requested:
             self._on_request(now_ms)
 
+    def _trim(self) -> None:
+        for wire in reversed(self.outdev.out.trim()):
+            self._overflow_data(wire)
+
+    def _overflow_data(self, wire: bytes) -> None:
+        self.event("drop", side="primary", reason="outdev-overflow",
+                   length=len(wire) - self.header_len)
+        self._overflow_log()
+
     def _overflow(self, pkt) -> None:
         self.event("drop", side="primary", reason="outdev-overflow", length=len(pkt.frame))
-        if self.outdev.out.dropped == 1 or self.outdev.out.dropped % 1000 == 0:
-            self.log(f"outdev: {self.outdev.out.dropped} released frames dropped: "
+        self._overflow_log()
+
+    def _overflow_log(self) -> None:
+        dropped = self.outdev.out.dropped
+        if dropped >= self._overflow_next_log:
+            # the first drop, then every thousand
+            self._overflow_next_log = (dropped // 1000 + 1) * 1000
+            self.log(f"outdev: {dropped} released frames dropped: "
                      f"more than {self.options.outdev_buffer_bytes} bytes wait for outdev "
                      "(see --outdev-buffer)")
 

@@ -7,7 +7,8 @@ P, S = PRIMARY, SECONDARY
 
 
 def run(script, comparator=None, **config):
-    """``script`` items: ``(P|S, frame, now_ms)``, ``("timer", now_ms)``,
+    """``script`` items: ``(P|S, frame, now_ms)`` (or ``(P|S, frame, now_ms,
+    "cut")`` for a frame a capture cut short), ``("timer", now_ms)``,
     ``("checkpoint", now_ms)`` or ``("finish", now_ms)``.  Returns
     ``(comparator, events)``."""
     c = comparator or Comparator(Config(**config))
@@ -20,8 +21,8 @@ def run(script, comparator=None, **config):
         elif item[0] == "finish":
             events += c.finish(item[1])
         else:
-            side, frame, now_ms = item
-            events += c.receive(side, frame, now_ms)
+            side, frame, now_ms = item[:3]
+            events += c.receive(side, frame, now_ms, cut=item[3:] == ("cut",))
     return c, events
 
 

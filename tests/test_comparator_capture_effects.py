@@ -158,19 +158,27 @@ def test_reassembly_memory_bounded_by_bytes():
 
 def test_udp_cut_by_snaplen_compares_the_captured_part():
     p, s = udp_frame(b"x" * 200), udp_frame(b"x" * 200)
-    _, events = run([(P, p[:96], 0), (S, s[:96], 1)])
+    _, events = run([(P, p[:96], 0, "cut"), (S, s[:96], 1, "cut")])
     assert out_frames(events) == [p[:96]]
-    _, events = run([(P, p[:96], 0), (S, s, 1)])         # only one side cut
+    _, events = run([(P, p[:96], 0, "cut"), (S, s, 1)])         # only one side cut
     assert out_frames(events) == [p[:96]]
-    _, events = run([(P, p[:96], 0), (S, udp_frame(b"y" + b"x" * 199)[:96], 1)])
+    _, events = run([(P, p[:96], 0, "cut"), (S, udp_frame(b"y" + b"x" * 199)[:96], 1, "cut")])
     assert miscompares(events)                           # a captured byte differs
+
+
+def test_ip_length_beyond_an_uncut_frame_is_malformed():
+    # in serve nothing cuts frames: a frame shorter than its IP length lies
+    p = udp_frame(b"x" * 200)[:96]
+    _, events = run([(P, p, 0), (S, p, 1)])
+    assert bypasses(events) == [(p, "ipv4-truncated")] and drops(events) == [(p, "ipv4-truncated")]
 
 
 def test_tcp_cut_by_snaplen_with_different_segmentation():
     data = bytes(range(256)) * 8
     p = [tcp_frame(data[:1024], seq=1000), tcp_frame(data[1024:], seq=2024)]
     s = [tcp_frame(data[i:i + 512], seq=1000 + i) for i in range(0, 2048, 512)]
-    script = [(P, f[:100], i) for i, f in enumerate(p)] + [(S, f[:100], 10 + i) for i, f in enumerate(s)]
+    script = ([(P, f[:100], i, "cut") for i, f in enumerate(p)]
+              + [(S, f[:100], 10 + i, "cut") for i, f in enumerate(s)])
     c, events = run(script)
     assert out_frames(events) == [f[:100] for f in p] and miscompares(events) == []
     assert c.stats.truncated == [2, 4]
@@ -179,7 +187,7 @@ def test_tcp_cut_by_snaplen_with_different_segmentation():
 def test_difference_in_captured_bytes_of_a_cut_segment_is_found():
     p = tcp_frame(b"a" * 300, seq=1000)[:100]
     s = tcp_frame(b"a" * 20 + b"b" + b"a" * 279, seq=1000)[:100]
-    _, events = run([(P, p, 0), (S, s, 1)])
+    _, events = run([(P, p, 0, "cut"), (S, s, 1, "cut")])
     assert miscompares(events)[0].stream_offset == 20
 
 

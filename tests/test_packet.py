@@ -22,7 +22,9 @@ def test_udp_compares_from_l4_header_to_ip_end_not_padding():
 def test_udp_key_is_addresses_proto_ports_as_they_arrive():
     f = udp_frame(b"x", sport=1234, dport=53, src="192.0.2.1", dst="198.51.100.7")
     key = parse(f)[1]
-    assert key == b"4" + bytes([192, 0, 2, 1, 198, 51, 100, 7, 17]) + struct.pack(">HH", 1234, 53)
+    # addresses and ports as one slice of the frame, then protocol and version
+    assert key == bytes([192, 0, 2, 1, 198, 51, 100, 7]) + struct.pack(">HH", 1234, 53) + b"\x114"
+    assert key[:12] == f[26:38]
     assert format_key(key) == "udp 192.0.2.1:1234 > 198.51.100.7:53"
     # the reverse direction is a different connection (no normalisation)
     rev = parse(udp_frame(b"x", sport=53, dport=1234, src="198.51.100.7", dst="192.0.2.1"))[1]
@@ -122,7 +124,7 @@ def test_ipv4_fragments_identified_for_reassembly():
     assert (pa[4], pa[5], pa[6]) == (0, 1, 17)      # offset, more fragments, protocol
     assert (pb[4], pb[5]) == (16, 0)
     assert a[pa[2]:pa[3]] == b"x" * 16
-    assert pk.fragment_prefix(pa[1]) == b"4" + bytes([10, 0, 0, 1, 10, 0, 0, 2])
+    assert pk.fragment_context(pa[1]) == (b"4", b"", bytes([10, 0, 0, 1, 10, 0, 0, 2]))
     assert pk.describe_key(pa[1])["ip_id"] == 1
 
 

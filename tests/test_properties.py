@@ -146,8 +146,9 @@ def interleaving(draw, primary, secondary, extras=True):
     return script
 
 
-def execute(script, config, check_bounds=True):
-    c = Comparator(config)
+def execute(script, config, check_bounds=True, fast_path=True, compact=False):
+    c = Comparator(config, compact=compact)
+    c.fast_path = fast_path
     events = []
     now = 0
     for item in script:
@@ -285,3 +286,33 @@ def test_memory_bounded_on_hostile_input(frames, qsize, nconn, nbytes):
         c.receive(PRIMARY if side else SECONDARY, frame, i * 7)
         c.handle_timer(i * 7)
         assert_bounded(c, config)
+
+
+def _outcome(events):
+    """Every decision, in order: what left (and why), what diverged, what
+    was asked for."""
+    out = []
+    for e in events:
+        if isinstance(e, bytes):
+            out.append(("released", e, "match"))
+        elif isinstance(e, (Released, Bypassed)):
+            out.append(("released", e.packet.data, getattr(e, "reason", "bypass")))
+        elif isinstance(e, Miscompare):
+            out.append(("miscompare", e.key, e.cause, e.stream_offset, e.datagram_index))
+        else:
+            out.append((type(e).__name__, getattr(e, "cause", None)))
+    return out
+
+
+@SETTINGS
+@given(st.data())
+def test_fast_path_and_compact_output_decide_exactly_as_the_general_path(data):
+    primary, secondary = data.draw(replicas())
+    script = data.draw(interleaving(primary, secondary))
+    config = Config(compare_timeout_ms=500, expired_scan_cycle_ms=100,
+                    max_queue_size=data.draw(st.integers(1, 8)),
+                    max_connections=data.draw(st.integers(1, 8)),
+                    max_queued_bytes=data.draw(st.integers(60, 5000)))
+    general = _outcome(execute(script, config, fast_path=False)[1])
+    assert _outcome(execute(script, config)[1]) == general
+    assert _outcome(execute(script, config, compact=True)[1]) == general

@@ -27,17 +27,32 @@ reset, and a checkpoint is requested.
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from dataclasses import dataclass
 
 from . import events as ev
 from .compare import TcpStream, datagram_difference, datagrams_equal, insert_segment
 from .conntrack import Connection, ConnectionTable
-from .packet import (KIND_FRAGMENT, KIND_NAMES, KIND_TCP, MAX_VNET_HDR_LEN,
-                     REASON_BAD_VNET_HDR, RST, SYN, Packet, fragment_prefix, parse,
-                     parse_reassembled)
-from .reassembly import Reassembler
-from .stats import Stats
+from .packet import (ACK, FIN, KIND_FRAGMENT, KIND_NAMES, KIND_TCP, KIND_UDP, MAX_VNET_HDR_LEN, PSH,
+                     REASON_BAD_VNET_HDR, REASON_IPV4_TRUNCATED, REASON_IPV6_TRUNCATED, RST,
+                     SYN, Packet, parse, parse_reassembled)
+
+#: EtherType, version/IHL, total length, flags/fragment offset, protocol of
+#: an untagged IPv4 frame, read in one call on the fast path.
+_fast_ipv4 = struct.Struct(">HBxHxxHxB").unpack_from
+#: the key of an untagged IPv4 UDP flow is the frame's 12 bytes of addresses
+#: and ports followed by this (see packet._parse_l4)
+_UDP4 = b"\x114"
+_TCP4 = b"\x064"
+#: sequence number, ack, data offset and flags of a TCP header
+_fast_tcp = struct.Struct(">IIBB").unpack_from
+_TCP_SIMPLE = ~(ACK | PSH) & 0xFF     # flags the TCP fast path leaves to the general one
+_MASK32 = 0xFFFFFFFF
+_HALF32 = 0x80000000
+
+from .reassembly import Reassembler  # noqa: E402
+from .stats import Stats  # noqa: E402
 
 PRIMARY = ev.Side.PRIMARY
 SECONDARY = ev.Side.SECONDARY
@@ -83,6 +98,10 @@ class Config:
             raise ValueError("fragment timeout must be positive")
 
 
+def _last_ms(conn) -> float:
+    return conn.last_ms
+
+
 def _frames(pkt) -> int:
     """How many frames a queued packet stands for (a reassembled datagram
     came in several)."""
@@ -90,49 +109,258 @@ def _frames(pkt) -> int:
 
 
 class Comparator:
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None, compact: bool = False) -> None:
         self.config = config or Config()
         self.config.validate()
         self.stats = Stats()
         self.table = ConnectionTable(self.config.max_connections)
-        self._index = [0, 0]            # next frame index, per side
         self._arrivals: deque = deque()  # queued frames, oldest first (for timeouts)
         self.queued_frames = 0
         self.queued_bytes = 0
         self._epoch_ms = None           # first now_ms seen: scan ticks are phased from it
         self._next_scan_ms = None
-        self._last_now_ms = 0.0
         self._reassembly = (Reassembler(), Reassembler())   # per side
         self.last_scan_ms = None        # time of the last periodic scan
+        self._conns = self.table.conns  # the table's dict, for the hot path
+        #: release matched frames as their bytes rather than Released events
+        self.compact = compact
+        #: take the fast path for the common case (tests turn it off to check
+        #: that it decides exactly as the general path)
+        self.fast_path = True
 
     # ------------------------------------------------------------------
     # input
 
     def receive(self, side, data: bytes, now_ms, l2: int = 0,
-                vnet_hdr_len: int = 0) -> list:
+                vnet_hdr_len: int = 0, cut: bool = False) -> list:
         """A frame arrived on ``side``.  ``data[l2:]`` is the Ethernet frame;
         ``vnet_hdr_len`` bytes before it are a virtio-net header (kept, not
-        compared)."""
+        compared).  ``cut``: a capture recorded less of the frame than was
+        sent (snaplen), so an IP length beyond the data is the capture's
+        doing, not a malformed frame.
+
+        Returns the events.  With ``compact`` set, a frame released on a
+        match appears as its ``data`` (bytes) instead of a ``Released``
+        event: the hot path of the adapters.
+        """
         if self._epoch_ms is None:
             self._start_clock(now_ms)
-        self._last_now_ms = now_ms
         stats = self.stats
-        stats.frames_in[side] += 1
-        stats.bytes_in[side] += len(data)
-        index = self._index[side]
-        self._index[side] = index + 1
+        size = len(data)
+        stats.bytes_in[side] += size
+        # frames_in is this index, read by Stats.snapshot
+        index = stats.frames_in[side]
+        stats.frames_in[side] = index + 1
+
+        # The fast path: an untagged IPv4 UDP datagram with a 20-byte header,
+        # whole and not a fragment, on a connection that is in step.  It
+        # decides exactly as the general path below would (a test runs both
+        # on the same input); anything unusual falls through to it.
+        if size >= l2 + 42 and vnet_hdr_len <= MAX_VNET_HDR_LEN and self.fast_path:
+            etype, vihl, total, frag, proto = _fast_ipv4(data, l2 + 12)
+            end = l2 + 14 + total
+            if (etype == 0x0800 and vihl == 0x45 and proto == 17 and not frag & 0x3FFF
+                    and total >= 28 and end <= size):
+                conn = self._conns.get(data[l2 + 26:l2 + 38] + _UDP4)
+                if conn is not None and not conn.diverged and not conn.stale:
+                    conn.last_ms = now_ms
+                    off = l2 + 34
+                    if side:
+                        mine, other = conn.s, conn.p
+                    else:
+                        mine, other = conn.p, conn.s
+                    if other:
+                        head = other[0]
+                        hoff, hend = head.cmp_off, head.cmp_end
+                        if (hend - hoff == end - off and head.fragments is None
+                                and head.data[hoff:hend] == data[off:end]):
+                            other.popleft()
+                            conn.compared += 1
+                            stats.secondary_matched += 1
+                            head.done = True
+                            self.queued_frames -= 1
+                            self.queued_bytes -= len(head.data)
+                            if side:
+                                # the secondary completes the pair: the queued
+                                # primary leaves
+                                hold_ms = now_ms - head.arrival_ms
+                                released = head
+                            else:
+                                hold_ms = 0.0
+                                released = None
+                            stats.released_match += 1
+                            stats.hold.add(hold_ms)
+                            conn.released += 1
+                            conn.hold_sum_ms += hold_ms
+                            if hold_ms > conn.hold_max_ms:
+                                conn.hold_max_ms = hold_ms
+                            if released is None:
+                                stats.released_bytes += size
+                                if self.compact:
+                                    return [data]
+                                released = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
+                                released.key = conn.key
+                                released.kind = conn.kind
+                                released.done = True
+                            else:
+                                stats.released_bytes += len(released.data)
+                                if self.compact:
+                                    return [released.data]
+                            return [ev.Released(released, ev.RELEASE_MATCH, hold_ms)]
+                    elif len(mine) < self.config.max_queue_size:
+                        pkt = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
+                        pkt.kind = KIND_UDP
+                        pkt.key = conn.key
+                        pkt.cmp_off = off
+                        pkt.cmp_end = end
+                        pkt.conn = conn
+                        mine.append(pkt)
+                        self._arrivals.append(pkt)
+                        self.queued_frames += 1
+                        self.queued_bytes += size
+                        if len(mine) > stats.queue_high_water[side]:
+                            stats.queue_high_water[side] = len(mine)
+                        if self.queued_bytes > stats.queued_bytes_high_water:
+                            stats.queued_bytes_high_water = self.queued_bytes
+                        if self.queued_bytes > self.config.max_queued_bytes:
+                            out = []
+                            self._relieve_memory(now_ms, out)
+                            return out
+                        return []
+
+            elif (etype == 0x0800 and vihl == 0x45 and proto == 6 and not frag & 0x3FFF
+                    and total >= 40 and end <= size):
+                out = self._fast_tcp(side, data, now_ms, l2, vnet_hdr_len, index, end)
+                if out is not None:
+                    return out
+
+        # The general path.
         pkt = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
-        if vnet_hdr_len > MAX_VNET_HDR_LEN or l2 > len(data):
+        if vnet_hdr_len > MAX_VNET_HDR_LEN or l2 > size:
             return self._not_comparable(pkt, REASON_BAD_VNET_HDR)
         parsed = parse(data, l2)
         kind = parsed[0]
         if kind is None:
             return self._not_comparable(pkt, parsed[1])
+        if parsed[3] > size:
+            if not cut:
+                # an IP length beyond the frame, and no capture to blame
+                return self._not_comparable(
+                    pkt, REASON_IPV6_TRUNCATED if parsed[1][-1:] == b"6" else REASON_IPV4_TRUNCATED)
+            # captured short of its IP length (snaplen): only the captured
+            # part can be compared
+            stats.truncated[side] += 1
         out: list = []
         if kind == KIND_FRAGMENT:
             self._receive_fragment(pkt, parsed, now_ms, out)
         else:
             self._dispatch(pkt, parsed, now_ms, out)
+        if self.queued_bytes > self.config.max_queued_bytes:
+            self._relieve_memory(now_ms, out)
+        return out
+
+    def _fast_tcp(self, side, data, now_ms, l2, vnet_hdr_len, index, end):
+        """The fast path for an untagged IPv4 TCP segment that carries data in
+        sequence on a connection in step (no SYN/FIN/RST, nothing out of
+        order, nothing diverged): the bulk-transfer case.  Returns the events,
+        or None to leave the segment to the general path (then nothing has
+        been changed)."""
+        seq, ack, doff, flags = _fast_tcp(data, l2 + 38)
+        if flags & _TCP_SIMPLE:
+            return None
+        off = l2 + 34 + (doff >> 4) * 4
+        plen = end - off
+        if plen <= 0 or off < l2 + 54:
+            return None
+        conn = self._conns.get(data[l2 + 26:l2 + 38] + _TCP4)
+        if conn is None or conn.diverged or conn.p_later or conn.s_later:
+            return None
+        tcp = conn.tcp
+        if (not tcp.locked or tcp.p_pending or tcp.s_pending or tcp.unknown is not None
+                or tcp.p_fin is not None or tcp.s_fin is not None):
+            return None
+        base = tcp.base
+        p_buf, s_buf = tcp.p_buf, tcp.s_buf
+        if side:
+            # the secondary brings bytes the primary has sent and are waiting
+            if s_buf or conn.s or not conn.p or (seq - base) & _MASK32 or len(p_buf) < plen:
+                return None
+            if p_buf[:plen] != data[off:end]:
+                return None
+            if flags & ACK:
+                m = tcp.s_max_ack
+                if m is None or ((ack - m) & _MASK32) < _HALF32:
+                    tcp.s_max_ack = ack
+            del p_buf[:plen]
+            tcp.base = tcp.anchor = base = base + plen
+            self.stats.secondary_matched += 1
+            conn.last_ms = now_ms
+            out = []
+            queue = conn.p
+            ack_max = tcp.s_max_ack
+            while queue:
+                head = queue[0]
+                if (head.end_abs > base or head.flags & (SYN | FIN | RST)
+                        or (head.flags & ACK and (ack_max is None
+                                                  or ((ack_max - head.ack) & _MASK32) >= _HALF32))):
+                    break
+                queue.pop(0)
+                self._release(conn, head, ev.RELEASE_MATCH, now_ms, out)
+            return out
+        if conn.p or s_buf:
+            if not s_buf or (seq - base) & _MASK32 or len(s_buf) < plen or conn.p:
+                return None
+            # the secondary was ahead: this segment's bytes are there already
+            ack_max = tcp.s_max_ack
+            if (flags & ACK and (ack_max is None or ((ack_max - ack) & _MASK32) >= _HALF32)):
+                return None
+            if s_buf[:plen] != data[off:end]:
+                return None
+            del s_buf[:plen]
+            base += plen
+            tcp.base = tcp.anchor = base
+            if tcp.p_end_max is None or base > tcp.p_end_max:
+                tcp.p_end_max = base
+            conn.last_ms = now_ms
+            squeue = conn.s
+            while squeue and squeue[0].end_abs <= base:
+                done = squeue.pop(0)
+                self.stats.secondary_matched += 1
+                self._leave(done)
+            stats = self.stats
+            stats.released_match += 1
+            stats.released_bytes += len(data)
+            stats.hold.add(0.0)
+            conn.released += 1
+            if self.compact:
+                return [data]
+            pkt = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
+            pkt.kind = KIND_TCP
+            pkt.key = conn.key
+            pkt.done = True
+            return [ev.Released(pkt, ev.RELEASE_MATCH, 0.0)]
+        # nothing from the secondary yet: queue it, in sequence
+        expected = base + len(p_buf)
+        if (seq - expected) & _MASK32 or len(conn.p) >= self.config.max_queue_size:
+            return None
+        pkt = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
+        pkt.kind = KIND_TCP
+        pkt.key = conn.key
+        pkt.cmp_off = off
+        pkt.cmp_end = end
+        pkt.seq = seq
+        pkt.ack = ack
+        pkt.flags = flags
+        pkt.seq_abs = expected
+        pkt.end_abs = expected + plen
+        pkt.conn = conn
+        if tcp.p_end_max is None or pkt.end_abs > tcp.p_end_max:
+            tcp.p_end_max = pkt.end_abs
+        p_buf += data[off:end]
+        conn.last_ms = now_ms
+        conn.p.append(pkt)
+        out = []
+        self._enqueue(conn, conn.p, pkt, PRIMARY, now_ms, out)
         if self.queued_bytes > self.config.max_queued_bytes:
             self._relieve_memory(now_ms, out)
         return out
@@ -148,15 +376,10 @@ class Comparator:
         pkt.seq = seq
         pkt.ack = ack
         pkt.flags = flags
-        if end > len(pkt.data):
-            # captured short of its IP length (snaplen): only the captured
-            # part can be compared
-            self.stats.truncated[pkt.side] += 1
-        conn = self.table.get(key)
+        conn = self._conns.get(key)
         if conn is None:
             conn = self._new_connection(key, kind, now_ms, out)
         else:
-            self.table.touch(conn)
             conn.last_ms = now_ms
         pkt.conn = conn
         if kind == KIND_TCP:
@@ -178,7 +401,7 @@ class Comparator:
         if done is None:
             return
         payload = reasm.complete_payload(done)
-        parsed = parse_reassembled(payload, fragment_prefix(key), done.proto)
+        parsed = parse_reassembled(payload, key, done.proto)
         first = done.fragments[0]
         whole = Packet(side, payload, 0, 0, first.arrival_ms, first.index)
         whole.fragments = done.fragments
@@ -425,16 +648,13 @@ class Comparator:
     def _evict_for_room(self, now_ms, out) -> None:
         """The table is full and a new connection arrives: forget the least
         recently active connection, releasing what it holds."""
-        victim = None
-        for conn in self.table.least_recent(64):
-            if not conn.queued:
-                victim = conn
-                break
-        if victim is not None:
+        sample = self.table.oldest(64)
+        idle = [c for c in sample if not c.queued]
+        if idle:
             self.stats.connections_evicted["idle"] += 1
-            self.table.remove(victim)
+            self.table.remove(min(idle, key=_last_ms))
             return
-        victim = self.table.least_recent(1)[0]
+        victim = min(sample, key=_last_ms)
         self.stats.connections_evicted["table-full"] += 1
         self._flush_connection(victim, now_ms, ev.RELEASE_TABLE_FULL, out)
         self.table.remove(victim)
@@ -505,7 +725,6 @@ class Comparator:
         tick_ms = self._epoch_ms + ticks * cycle        # the last tick due
         self._next_scan_ms = tick_ms + cycle
         self.last_scan_ms = tick_ms
-        self._last_now_ms = now_ms
         timeout = self.config.compare_timeout_ms
         if timeout is not None:
             oldest = self._oldest_queued()
@@ -518,14 +737,18 @@ class Comparator:
         return out
 
     def _evict_idle(self, now_ms) -> None:
+        """Forget connections idle for ``idle_timeout_ms`` with nothing
+        queued.  Looks at the 256 oldest entries per scan; the active ones
+        among them go to the back, so every connection is looked at in turn
+        without a per-frame cost for keeping the table ordered."""
         limit = now_ms - self.config.idle_timeout_ms
-        for conn in self.table.least_recent(256):
-            if conn.last_ms > limit:
-                break
-            if conn.queued:
-                continue
-            self.table.remove(conn)
-            self.stats.connections_evicted["idle"] += 1
+        table = self.table
+        for conn in table.oldest(256):
+            if conn.last_ms <= limit and not conn.queued:
+                table.remove(conn)
+                self.stats.connections_evicted["idle"] += 1
+            else:
+                table.requeue(conn)
 
     # ------------------------------------------------------------------
     # checkpoints
@@ -535,7 +758,6 @@ class Comparator:
         connection in order), discard the queued secondary frames, and reset
         the comparison state, so later traffic compares cleanly."""
         out: list = []
-        self._last_now_ms = now_ms
         released = discarded = 0
         for conn in self.table:
             if conn.queued or conn.diverged or conn.tcp is not None:

@@ -42,8 +42,8 @@ the bytes match but the ack is ahead: observed e3), and it applies to every
 segment (QEMU skips it when the segmentation matches exactly: observed e4).
 
 Stream origin: the byte after the primary's SYN when the handshake is seen;
-otherwise the lowest sequence number either side has sent by the time both
-sides have sent data (a capture that starts mid-stream).  After a
+otherwise the lower of the two sides' first stream positions (a capture that
+starts mid-stream).  After a
 checkpoint the verification point moves to the primary's next sequence
 number, because the secondary now holds the primary's state: anything the
 secondary sends below it is pre-checkpoint output and is absorbed (QEMU
@@ -246,12 +246,15 @@ class TcpStream:
     def _position(self, primary: bool, pos: int) -> None:
         """Before the stream origin is known: a side's segment says where its
         stream stands (data start, FIN, or a pure ACK's sequence number, which
-        is the next byte that side will send).  Once both sides have said,
-        comparison starts at the lower of their first positions."""
+        is the next byte that side will send).  Comparison starts at the lower
+        of the two sides' *first* positions: each side's own order decides
+        it, not how the two sides interleave (a lowest-so-far rule would let
+        a stray early segment on one side move the origin depending on when
+        the other side's first segment arrived)."""
         if primary:
-            if self.p_first is None or pos < self.p_first:
+            if self.p_first is None:
                 self.p_first = pos
-        elif self.s_first is None or pos < self.s_first:
+        elif self.s_first is None:
             self.s_first = pos
         if self.p_first is not None and self.s_first is not None:
             self._lock(min(self.p_first, self.s_first))

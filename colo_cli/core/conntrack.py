@@ -6,16 +6,15 @@ guest-outbound traffic (QEMU does the same).  Each connection has a primary
 and a secondary queue.  TCP queues are kept in sequence order (lists sorted
 by ``seq_abs``), datagram queues in arrival order (deques).
 
-The table is bounded (``max_connections``) and ordered by last activity,
-so the least recently active connection is the one evicted when a new one
-needs room.  Unlike QEMU, which clears the whole table and frees every
+The table is bounded (``max_connections``); when a new connection needs room
+the least recently active of the oldest entries is evicted.  Unlike QEMU, which clears the whole table and frees every
 queued packet when it overflows (observed l1), evicting a connection here
 goes through the comparator, which releases its queued primary frames.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 
 from .packet import KIND_TCP
 
@@ -84,40 +83,50 @@ class Connection:
 
 
 class ConnectionTable:
-    """key -> Connection, in least-recently-active-first order."""
+    """key -> Connection, oldest first (by creation, or by the last
+    ``requeue``).
 
-    __slots__ = ("_conns", "max_connections")
+    Nothing is done per frame to keep it ordered by activity (each
+    connection's ``last_ms`` says when it was last active): eviction picks
+    the least recently active among the oldest entries, and the idle scan
+    moves the active ones it meets to the back.
+    """
+
+    __slots__ = ("conns", "max_connections")
 
     def __init__(self, max_connections: int) -> None:
-        self._conns: OrderedDict[bytes, Connection] = OrderedDict()
+        self.conns: dict[bytes, Connection] = {}
         self.max_connections = max_connections
 
     def __len__(self) -> int:
-        return len(self._conns)
+        return len(self.conns)
 
     def __iter__(self):
-        return iter(list(self._conns.values()))
+        return iter(list(self.conns.values()))
 
     def get(self, key: bytes):
-        return self._conns.get(key)
-
-    def touch(self, conn: Connection) -> None:
-        self._conns.move_to_end(conn.key)
+        return self.conns.get(key)
 
     def add(self, conn: Connection) -> None:
-        self._conns[conn.key] = conn
+        self.conns[conn.key] = conn
 
     def remove(self, conn: Connection) -> None:
-        self._conns.pop(conn.key, None)
+        self.conns.pop(conn.key, None)
+
+    def requeue(self, conn: Connection) -> None:
+        """Move to the back."""
+        conns = self.conns
+        if conns.pop(conn.key, None) is not None:
+            conns[conn.key] = conn
 
     @property
     def full(self) -> bool:
-        return len(self._conns) >= self.max_connections
+        return len(self.conns) >= self.max_connections
 
-    def least_recent(self, limit: int):
-        """Up to ``limit`` connections, least recently active first."""
+    def oldest(self, limit: int) -> list:
+        """Up to ``limit`` connections from the front."""
         out = []
-        for conn in self._conns.values():
+        for conn in self.conns.values():
             out.append(conn)
             if len(out) >= limit:
                 break

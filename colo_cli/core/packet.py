@@ -151,16 +151,17 @@ def _parse_ipv4(data, l3, end, tags):
         return None, REASON_IPV4_TRUNCATED
     ip_end = l3 + total
     proto = data[l3 + 9]
-    prefix = b"4" + tags + data[l3 + 12:l3 + 20]
+    addrs = data[l3 + 12:l3 + 20]
+    tail = tags + b"4"
     frag = _u16(data, l3 + 6)[0] & 0x3FFF  # MF flag and fragment offset
     if frag:
         if ip_end > end:
             return None, REASON_IPV4_TRUNCATED   # a cut fragment cannot be reassembled
         # keyed for reassembly by the IP ID (within one side only: the
         # replicas' IDs differ); seq = offset in bytes, ack = more fragments
-        return (KIND_FRAGMENT, b"f" + prefix + bytes((proto,)) + data[l3 + 4:l3 + 6],
+        return (KIND_FRAGMENT, _fragment_key(b"4", tags, addrs, data[l3 + 4:l3 + 6], proto),
                 l4, ip_end, (frag & 0x1FFF) * 8, frag >> 13, proto)
-    return _parse_l4(data, prefix, proto, l4, ip_end, min(ip_end, end), 1)
+    return _parse_l4(data, addrs, tail, proto, l4, ip_end, min(ip_end, end), 1)
 
 
 def _parse_ipv6(data, l3, end, tags):
@@ -177,11 +178,10 @@ def _parse_ipv6(data, l3, end, tags):
             return None, REASON_IPV6_BAD_EXTENSION
     else:
         ip_end = off + plen
-    prefix = b"6" + tags + data[l3 + 8:l3 + 40]
-    return _parse_v6_chain(data, prefix, nh, off, ip_end, min(ip_end, end))
+    return _parse_v6_chain(data, data[l3 + 8:l3 + 40], tags, nh, off, ip_end, min(ip_end, end))
 
 
-def _parse_v6_chain(data, prefix, nh, off, ip_end, cap_end):
+def _parse_v6_chain(data, addrs, tags, nh, off, ip_end, cap_end):
     """Walk IPv6 extension headers from ``off`` (next header ``nh``) to the
     L4 header.  ``cap_end`` is where the captured bytes stop (before
     ``ip_end`` when the capture was cut short)."""
@@ -202,7 +202,7 @@ def _parse_v6_chain(data, prefix, nh, off, ip_end, cap_end):
                 if cap_end < ip_end:
                     return None, REASON_IPV6_TRUNCATED
                 inner = data[off]
-                return (KIND_FRAGMENT, b"f" + prefix + bytes((inner,)) + data[off + 4:off + 8],
+                return (KIND_FRAGMENT, _fragment_key(b"6", tags, addrs, data[off + 4:off + 8], inner),
                         off + 8, ip_end, frag & 0xFFF8, frag & 1, inner)
             # An atomic fragment (offset 0, M clear) is a whole datagram.
             nh, hlen = data[off], 8
@@ -215,9 +215,10 @@ def _parse_v6_chain(data, prefix, nh, off, ip_end, cap_end):
             return None, REASON_IPV6_TRUNCATED
     else:
         return None, REASON_IPV6_BAD_EXTENSION
+    tail = tags + b"6"
     if nh == _V6_NO_NEXT:
-        return KIND_OTHER, prefix + b"\x3b" + _ZERO_PORTS, off, ip_end, 0, 0, 0
-    return _parse_l4(data, prefix, nh, off, ip_end, cap_end, 58)
+        return KIND_OTHER, addrs + _ZERO_PORTS + b"\x3b" + tail, off, ip_end, 0, 0, 0
+    return _parse_l4(data, addrs, tail, nh, off, ip_end, cap_end, 58)
 
 
 def _jumbo_end(data, off, end):
@@ -238,12 +239,17 @@ def _jumbo_end(data, off, end):
     return None
 
 
-def _parse_l4(data, prefix, proto, l4, ip_end, cap_end, icmp_proto):
+def _parse_l4(data, addrs, tail, proto, l4, ip_end, cap_end, icmp_proto):
     """The L4 part.  ``ip_end`` is where the IP payload ends by its header;
     ``cap_end`` where the captured bytes stop.  A frame captured short of
     its IP length (snaplen) is still compared when its L4 header is whole:
     ``cmp_end`` is then beyond the data, and only the captured part can be
-    compared (the comparator knows)."""
+    compared (the comparator knows).
+
+    The key is addresses + ports + protocol + VLAN tags + IP version
+    (``tail``): for untagged IPv4 the first twelve bytes are one slice of the
+    frame (source, destination, ports), which the comparator's fast path
+    takes directly."""
     avail = cap_end - l4
     if proto == 6:
         if avail < 20:
@@ -254,12 +260,12 @@ def _parse_l4(data, prefix, proto, l4, ip_end, cap_end, icmp_proto):
             return None, REASON_TCP_BAD_OFFSET
         if hlen > avail:
             return None, REASON_TCP_TRUNCATED
-        return (KIND_TCP, prefix + b"\x06" + data[l4:l4 + 4],
+        return (KIND_TCP, addrs + data[l4:l4 + 4] + b"\x06" + tail,
                 l4 + hlen, ip_end, seq, ack, flags)
     if proto == 17:
         if avail < 8:
             return None, REASON_UDP_TRUNCATED
-        return KIND_UDP, prefix + b"\x11" + data[l4:l4 + 4], l4, ip_end, 0, 0, 0
+        return KIND_UDP, addrs + data[l4:l4 + 4] + b"\x11" + tail, l4, ip_end, 0, 0, 0
     if proto == icmp_proto:
         # ICMP's header is 8 bytes, ICMPv6's fixed part 4.
         if avail < (8 if icmp_proto == 1 else 4):
@@ -272,33 +278,43 @@ def _parse_l4(data, prefix, proto, l4, ip_end, cap_end, icmp_proto):
             ports = b"\0\0" + data[l4 + 4:l4 + 6]
         else:
             ports = _ZERO_PORTS
-        return KIND_ICMP, prefix + bytes((proto,)) + ports, l4, ip_end, 0, 0, 0
+        return KIND_ICMP, addrs + ports + bytes((proto,)) + tail, l4, ip_end, 0, 0, 0
     if proto in _PORT_PROTOS and avail >= 4:
         ports = data[l4:l4 + 4]
     elif proto == _AH and avail >= 8:
         ports = data[l4 + 4:l4 + 8]   # the SPI, as QEMU keys AH
     else:
         ports = _ZERO_PORTS
-    return KIND_OTHER, prefix + bytes((proto,)) + ports, l4, ip_end, 0, 0, 0
+    return KIND_OTHER, addrs + ports + bytes((proto,)) + tail, l4, ip_end, 0, 0, 0
 
 
-def parse_reassembled(payload: bytes, prefix: bytes, proto: int):
+def _fragment_key(version: bytes, tags: bytes, addrs: bytes, ident: bytes, proto: int) -> bytes:
+    """A reassembly key: b"F", the IP version, the tags (with their length),
+    the addresses, the IP ID and the protocol; ``fragment_context`` reads it
+    back."""
+    return b"F" + version + bytes((len(tags),)) + tags + addrs + ident + bytes((proto,))
+
+
+def fragment_context(key: bytes) -> tuple[bytes, bytes, bytes]:
+    """(version, tags, addresses) of a reassembly key."""
+    version = key[1:2]
+    ntags = key[2]
+    alen = 32 if version == b"6" else 8
+    return version, key[3:3 + ntags], key[3 + ntags:3 + ntags + alen]
+
+
+def parse_reassembled(payload: bytes, key: bytes, proto: int):
     """Parse a reassembled IP payload (``payload`` starts at what followed
     the IPv4 header, or the IPv6 Fragment header) as ``parse`` would a whole
-    datagram; ``prefix`` is the key prefix of its fragments."""
+    datagram; ``key`` is its fragments' reassembly key."""
+    version, tags, addrs = fragment_context(key)
     end = len(payload)
-    if prefix[:1] == b"6":
-        result = _parse_v6_chain(payload, prefix, proto, 0, end, end)
+    if version == b"6":
+        result = _parse_v6_chain(payload, addrs, tags, proto, 0, end, end)
         if result[0] == KIND_FRAGMENT:
             return None, REASON_IPV6_BAD_EXTENSION   # a fragment inside a fragment
         return result
-    return _parse_l4(payload, prefix, proto, 0, end, end, 1)
-
-
-def fragment_prefix(key: bytes) -> bytes:
-    """The key prefix (b"4"/b"6", VLAN tags, addresses) of a fragment key."""
-    ident_len = 2 if key[1:2] == b"4" else 4
-    return key[1:len(key) - 1 - ident_len]
+    return _parse_l4(payload, addrs, tags + b"4", proto, 0, end, end, 1)
 
 
 def _parse_arp(data, l3, end, tags):
@@ -312,7 +328,7 @@ def _parse_arp(data, l3, end, tags):
     tpa = data[l3 + 8 + 2 * hlen + plen:body_end]
     # Keyed by who asks about whom, so requests for different addresses are
     # compared separately and in order.
-    return KIND_ARP, b"a" + tags + bytes((plen,)) + spa + tpa, l3, body_end, 0, 0, 0
+    return KIND_ARP, bytes((plen,)) + spa + tpa + tags + b"a", l3, body_end, 0, 0, 0
 
 
 # --- presentation of keys (reports, JSON, the control socket) ---------------
@@ -342,41 +358,35 @@ def _vlan_ids(tags: bytes) -> list[int]:
 
 
 def _describe_key(key: bytes) -> dict:
-    if key[:1] == b"f":
-        v6 = key[1:2] == b"6"
-        alen, ident_len = (16, 4) if v6 else (4, 2)
-        a = key[len(key) - 1 - ident_len - 2 * alen:]
-        vlans = _vlan_ids(key[2:len(key) - len(a)])
-        mk = ipaddress.IPv6Address if v6 else ipaddress.IPv4Address
-        proto = a[2 * alen]
-        return {"protocol": proto_name(proto) + "-fragment", "src": str(mk(a[:alen])),
-                "dst": str(mk(a[alen:2 * alen])), "vlan": vlans,
-                "ip_id": int.from_bytes(a[2 * alen + 1:], "big")}
-    kind = key[:1]
+    """Keys end in their kind: b"4"/b"6" (IP: addresses, ports, protocol,
+    tags) or b"a" (ARP: address length, sender and target, tags); a
+    reassembly key starts with b"F"."""
+    if key[:1] == b"F":
+        version, tags, addrs = fragment_context(key)
+        alen = len(addrs) // 2
+        mk = ipaddress.IPv6Address if version == b"6" else ipaddress.IPv4Address
+        rest = key[3 + len(tags) + 2 * alen:]
+        return {"protocol": proto_name(rest[-1]) + "-fragment", "src": str(mk(addrs[:alen])),
+                "dst": str(mk(addrs[alen:])), "vlan": _vlan_ids(tags),
+                "ip_id": int.from_bytes(rest[:-1], "big")}
+    kind = key[-1:]
     if kind in (b"4", b"6"):
         alen = 16 if kind == b"6" else 4
-        tail = 2 * alen + 5
-        vlans = _vlan_ids(key[1:len(key) - tail])
-        a = key[len(key) - tail:]
         mk = ipaddress.IPv6Address if kind == b"6" else ipaddress.IPv4Address
-        proto = a[2 * alen]
-        out = {"protocol": proto_name(proto), "src": str(mk(a[:alen])),
-               "dst": str(mk(a[alen:2 * alen])), "vlan": vlans}
-        if proto in (1, 58) and a[-4:] != _ZERO_PORTS:
-            out["echo_id"] = int.from_bytes(a[-2:], "big")
+        ports = key[2 * alen:2 * alen + 4]
+        proto = key[2 * alen + 4]
+        out = {"protocol": proto_name(proto), "src": str(mk(key[:alen])),
+               "dst": str(mk(key[alen:2 * alen])), "vlan": _vlan_ids(key[2 * alen + 5:-1])}
+        if proto in (1, 58) and ports != _ZERO_PORTS:
+            out["echo_id"] = int.from_bytes(ports[2:], "big")
         if proto in (6, 17, 33, 132, 136):
-            out["sport"] = int.from_bytes(a[-4:-2], "big")
-            out["dport"] = int.from_bytes(a[-2:], "big")
+            out["sport"] = int.from_bytes(ports[:2], "big")
+            out["dport"] = int.from_bytes(ports[2:], "big")
         return out
     if kind == b"a":
-        # ARP keys are b"a" + tags + plen + spa + tpa: the tail's size is
-        # known from plen, which is found by skipping TPID-led tags.
-        pos = 1
-        while key[pos:pos + 2] in (b"\x81\x00", b"\x88\xa8", b"\x91\x00"):
-            pos += 4
-        vlans = _vlan_ids(key[1:pos])
-        plen = key[pos]
-        spa, tpa = key[pos + 1:pos + 1 + plen], key[pos + 1 + plen:pos + 1 + 2 * plen]
+        plen = key[0]
+        spa, tpa = key[1:1 + plen], key[1 + plen:1 + 2 * plen]
+        vlans = _vlan_ids(key[1 + 2 * plen:-1])
         if plen == 4:
             spa, tpa = str(ipaddress.IPv4Address(spa)), str(ipaddress.IPv4Address(tpa))
         else:
