@@ -32,9 +32,21 @@ def make_console(file=None, color: str = "auto") -> Console:
     tty = hasattr(file, "isatty") and file.isatty()
     # https://no-color.org: NO_COLOR turns automatic colour off
     use_color = color == "always" or (color == "auto" and tty and "NO_COLOR" not in os.environ)
-    return Console(file=file, force_terminal=use_color or None, no_color=not use_color,
-                   color_system="auto" if use_color else None, highlight=False,
-                   soft_wrap=True, width=None if tty else 200, emoji=False)
+    console = Console(file=file, force_terminal=use_color or None, no_color=not use_color,
+                      color_system="auto" if use_color else None, highlight=False,
+                      soft_wrap=True, width=None if tty else 200, emoji=False)
+
+    def broken_pipe() -> None:
+        # rich's default exits 1 here, which would read as "diverge": the
+        # reader went away (| head), so send the rest nowhere and carry on
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, file.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+    console.on_broken_pipe = broken_pipe
+    return console
 
 
 def _table(console: Console, *headers, title=None) -> Table:
@@ -193,6 +205,8 @@ def print_replay_report(console: Console, result, hexdump_limit: int) -> None:
     console.print(title)
     for w in result.primary.warnings + result.secondary.warnings:
         console.print(Text("warning: " + w, style="yellow" if color else ""))
+    for note in result.notes:
+        console.print(Text("note: " + note, style="yellow" if color else ""))
     console.print()
 
     t = _table(console, "", "primary", "secondary")
@@ -309,6 +323,7 @@ def replay_json(result) -> dict:
                                 for t, c, f in result.requests],
         "top_divergent": [{"flow": f, "miscompares": m, "timeouts": to, "unmatched": u}
                           for f, m, to, u in top_divergent(result, 20)],
+        "notes": result.notes,
     }
 
 

@@ -71,7 +71,7 @@ class ReplayResult:
     # key -> {"miscompares": n, "timeouts": n, "unmatched": primary frames
     # that left without a match}
     per_flow: dict = field(default_factory=dict)
-    released_order: int = 0
+    notes: list = field(default_factory=list)          # hints about the input
 
     @property
     def stats(self):
@@ -133,25 +133,30 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
                          _monotonic(_relative(secondary_reader, s_info, SECONDARY)),
                          key=lambda item: (item[0], item[1]))
 
-    def emit(events, now_ms):
+    p_base_ns = None
+
+    def emit(events, now_ms, now_ns=None):
+        """Account for the core's events; ``now_ns`` is the exact relative
+        time when there is one (``now_ms`` is a float)."""
+        if now_ns is None:
+            now_ns = round(now_ms * 1e6)
         checkpoint_wanted = False
         for e in events:
             t = type(e)
             if t is bytes:
                 # released on a match (the core's compact form)
                 if on_release is not None:
-                    on_release((p_info.first_ts_ns or 0) + int(now_ms * 1e6), e)
+                    on_release(p_base_ns + now_ns, e)
             elif t is Released or t is Bypassed:
                 pkt = e.packet
                 if on_release is not None:
-                    base = p_info.first_ts_ns or 0
-                    on_release(base + int(now_ms * 1e6), pkt.data)
+                    on_release(p_base_ns + now_ns, pkt.data)
                 if t is Released and e.reason is not RELEASE_MATCH:
                     if e.reason == RELEASE_END:
                         result.unmatched_primary += 1
                     _flow(result, pkt.key)["unmatched"] += 1
                     if on_unmatched is not None:
-                        on_unmatched((p_info.first_ts_ns or 0) + int(now_ms * 1e6), pkt.data)
+                        on_unmatched(p_base_ns + now_ns, pkt.data)
             elif t is Miscompare:
                 result.miscompares_total += 1
                 _flow(result, e.key)["miscompares"] += 1
@@ -167,41 +172,76 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
                 checkpoint_wanted = True
         if checkpoint_wanted and not hold:
             # the COLO answer: checkpoint now, so the next divergence is new
-            emit(comparator.checkpoint(now_ms), now_ms)
+            emit(comparator.checkpoint(now_ms), now_ms, now_ns)
+
+    def run_scans(now_ms):
+        """The scans that do something before ``now_ms``, each at its tick."""
+        while True:
+            due = comparator.scan_due(now_ms)
+            if due is None:
+                break
+            emit(comparator.handle_timer(due), due)
+            if hold:
+                # held frames would raise the same request every tick: let
+                # one collapsed scan stand for the rest
+                events = comparator.handle_timer(now_ms)
+                if events:
+                    emit(events, comparator.last_scan_ms)
+                break
+        timer = comparator.get_timer()
+        if timer is not None and timer <= now_ms:
+            # housekeeping (idle connections) only: nothing is due
+            comparator.handle_timer(now_ms)
 
     receive = comparator.receive
     l2 = vnet_hdr_len
     now_ms = 0.0
     count = 0
     for rel_ns, side, _ts_ns, data, cut in merged:
+        if p_base_ns is None:
+            p_base_ns = p_info.first_ts_ns if p_info.first_ts_ns is not None else _ts_ns - rel_ns
         now_ms = rel_ns / 1e6
         timer = comparator.get_timer()
         if timer is not None and timer <= now_ms:
-            # the scans due before this frame arrives (overdue ones collapse
-            # into the last, see Comparator.handle_timer)
-            events = comparator.handle_timer(now_ms)
-            if events:
-                emit(events, comparator.last_scan_ms)
+            run_scans(now_ms)
         events = receive(side, data, now_ms, l2, vnet_hdr_len, cut)
         if events:
-            emit(events, now_ms)
+            emit(events, now_ms, rel_ns)
         count += 1
         if on_progress is not None and not count & 0x3FFF:
             on_progress(count)
+    if p_base_ns is None:
+        p_base_ns = 0
     # Let the timeouts that would have fired after the last packet fire, so
     # a trailing unmatched frame is reported as a timeout like any other.
     if config.compare_timeout_ms is not None and comparator.queued_frames:
         deadline = now_ms + config.compare_timeout_ms + config.expired_scan_cycle_ms
-        events = comparator.handle_timer(deadline)
-        if events:
-            now_ms = comparator.last_scan_ms
-            emit(events, now_ms)
+        run_scans(deadline)
+        now_ms = max(now_ms, comparator.last_scan_ms or now_ms)
     before = comparator.stats.secondary_discarded
     emit(comparator.finish(now_ms), now_ms)
     result.unmatched_secondary = comparator.stats.secondary_discarded - before
     p_info.warnings = list(getattr(primary_reader, "warnings", []))
     s_info.warnings = list(getattr(secondary_reader, "warnings", []))
+    result.notes = _notes(result, vnet_hdr_len)
     return result
+
+
+def _notes(result: ReplayResult, vnet_hdr_len: int) -> list:
+    """Hints when the outcome says more about the input than the replicas."""
+    notes = []
+    bypassed = result.stats.bypassed
+    total = result.primary.frames
+    n = sum(bypassed.values())
+    if total and n * 2 > total:
+        reason, count = max(bypassed.items(), key=lambda kv: kv[1])
+        hint = ""
+        if reason in ("unknown-ethertype", "bad-vnet-header", "short-frame") and not vnet_hdr_len:
+            hint = ("; if the frames start with a virtio-net header (filter-dump of a vnet "
+                    "netdev), give its size with --vnet-hdr-len")
+        notes.append(f"{n:,} of {total:,} primary frames could not be compared, most for "
+                     f"'{reason}' ({count:,}): a match says little{hint}")
+    return notes
 
 
 def _flow(result: ReplayResult, key) -> dict:

@@ -457,6 +457,7 @@ class Server:
         self.checkpoints_by = {"local": 0, "notify": 0, "control": 0}
         self.hexdumps_suppressed = 0
         self._overflow_next_log = 1
+        self._do_checkpoint_wanted = False
 
     # -- time -------------------------------------------------------------------
     def now_ms(self) -> float:
@@ -645,6 +646,8 @@ class Server:
                 queued = out.bytes
         out.bytes = queued
         self._trim()
+        if self._do_checkpoint_wanted:
+            self._send_do_checkpoint()
         if decoder.error is not None:
             self.framing_errors[side] += 1
             self.log(f"{link.name}: {decoder.error}; closing the connection "
@@ -707,14 +710,19 @@ class Server:
                      "(see --outdev-buffer)")
 
     def _on_request(self, now_ms) -> None:
+        if self.notify is not None:
+            # sent once for everything one read (or one scan) brought: QEMU
+            # sends one per request, the peer checkpoints once either way
+            self._do_checkpoint_wanted = True
+        if self.options.policy == POLICY_RELEASE:
+            self.checkpoint("local")
+
+    def _send_do_checkpoint(self) -> None:
+        self._do_checkpoint_wanted = False
         if self.notify is not None and self.notify.sock is not None:
-            # one DO_CHECKPOINT per batch of requests (QEMU sends one per
-            # request; the peer checkpoints once either way)
             self.notify.out.push(encode_notify(MSG_DO_CHECKPOINT))
             self.notify.flush()
             self.do_checkpoint_sent += 1
-        if self.options.policy == POLICY_RELEASE:
-            self.checkpoint("local")
 
     def checkpoint(self, by: str) -> dict:
         now = self.now_ms()
@@ -802,6 +810,8 @@ class Server:
         if events:
             self.handle(events, now)
             self.outdev.flush()
+            if self._do_checkpoint_wanted:
+                self._send_do_checkpoint()
         self._arm_timer()
 
     # -- introspection (the control socket) ----------------------------------------------

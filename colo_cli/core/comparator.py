@@ -189,11 +189,14 @@ class Comparator:
                                 hold_ms = 0.0
                                 released = None
                             stats.released_match += 1
-                            stats.hold.add(hold_ms)
                             conn.released += 1
-                            conn.hold_sum_ms += hold_ms
-                            if hold_ms > conn.hold_max_ms:
-                                conn.hold_max_ms = hold_ms
+                            if released is None:
+                                stats.hold.zero += 1
+                            else:
+                                stats.hold.add(hold_ms)
+                                conn.hold_sum_ms += hold_ms
+                                if hold_ms > conn.hold_max_ms:
+                                    conn.hold_max_ms = hold_ms
                             if released is None:
                                 stats.released_bytes += size
                                 if self.compact:
@@ -307,8 +310,8 @@ class Comparator:
                 queue.pop(0)
                 self._release(conn, head, ev.RELEASE_MATCH, now_ms, out)
             return out
-        if conn.p or s_buf:
-            if not s_buf or (seq - base) & _MASK32 or len(s_buf) < plen or conn.p:
+        if s_buf:
+            if conn.p or (seq - base) & _MASK32 or len(s_buf) < plen:
                 return None
             # the secondary was ahead: this segment's bytes are there already
             ack_max = tcp.s_max_ack
@@ -330,7 +333,7 @@ class Comparator:
             stats = self.stats
             stats.released_match += 1
             stats.released_bytes += len(data)
-            stats.hold.add(0.0)
+            stats.hold.zero += 1
             conn.released += 1
             if self.compact:
                 return [data]
@@ -699,6 +702,35 @@ class Comparator:
         if self.queued_frames or len(self.table) or self._reassembly[0] or self._reassembly[1]:
             return self._next_scan_ms
         return None
+
+    def scan_due(self, now_ms):
+        """The first scan tick, at or before ``now_ms``, at which a scan would
+        raise a timeout request or give up a fragmented datagram; None if
+        none would.  ``replay`` runs exactly those scans, at their own
+        times, so its requests happen when ``serve``'s timer would make them
+        (overdue scans collapsed into a later one decide the same, but their
+        times, and so hold times, would be late)."""
+        if self._next_scan_ms is None or self._next_scan_ms > now_ms:
+            return None
+        cycle = self.config.expired_scan_cycle_ms
+        epoch = self._epoch_ms
+        candidates = []
+        timeout = self.config.compare_timeout_ms
+        if timeout is not None:
+            oldest = self._oldest_queued()
+            if oldest is not None:
+                # the first tick where the age is strictly over the timeout
+                candidates.append(epoch + ((oldest.arrival_ms + timeout - epoch) // cycle + 1) * cycle)
+        ftimeout = self.config.fragment_timeout_ms
+        for reasm in self._reassembly:
+            if reasm.pending:
+                first = next(iter(reasm.pending.values())).first_ms
+                k = -((epoch - first - ftimeout) // cycle)      # ceil
+                candidates.append(epoch + k * cycle)
+        if not candidates:
+            return None
+        due = max(min(candidates), self._next_scan_ms)
+        return due if due <= now_ms else None
 
     def handle_timer(self, now_ms) -> list:
         """Run the periodic scan if one is due by ``now_ms``.

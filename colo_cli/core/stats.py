@@ -25,20 +25,36 @@ class Histogram:
     within about 9 %; ``max``, ``count`` and ``sum`` are exact.  Memory is a
     few hundred integers at most, whatever is recorded.
     """
-    __slots__ = ("buckets", "count", "sum", "max", "min")
+    __slots__ = ("buckets", "counted", "zero", "sum", "max", "min")
 
     #: values at or below this are recorded in one "zero" bucket
     FLOOR = 1e-3
 
     def __init__(self) -> None:
         self.buckets: dict[int, int] = {}
-        self.count = 0
+        self.counted = 0
+        #: values of exactly zero, counted by the hot path with a bare
+        #: increment (a frame released the moment it arrives) and folded into
+        #: the lowest bucket when read
+        self.zero = 0
         self.sum = 0.0
         self.max = 0.0
         self.min = math.inf
 
+    @property
+    def count(self) -> int:
+        return self.counted + self.zero
+
+    def _fold_zero(self) -> None:
+        if self.zero:
+            idx = -(1 << 20)
+            self.buckets[idx] = self.buckets.get(idx, 0) + self.zero
+            self.counted += self.zero
+            self.min = 0.0
+            self.zero = 0
+
     def add(self, value: float) -> None:
-        self.count += 1
+        self.counted += 1
         self.sum += value
         if value > self.max:
             self.max = value
@@ -53,9 +69,11 @@ class Histogram:
         b[idx] = b.get(idx, 0) + 1
 
     def merge(self, other: "Histogram") -> None:
+        self._fold_zero()
+        other._fold_zero()
         for k, v in other.buckets.items():
             self.buckets[k] = self.buckets.get(k, 0) + v
-        self.count += other.count
+        self.counted += other.counted
         self.sum += other.sum
         self.max = max(self.max, other.max)
         self.min = min(self.min, other.min)
@@ -70,6 +88,7 @@ class Histogram:
     def quantile(self, q: float) -> float:
         """The value below which a fraction ``q`` of the recorded values fall
         (the upper edge of the bucket holding it, capped by the true max)."""
+        self._fold_zero()
         if not self.count:
             return 0.0
         rank = q * self.count
@@ -83,6 +102,7 @@ class Histogram:
     def cumulative(self, bounds) -> list[int]:
         """Counts of values <= each bound (for Prometheus ``le`` buckets);
         values are attributed by their bucket's upper edge."""
+        self._fold_zero()
         items = sorted((self.bucket_upper(i), n) for i, n in self.buckets.items())
         out = []
         for bound in bounds:
@@ -90,6 +110,7 @@ class Histogram:
         return out
 
     def to_dict(self) -> dict:
+        self._fold_zero()
         return {"count": self.count, "sum_ms": round(self.sum, 6),
                 "min_ms": round(self.min, 6) if self.count else 0.0,
                 "max_ms": round(self.max, 6),
@@ -102,7 +123,7 @@ class Histogram:
     @classmethod
     def from_dict(cls, d: dict) -> "Histogram":
         h = cls()
-        h.count = int(d.get("count", 0))
+        h.counted = int(d.get("count", 0))
         h.sum = float(d.get("sum_ms", 0.0))
         h.max = float(d.get("max_ms", 0.0))
         h.min = float(d.get("min_ms", 0.0)) if h.count else math.inf
