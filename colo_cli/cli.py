@@ -105,11 +105,19 @@ def comparator_options(f):
 
 
 def _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
-            no_timeout=False):
+            no_timeout=False, normalize_seq=False):
     from .core import Config
     return Config(compare_timeout_ms=None if no_timeout else compare_timeout_ms,
                   expired_scan_cycle_ms=expired_scan_cycle_ms,
-                  max_queue_size=max_queue_size, max_connections=max_connections)
+                  max_queue_size=max_queue_size, max_connections=max_connections,
+                  normalize_seq=normalize_seq)
+
+
+normalize_option = click.option(
+    "--normalize-seq", is_flag=True,
+    help="Compare TCP in relative sequence numbers, learnt per connection and side from the "
+         "handshake (or the first segments): for replicas whose TCP stacks chose their own "
+         "ISNs (two captured instances, or no filter-rewriter).")
 
 
 color_option = click.option("--color", type=click.Choice(["auto", "always", "never"]),
@@ -123,6 +131,7 @@ color_option = click.option("--color", type=click.Choice(["auto", "always", "nev
 @click.argument("primary", metavar="PRIMARY")
 @click.argument("secondary", metavar="SECONDARY")
 @comparator_options
+@normalize_option
 @click.option("--no-timeout", is_flag=True,
               help="Never raise timeout checkpoints (for captures whose clocks drift apart).")
 @click.option("--hold", is_flag=True,
@@ -149,7 +158,7 @@ color_option = click.option("--color", type=click.Choice(["auto", "always", "nev
 @color_option
 @click.pass_context
 def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, max_queue_size,
-           max_connections, no_timeout, hold, vnet_hdr_len, as_json, out_path, diverged_path,
+           max_connections, normalize_seq, no_timeout, hold, vnet_hdr_len, as_json, out_path, diverged_path,
            hexdump_limit, quiet, color):
     """Compare two captures offline, making the decisions colo-compare would
     make live.
@@ -184,7 +193,7 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
             if path and given != "-" and _same_file(path, given):
                 raise click.UsageError(f"{opt} {path} is an input capture: it would be overwritten")
     config = _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
-                     no_timeout)
+                     no_timeout, normalize_seq)
     with contextlib.ExitStack() as stack:
         try:
             p_reader = stack.enter_context(open_capture(primary))
@@ -287,6 +296,7 @@ ENDPOINT = EndpointType()
 @click.option("--vnet-hdr-support", is_flag=True,
               help="Records carry a vnet header length word and a virtio-net header, as "
                    "with QEMU's vnet_hdr_support=on; every peer must agree.")
+@normalize_option
 @click.option("--checkpoint-policy", type=click.Choice(["release", "hold"]), default=None,
               help="What a checkpoint request does.  release: checkpoint at once, locally "
                    "(the primary wins: held frames are released, the divergence recorded).  "
@@ -319,7 +329,7 @@ ENDPOINT = EndpointType()
 @click.option("-v", "--verbose", is_flag=True, help="Also report connections and settings.")
 @click.option("-q", "--quiet", is_flag=True, help="Report only errors.")
 def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
-          expired_scan_cycle_ms, max_queue_size, max_connections, vnet_hdr_support,
+          expired_scan_cycle_ms, max_queue_size, max_connections, vnet_hdr_support, normalize_seq,
           checkpoint_policy, control_path, events_path, hexdump, hexdump_rate,
           outdev_buffer_mib, connect_timeout, drain_timeout, verbose, quiet):
     """Compare live, in place of QEMU's -object colo-compare.
@@ -359,7 +369,8 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
         if where in seen:
             raise click.UsageError(f"{name} and {seen[where]} are the same endpoint ({ep})")
         seen[where] = name
-    config = _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections)
+    config = _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
+                     normalize_seq=normalize_seq)
     options = ServeOptions(primary_in=primary_in, secondary_in=secondary_in, outdev=outdev,
                            notify_dev=notify_dev, config=config,
                            vnet_hdr_support=vnet_hdr_support,

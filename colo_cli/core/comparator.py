@@ -82,6 +82,9 @@ class Config:
     #: an IP datagram whose fragments have not all arrived after this long
     #: is given up (its primary fragments bypassed): Linux's ipfrag_time.
     fragment_timeout_ms: float = 30_000
+    #: compare TCP in relative sequence numbers, per side (the replicas chose
+    #: their own ISNs: no filter-rewriter, or captures of two instances)
+    normalize_seq: bool = False
 
     def validate(self) -> None:
         if self.compare_timeout_ms is not None and self.compare_timeout_ms <= 0:
@@ -280,6 +283,7 @@ class Comparator:
             return None
         tcp = conn.tcp
         if (not tcp.locked or tcp.p_pending or tcp.s_pending or tcp.unknown is not None
+                or tcp.norm is not None
                 or tcp.p_fin is not None or tcp.s_fin is not None):
             return None
         base = tcp.base
@@ -433,7 +437,7 @@ class Comparator:
         table = self.table
         if table.full:
             self._evict_for_room(now_ms, out)
-        conn = Connection(key, kind, now_ms)
+        conn = Connection(key, kind, now_ms, self.config.normalize_seq)
         table.add(conn)
         self.stats.connections_created += 1
         return conn
@@ -479,7 +483,7 @@ class Comparator:
             self.stats.secondary_absorbed += _frames(pkt)
 
     def _start_next_connection(self, conn) -> None:
-        conn.tcp = tcp = TcpStream()
+        conn.tcp = tcp = TcpStream(self.config.normalize_seq)
         conn.diverged = False
         p_later, s_later = conn.p_later, conn.s_later
         conn.p_later, conn.s_later = [], []
@@ -528,8 +532,12 @@ class Comparator:
         conn.diverged = True
         conn.miscompares += 1
         self.stats.miscompares["tcp:" + cause] += 1
+        raw_seq = at & 0xFFFFFFFF
+        if tcp.norm is not None:
+            # report the primary's own sequence number for the byte
+            raw_seq = tcp.norm.raw_seq(0, raw_seq)
         out.append(ev.Miscompare(conn.key, "tcp", cause, tcp.stream_offset(at),
-                                 at & 0xFFFFFFFF, None, p_pkt, s_pkt, p_off, s_off, now_ms))
+                                 raw_seq, None, p_pkt, s_pkt, p_off, s_off, now_ms))
         self._request(ev.CAUSE_MISCOMPARE, conn, now_ms, out)
 
     # -- datagrams ---------------------------------------------------------
@@ -641,7 +649,7 @@ class Comparator:
             if p_later:
                 # the primary had moved on to a new connection on this 4-tuple:
                 # the secondary now holds that state, so continue from there
-                tcp = conn.tcp = TcpStream()
+                tcp = conn.tcp = TcpStream(self.config.normalize_seq)
                 for pkt in p_later:
                     tcp.add_primary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end)
             conn.p_later, conn.s_later = [], []

@@ -95,15 +95,58 @@ def first_difference(a, b) -> int:
     return n
 
 
+class SeqNormalizer:
+    """Relative sequence and ack numbers, per side, for replicas whose TCP
+    stacks chose their own initial sequence numbers (captures of two
+    instances, or COLO without filter-rewriter).
+
+    Each side's sequence numbers are taken relative to its own origin: the
+    byte after its SYN when the handshake is seen, else its first segment.
+    Its ack numbers are taken relative to the first ack it sends, which is
+    the peer's ISN + 1 when the handshake is seen (in a passive open the
+    SYN-ACK acknowledges the client's SYN; in an active open the handshake's
+    ACK acknowledges the server's), so acks of the two sides become
+    comparable too, and the ACK gate works in the relative space.  Relative
+    stream offset 0 is the first byte after the SYN, as Wireshark counts.
+    """
+
+    __slots__ = ("seq_origin", "ack_origin")
+
+    def __init__(self) -> None:
+        self.seq_origin = [None, None]   # per side
+        self.ack_origin = [None, None]
+
+    def apply(self, side: int, pkt) -> None:
+        """Rewrite ``pkt.seq``/``pkt.ack`` (not the frame) to relative numbers."""
+        flags = pkt.flags
+        origin = self.seq_origin[side]
+        if origin is None:
+            if flags & RST and not flags & SYN:
+                return      # an RST's sequence number says nothing about the stream
+            origin = self.seq_origin[side] = (pkt.seq + 1) & _MASK if flags & SYN else pkt.seq
+        pkt.seq = (pkt.seq - origin) & _MASK
+        if flags & ACK:
+            a = self.ack_origin[side]
+            if a is None:
+                a = self.ack_origin[side] = pkt.ack
+            pkt.ack = (pkt.ack - a) & _MASK
+
+    def raw_seq(self, side: int, relative: int):
+        origin = self.seq_origin[side]
+        return None if origin is None else (relative + origin) & _MASK
+
+
 class TcpStream:
     """Byte-stream comparison state of one TCP connection."""
 
     __slots__ = ("anchor", "base", "origin", "locked", "p_buf", "s_buf",
                  "p_pending", "s_pending", "p_end_max", "s_max_ack", "s_syn",
                  "s_rst", "p_rst", "p_rst_sent", "p_fin", "s_fin", "unknown",
-                 "p_first", "s_first", "gap_bytes")
+                 "p_first", "s_first", "gap_bytes", "norm")
 
-    def __init__(self) -> None:
+    def __init__(self, normalize: bool = False) -> None:
+        #: relative sequence numbers per side (--normalize-seq), or None
+        self.norm = SeqNormalizer() if normalize else None
         self.anchor = None       # an absolute sequence number near the action
         self.base = None         # next absolute sequence number to verify
         self.origin = None       # stream offset 0
@@ -164,6 +207,8 @@ class TcpStream:
     def add_primary(self, pkt, data, off, end) -> None:
         """Place a primary segment (already appended to the queue by the
         caller) in the stream.  ``data[off:end]`` is its payload."""
+        if self.norm is not None:
+            self.norm.apply(0, pkt)
         flags = pkt.flags
         a = self.unwrap(pkt.seq)
         start = a + 1 if flags & SYN else a
@@ -191,6 +236,8 @@ class TcpStream:
         """Place a secondary segment.  Returns True when the caller should
         queue it (it brings new bytes), False when it is absorbed (no payload,
         or only bytes already held or already verified)."""
+        if self.norm is not None:
+            self.norm.apply(1, pkt)
         flags = pkt.flags
         if flags & ACK:
             ack = pkt.ack

@@ -24,12 +24,12 @@ class Connection:
                  "created_ms", "compared", "miscompares", "released",
                  "hold_sum_ms", "hold_max_ms", "checkpoint_requested")
 
-    def __init__(self, key: bytes, kind: int, now_ms) -> None:
+    def __init__(self, key: bytes, kind: int, now_ms, normalize_seq: bool = False) -> None:
         self.key = key
         self.kind = kind
         if kind == KIND_TCP:
             from .compare import TcpStream  # local: compare imports us
-            self.tcp = TcpStream()
+            self.tcp = TcpStream(normalize_seq)
             self.p: list | deque = []
             self.s: list | deque = []
         else:
