@@ -105,12 +105,32 @@ def comparator_options(f):
 
 
 def _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
-            no_timeout=False, normalize_seq=False):
+            no_timeout=False, normalize_seq=False, ignore=()):
     from .core import Config
     return Config(compare_timeout_ms=None if no_timeout else compare_timeout_ms,
                   expired_scan_cycle_ms=expired_scan_cycle_ms,
                   max_queue_size=max_queue_size, max_connections=max_connections,
-                  normalize_seq=normalize_seq)
+                  normalize_seq=normalize_seq, ignore=tuple(ignore))
+
+
+class RuleType(click.ParamType):
+    name = "RULE"
+
+    def convert(self, value, param, ctx):
+        from .core.noise import RuleError, parse_rule
+        if not isinstance(value, str):
+            return value
+        try:
+            return parse_rule(value)
+        except RuleError as e:
+            self.fail(str(e), param, ctx)
+
+
+ignore_option = click.option(
+    "--ignore", "ignore", type=RuleType(), multiple=True, metavar="RULE",
+    help="Bytes that legitimately differ between the replicas (repeatable): dns.id, "
+         "http.date, udp.checksum, icmp.checksum, udp:PORT:START-END (bytes of the UDP "
+         "payload), tcp:PORT:/REGEX/ (bytes of TCP payloads).  Named in every report.")
 
 
 normalize_option = click.option(
@@ -132,6 +152,11 @@ color_option = click.option("--color", type=click.Choice(["auto", "always", "nev
 @click.argument("secondary", metavar="SECONDARY")
 @comparator_options
 @normalize_option
+@ignore_option
+@click.option("--learn-noise", is_flag=True,
+              help="The captures are known to be equivalent: find the noise rules that would "
+                   "remove their checkpoints (replaying them several times), and print each "
+                   "with the checkpoints it avoids.")
 @click.option("--no-timeout", is_flag=True,
               help="Never raise timeout checkpoints (for captures whose clocks drift apart).")
 @click.option("--hold", is_flag=True,
@@ -149,6 +174,11 @@ color_option = click.option("--color", type=click.Choice(["auto", "always", "nev
               metavar="FILE.pcap",
               help="Write the primary frames that left without a match (flushed at a "
                    "checkpoint, by a limit, or at the end) to a pcap.")
+@click.option("--evidence", "evidence_path", type=click.Path(dir_okay=False, writable=True),
+              metavar="FILE.pcapng",
+              help="Write every miscompared pair to a pcapng that opens in Wireshark: two "
+                   "interfaces, 'primary' and 'secondary', and on each frame a comment naming "
+                   "the cause, the flow and the stream offset.")
 @click.option("--hexdump", "hexdump_limit", type=click.IntRange(min=0), default=3,
               show_default=True, metavar="N",
               help="Show side-by-side hexdumps of the first N miscompares (0: none).")
@@ -158,8 +188,8 @@ color_option = click.option("--color", type=click.Choice(["auto", "always", "nev
 @color_option
 @click.pass_context
 def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, max_queue_size,
-           max_connections, normalize_seq, no_timeout, hold, vnet_hdr_len, as_json, out_path, diverged_path,
-           hexdump_limit, quiet, color):
+           max_connections, normalize_seq, ignore, learn_noise, no_timeout, hold, vnet_hdr_len, as_json, out_path,
+           diverged_path, evidence_path, hexdump_limit, quiet, color):
     """Compare two captures offline, making the decisions colo-compare would
     make live.
 
@@ -182,18 +212,24 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
       colo-compare replay --json --no-timeout a.pcapng b.pcapng > report.json
       tcpdump -r big.pcap -w - 'tcp port 80' | colo-compare replay - other.pcap
     """
-    from .capture import CaptureError, PcapWriter, open_capture
+    from .capture import CaptureError, PcapngWriter, PcapWriter, open_capture
     from .render import make_console, print_replay_report, replay_json
     from .replay import replay as run_replay
 
     if primary == "-" and secondary == "-":
         raise click.UsageError("only one of PRIMARY and SECONDARY can be '-' (stdin)")
-    for opt, path in (("--out", out_path), ("--diverged", diverged_path)):
+    for opt, path in (("--out", out_path), ("--diverged", diverged_path),
+                      ("--evidence", evidence_path)):
         for given in (primary, secondary):
             if path and given != "-" and _same_file(path, given):
                 raise click.UsageError(f"{opt} {path} is an input capture: it would be overwritten")
     config = _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
-                     no_timeout, normalize_seq)
+                     no_timeout, normalize_seq, ignore)
+    if learn_noise:
+        if "-" in (primary, secondary):
+            raise click.UsageError("--learn-noise reads the captures several times: not from stdin")
+        _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color)
+        return
     with contextlib.ExitStack() as stack:
         try:
             p_reader = stack.enter_context(open_capture(primary))
@@ -207,12 +243,16 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
         if diverged_path:
             div_writer = PcapWriter(stack.enter_context(_open_output(diverged_path)), nano=True)
             on_unmatched = div_writer.write
+        on_miscompare = None
+        if evidence_path:
+            on_miscompare = _evidence_writer(stack.enter_context(_open_output(evidence_path)),
+                                             PcapngWriter)
         progress = stack.enter_context(_progress(p_reader, quiet or as_json))
         _tune_gc()
         try:
             result = run_replay(p_reader, s_reader, config, hold=hold, vnet_hdr_len=vnet_hdr_len,
                                 on_release=on_release, on_unmatched=on_unmatched,
-                                on_progress=progress)
+                                on_progress=progress, on_miscompare=on_miscompare)
         except CaptureError as e:
             raise Trouble(str(e)) from None
     status = EXIT_DIVERGE if result.diverged else EXIT_SAME
@@ -226,6 +266,51 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
         for w in result.primary.warnings + result.secondary.warnings:
             click.echo(_one_line(f"colo-compare: warning: {w}"), err=True)
     ctx.exit(status)
+
+
+def _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color):
+    from .capture import CaptureError, open_capture
+    from .learn import learn_json, learn_noise
+    from .render import make_console, print_learned
+
+    def open_pair():
+        p = open_capture(primary)
+        try:
+            return p, open_capture(secondary)
+        except BaseException:
+            p.close()
+            raise
+    _tune_gc()
+    try:
+        result = learn_noise(open_pair, config, hold=hold, vnet_hdr_len=vnet_hdr_len)
+    except CaptureError as e:
+        raise Trouble(str(e)) from None
+    with stdout_guard():
+        if as_json:
+            click.echo(json.dumps(learn_json(result), indent=1))
+        else:
+            print_learned(make_console(color=color), result, primary, secondary)
+
+
+def _evidence_writer(fileobj, writer_class):
+    """on_miscompare for --evidence: each pair on its side's interface, with a
+    comment saying what differs and where."""
+    from .render import evidence_comment, evidence_frames
+    writer = writer_class(fileobj)
+    interfaces = (writer.add_interface("primary", description="the primary replica's output"),
+                  writer.add_interface("secondary", description="the secondary replica's output"))
+
+    def on_miscompare(number, record, p_ts_ns, s_ts_ns):
+        e = record.event
+        for iface, side, pkt, offset, ts in ((interfaces[0], "primary", e.primary, e.primary_offset, p_ts_ns),
+                                            (interfaces[1], "secondary", e.secondary, e.secondary_offset, s_ts_ns)):
+            if pkt is None:
+                continue
+            comment = evidence_comment(number, record, side, pkt, offset)
+            for frame in evidence_frames(pkt):
+                writer.write(iface, ts or 0, frame, comment=comment)
+                comment = None      # once per pair side
+    return on_miscompare
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -297,6 +382,7 @@ ENDPOINT = EndpointType()
               help="Records carry a vnet header length word and a virtio-net header, as "
                    "with QEMU's vnet_hdr_support=on; every peer must agree.")
 @normalize_option
+@ignore_option
 @click.option("--checkpoint-policy", type=click.Choice(["release", "hold"]), default=None,
               help="What a checkpoint request does.  release: checkpoint at once, locally "
                    "(the primary wins: held frames are released, the divergence recorded).  "
@@ -330,7 +416,7 @@ ENDPOINT = EndpointType()
 @click.option("-q", "--quiet", is_flag=True, help="Report only errors.")
 def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
           expired_scan_cycle_ms, max_queue_size, max_connections, vnet_hdr_support, normalize_seq,
-          checkpoint_policy, control_path, events_path, hexdump, hexdump_rate,
+          ignore, checkpoint_policy, control_path, events_path, hexdump, hexdump_rate,
           outdev_buffer_mib, connect_timeout, drain_timeout, verbose, quiet):
     """Compare live, in place of QEMU's -object colo-compare.
 
@@ -370,7 +456,7 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
             raise click.UsageError(f"{name} and {seen[where]} are the same endpoint ({ep})")
         seen[where] = name
     config = _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
-                     normalize_seq=normalize_seq)
+                     normalize_seq=normalize_seq, ignore=ignore)
     options = ServeOptions(primary_in=primary_in, secondary_in=secondary_in, outdev=outdev,
                            notify_dev=notify_dev, config=config,
                            vnet_hdr_support=vnet_hdr_support,

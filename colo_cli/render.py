@@ -207,6 +207,9 @@ def print_replay_report(console: Console, result, hexdump_limit: int) -> None:
         console.print(Text("warning: " + w, style="yellow" if color else ""))
     for note in result.notes:
         console.print(Text("note: " + note, style="yellow" if color else ""))
+    settings = describe_settings(result.config, result.hold, result.vnet_hdr_len)
+    if settings:
+        console.print(Text("settings: " + settings))
     console.print()
 
     t = _table(console, "", "primary", "secondary")
@@ -261,6 +264,53 @@ def print_replay_report(console: Console, result, hexdump_limit: int) -> None:
             console.print(Text(f"({rest:,} more {noun} not shown; see --hexdump N or --json)"))
 
 
+def describe_settings(config, hold=False, vnet_hdr_len=0) -> str:
+    """What was not the default, so a report says how to reproduce it."""
+    parts = []
+    if config.compare_timeout_ms is None:
+        parts.append("no timeouts")
+    elif config.compare_timeout_ms != 3000:
+        parts.append(f"compare timeout {config.compare_timeout_ms:g} ms")
+    if config.expired_scan_cycle_ms != 1000:
+        parts.append(f"scan cycle {config.expired_scan_cycle_ms:g} ms")
+    if config.max_queue_size != 1024:
+        parts.append(f"max queue size {config.max_queue_size}")
+    if config.normalize_seq:
+        parts.append("relative TCP sequence numbers")
+    if hold:
+        parts.append("held to the end")
+    if vnet_hdr_len:
+        parts.append(f"{vnet_hdr_len}-byte vnet headers")
+    if config.ignore:
+        parts.append("ignoring " + ", ".join(r.text for r in config.ignore))
+    return "; ".join(parts)
+
+
+def print_learned(console: Console, result, primary: str, secondary: str) -> None:
+    color = console.color_system is not None
+    console.print(Text(f"colo-compare replay --learn-noise: {primary} vs {secondary}",
+                       style="bold" if color else ""))
+    console.print(Text(f"checkpoint requests {result.requests_before:,} -> {result.requests_after:,}, "
+                       f"miscompares {result.miscompares_before:,} -> {result.miscompares_after:,} "
+                       f"with the rules below ({result.rounds} replays to find them)"))
+    console.print()
+    if result.learned:
+        t = _table(console, "rule", "explains", "checkpoints avoided", "example")
+        for l in result.learned:
+            t.add_row(l.text, fmt_count(l.explains), fmt_count(l.avoided), l.example)
+        console.print(t)
+        console.print()
+        console.print(Text("to use them: colo-compare replay " + result.command_line() + " ..."))
+    else:
+        console.print(Text("no rule found: the differences are not of a kind a rule can hide"))
+    if result.unexplained:
+        console.print()
+        t = _table(console, "left unexplained", "miscompares")
+        for what, n in result.unexplained.most_common(10):
+            t.add_row(what, fmt_count(n))
+        console.print(t)
+
+
 def top_divergent(result, n: int) -> list[tuple[str, int, int, int]]:
     """(flow, miscompares, timeouts, primary frames left unmatched), worst first."""
     items = [(format_key(k), v["miscompares"], v["timeouts"], v["unmatched"])
@@ -313,7 +363,9 @@ def replay_json(result) -> dict:
                      "max_queue_size": cfg.max_queue_size,
                      "max_connections": cfg.max_connections,
                      "checkpoints": "hold" if result.hold else "immediate",
-                     "vnet_hdr_len": result.vnet_hdr_len},
+                     "vnet_hdr_len": result.vnet_hdr_len,
+                     "normalize_seq": cfg.normalize_seq,
+                     "ignore": [r.text for r in cfg.ignore]},
         "stats": result.comparator.snapshot(),
         "unmatched": {"primary": result.unmatched_primary, "secondary": result.unmatched_secondary},
         "miscompares_total": result.miscompares_total,
@@ -442,3 +494,23 @@ def print_stats(console: Console, doc: dict) -> None:
     for part in stats_renderables(console, doc):
         console.print(part)
         console.print()
+
+
+# -- evidence for Wireshark ----------------------------------------------------------
+
+def evidence_comment(number: int, rec, side: str, pkt, offset: int) -> str:
+    e = rec.event
+    text = f"miscompare {number} ({side}): {_cause_text(e.cause)} in {rec.flow} {_where(e)}"
+    if pkt is not None and offset >= 0:
+        text += f"; first differing byte at offset {offset - pkt.l2} of this frame"
+    if pkt is not None and pkt.fragments is not None:
+        text += f"; a datagram reassembled from {len(pkt.fragments)} fragments"
+    return text
+
+
+def evidence_frames(pkt) -> list[bytes]:
+    """The Ethernet frames a packet stands for (a reassembled datagram: its
+    fragments)."""
+    if pkt.fragments is not None:
+        return [f.data[f.l2:] for f in pkt.fragments]
+    return [pkt.data[pkt.l2:]]

@@ -112,7 +112,8 @@ def _monotonic(stream):
 def replay(primary_reader, secondary_reader, config: Config | None = None, *,
            hold: bool = False, vnet_hdr_len: int = 0,
            detail_limit: int = DEFAULT_DETAIL_LIMIT,
-           on_release=None, on_unmatched=None, on_progress=None) -> ReplayResult:
+           on_release=None, on_unmatched=None, on_progress=None,
+           on_miscompare=None) -> ReplayResult:
     """Compare two captures.
 
     ``on_release(ts_ns, data)`` is called for every primary frame in the
@@ -121,6 +122,9 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     the primary frames that left without a match.  ``vnet_hdr_len`` bytes at
     the start of every captured frame are a header to keep but not compare
     (a filter-dump of a netdev with virtio-net headers).
+    ``on_miscompare(number, record, p_ts_ns, s_ts_ns)`` is called for every
+    miscompare (not only those kept in the result), with the capture times
+    of its two frames.
     """
     config = config or Config()
     comparator = Comparator(config, compact=True)
@@ -160,8 +164,14 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
             elif t is Miscompare:
                 result.miscompares_total += 1
                 _flow(result, e.key)["miscompares"] += 1
+                record = None
                 if len(result.miscompares) < detail_limit:
-                    result.miscompares.append(MiscompareRecord(e, format_key(e.key), now_ms))
+                    record = MiscompareRecord(e, format_key(e.key), now_ms)
+                    result.miscompares.append(record)
+                if on_miscompare is not None:
+                    record = record or MiscompareRecord(e, format_key(e.key), now_ms)
+                    on_miscompare(result.miscompares_total, record,
+                                  _capture_ts(p_info, e.primary), _capture_ts(s_info, e.secondary))
             elif t is CheckpointRequested:
                 result.requests_total += 1
                 if e.cause == "timeout" and e.key is not None:
@@ -242,6 +252,13 @@ def _notes(result: ReplayResult, vnet_hdr_len: int) -> list:
         notes.append(f"{n:,} of {total:,} primary frames could not be compared, most for "
                      f"'{reason}' ({count:,}): a match says little{hint}")
     return notes
+
+
+def _capture_ts(info: SideInfo, pkt):
+    """The capture timestamp of a frame, from its side's relative clock."""
+    if pkt is None or info.first_ts_ns is None:
+        return None
+    return info.first_ts_ns + round(pkt.arrival_ms * 1e6)
 
 
 def _flow(result: ReplayResult, key) -> dict:

@@ -51,6 +51,7 @@ _TCP_SIMPLE = ~(ACK | PSH) & 0xFF     # flags the TCP fast path leaves to the ge
 _MASK32 = 0xFFFFFFFF
 _HALF32 = 0x80000000
 
+from .noise import mask_datagram, rules_for  # noqa: E402
 from .reassembly import Reassembler  # noqa: E402
 from .stats import Stats  # noqa: E402
 
@@ -85,6 +86,8 @@ class Config:
     #: compare TCP in relative sequence numbers, per side (the replicas chose
     #: their own ISNs: no filter-rewriter, or captures of two instances)
     normalize_seq: bool = False
+    #: noise rules (noise.Rule): bytes that legitimately differ
+    ignore: tuple = ()
 
     def validate(self) -> None:
         if self.compare_timeout_ms is not None and self.compare_timeout_ms <= 0:
@@ -283,7 +286,7 @@ class Comparator:
             return None
         tcp = conn.tcp
         if (not tcp.locked or tcp.p_pending or tcp.s_pending or tcp.unknown is not None
-                or tcp.norm is not None
+                or tcp.norm is not None or tcp.masks is not None
                 or tcp.p_fin is not None or tcp.s_fin is not None):
             return None
         base = tcp.base
@@ -437,7 +440,8 @@ class Comparator:
         table = self.table
         if table.full:
             self._evict_for_room(now_ms, out)
-        conn = Connection(key, kind, now_ms, self.config.normalize_seq)
+        rules = rules_for(self.config.ignore, kind, key) if self.config.ignore else ()
+        conn = Connection(key, kind, now_ms, self.config.normalize_seq, rules)
         table.add(conn)
         self.stats.connections_created += 1
         return conn
@@ -483,7 +487,7 @@ class Comparator:
             self.stats.secondary_absorbed += _frames(pkt)
 
     def _start_next_connection(self, conn) -> None:
-        conn.tcp = tcp = TcpStream(self.config.normalize_seq)
+        conn.tcp = tcp = TcpStream(self.config.normalize_seq, conn.rules)
         conn.diverged = False
         p_later, s_later = conn.p_later, conn.s_later
         conn.p_later, conn.s_later = [], []
@@ -559,7 +563,7 @@ class Comparator:
             while p and s:
                 pp = p[0]
                 ss = s[0]
-                if datagrams_equal(pp, ss):
+                if datagrams_equal(pp, ss) or (conn.rules and self._equal_but_noise(conn, pp, ss)):
                     p.popleft()
                     s.popleft()
                     conn.compared += 1
@@ -580,6 +584,21 @@ class Comparator:
         if len(conn.p) > self.config.max_queue_size or len(conn.s) > self.config.max_queue_size:
             self._flush_connection(conn, now_ms, ev.RELEASE_QUEUE_FULL, out)
             self._request(ev.CAUSE_QUEUE_FULL, conn, now_ms, out)
+
+    def _equal_but_noise(self, conn, p, s) -> bool:
+        """Whether two datagrams differ only where the noise rules say bytes
+        may differ; the rules that made the difference are counted."""
+        if p.cmp_end - p.cmp_off != s.cmp_end - s.cmp_off:
+            return False
+        a = p.data[p.cmp_off:p.cmp_end]
+        b = s.data[s.cmp_off:s.cmp_end]
+        if len(a) != len(b) or mask_datagram(a, conn.rules) != mask_datagram(b, conn.rules):
+            return False
+        differing = [i for i in range(len(a)) if a[i] != b[i]]
+        for rule in conn.rules:
+            if any(start <= i < end for start, end in rule.ranges for i in differing):
+                self.stats.ignored[rule.text] += 1
+        return True
 
     # -- leaving -----------------------------------------------------------
 
@@ -649,7 +668,7 @@ class Comparator:
             if p_later:
                 # the primary had moved on to a new connection on this 4-tuple:
                 # the secondary now holds that state, so continue from there
-                tcp = conn.tcp = TcpStream(self.config.normalize_seq)
+                tcp = conn.tcp = TcpStream(self.config.normalize_seq, conn.rules)
                 for pkt in p_later:
                     tcp.add_primary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end)
             conn.p_later, conn.s_later = [], []

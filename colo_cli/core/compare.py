@@ -142,11 +142,14 @@ class TcpStream:
     __slots__ = ("anchor", "base", "origin", "locked", "p_buf", "s_buf",
                  "p_pending", "s_pending", "p_end_max", "s_max_ack", "s_syn",
                  "s_rst", "p_rst", "p_rst_sent", "p_fin", "s_fin", "unknown",
-                 "p_first", "s_first", "gap_bytes", "norm")
+                 "p_first", "s_first", "gap_bytes", "norm", "masks", "masked")
 
-    def __init__(self, normalize: bool = False) -> None:
+    def __init__(self, normalize: bool = False, masks: tuple = ()) -> None:
         #: relative sequence numbers per side (--normalize-seq), or None
         self.norm = SeqNormalizer() if normalize else None
+        #: noise rules masking bytes of each segment (--ignore), or None
+        self.masks = masks or None
+        self.masked = 0          # segments a rule changed
         self.anchor = None       # an absolute sequence number near the action
         self.base = None         # next absolute sequence number to verify
         self.origin = None       # stream offset 0
@@ -230,6 +233,8 @@ class TcpStream:
             payload = data[off:end]
             if len(payload) < end - off:
                 payload = self._cut_short(True, start, payload, end - off)
+            if self.masks is not None:
+                payload = self._mask(payload)
             self._add_data(True, start, payload)
 
     def add_secondary(self, pkt, data, off, end) -> bool:
@@ -265,7 +270,16 @@ class TcpStream:
         payload = data[off:end]
         if len(payload) < end - off:
             payload = self._cut_short(False, start, payload, end - off)
+        if self.masks is not None:
+            payload = self._mask(payload)
         return self._add_data(False, start, payload)
+
+    def _mask(self, payload):
+        from .noise import mask_segment
+        masked = mask_segment(payload, self.masks)
+        if masked is not payload:
+            self.masked += 1
+        return masked
 
     def _cut_short(self, primary: bool, start: int, payload, length: int):
         """A segment captured short of its length (snaplen): remember which

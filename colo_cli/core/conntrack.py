@@ -20,16 +20,20 @@ from .packet import KIND_TCP
 
 
 class Connection:
-    __slots__ = ("key", "kind", "p", "s", "p_later", "s_later", "stale", "tcp", "diverged", "last_ms",
+    __slots__ = ("key", "kind", "p", "s", "p_later", "s_later", "stale", "tcp", "rules",
+                 "diverged", "last_ms",
                  "created_ms", "compared", "miscompares", "released",
                  "hold_sum_ms", "hold_max_ms", "checkpoint_requested")
 
-    def __init__(self, key: bytes, kind: int, now_ms, normalize_seq: bool = False) -> None:
+    def __init__(self, key: bytes, kind: int, now_ms, normalize_seq: bool = False,
+                 rules: tuple = ()) -> None:
         self.key = key
         self.kind = kind
+        #: the noise rules (--ignore) that apply to this connection
+        self.rules = rules
         if kind == KIND_TCP:
             from .compare import TcpStream  # local: compare imports us
-            self.tcp = TcpStream(normalize_seq)
+            self.tcp = TcpStream(normalize_seq, rules)
             self.p: list | deque = []
             self.s: list | deque = []
         else:

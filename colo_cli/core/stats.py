@@ -168,6 +168,7 @@ class Stats:
         self.queued_bytes_high_water = 0
         self.hold = Histogram()             # ms each released primary frame waited
         self.truncated = [0, 0]             # frames compared on their captured part only
+        self.ignored = Counter()            # noise rule -> datagrams it let match
         self.fragments_in = [0, 0]
         self.reassembled = [0, 0]           # datagrams put back together
 
@@ -199,6 +200,7 @@ class Stats:
             "queued_bytes_high_water": self.queued_bytes_high_water,
             "hold_ms": self.hold.to_dict(),
             "truncated": {"primary": self.truncated[0], "secondary": self.truncated[1]},
+            "ignored": dict(sorted(self.ignored.items())),
             "fragments": {"in": {"primary": self.fragments_in[0], "secondary": self.fragments_in[1]},
                           "reassembled": {"primary": self.reassembled[0],
                                           "secondary": self.reassembled[1]}},
