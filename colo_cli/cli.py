@@ -604,6 +604,27 @@ def _write_atomically(path: str, text: str) -> None:
         raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
 
 
+# -- completion ---------------------------------------------------------------------
+
+COMPLETE_VAR = "_COLO_COMPARE_COMPLETE"
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell):
+    """Print the shell completion script for SHELL.
+
+    \b
+    bash:  eval "$(colo-compare completion bash)"     (in ~/.bashrc)
+    zsh:   eval "$(colo-compare completion zsh)"      (in ~/.zshrc)
+    fish:  colo-compare completion fish > ~/.config/fish/completions/colo-compare.fish
+    """
+    from click.shell_completion import get_completion_class
+    comp = get_completion_class(shell)(cli, {}, "colo-compare", COMPLETE_VAR)
+    with stdout_guard():
+        click.echo(comp.source())
+
+
 # -- entry point --------------------------------------------------------------------
 
 def _one_line(text: str) -> str:
@@ -638,6 +659,11 @@ def main(argv=None) -> None:
     The context is made and invoked here rather than through click's
     ``main``, whose own handling would turn Ctrl-C into a blank line and a
     closed stdout into exit status 1."""
+    instruction = os.environ.get(COMPLETE_VAR)
+    if instruction and argv is None:
+        # the shell asking for completions (see 'colo-compare completion')
+        from click.shell_completion import shell_complete
+        sys.exit(shell_complete(cli, {}, "colo-compare", COMPLETE_VAR, instruction))
     args = [a if isinstance(a, str) else os.fspath(a)
             for a in (sys.argv[1:] if argv is None else argv)]
     debug = "--debug" in args

@@ -125,3 +125,17 @@ def test_readme_quotes_the_real_replay_output(capsys):
     # the README shows paths relative to the repository
     real = [line.replace(str(ROOT) + "/", "") for line in real]
     assert [l for l in quoted if l] == [l for l in real if l]
+
+
+def test_shell_completion_scripts_and_answers(monkeypatch, capsys):
+    from colo_cli.cli import main
+    for shell in ("bash", "zsh", "fish"):
+        with pytest.raises(SystemExit) as exc:
+            main(["completion", shell])
+        assert exc.value.code == 0
+        assert "_COLO_COMPARE_COMPLETE" in capsys.readouterr().out
+    r = subprocess.run([sys.executable, "-m", "colo_cli"], capture_output=True, text=True,
+                       env={**__import__("os").environ, "_COLO_COMPARE_COMPLETE": "bash_complete",
+                            "COMP_WORDS": "colo-compare replay --no", "COMP_CWORD": "2"})
+    assert "--normalize-seq" in r.stdout and "--no-timeout" in r.stdout
+    assert "completion" in _roff_text("colo-compare.1")
