@@ -130,7 +130,8 @@ ignore_option = click.option(
     "--ignore", "ignore", type=RuleType(), multiple=True, metavar="RULE",
     help="Bytes that legitimately differ between the replicas (repeatable): dns.id, "
          "http.date, udp.checksum, icmp.checksum, udp:PORT:START-END (bytes of the UDP "
-         "payload), tcp:PORT:/REGEX/ (bytes of TCP payloads).  Named in every report.")
+         "payload), icmp:START-END (bytes of ICMP messages), tcp:PORT:/REGEX/ (bytes of TCP "
+         "payloads).  Named in every report.")
 
 
 normalize_option = click.option(

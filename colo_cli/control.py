@@ -13,8 +13,9 @@ and each gets one JSON line back: ``{"ok": true, ...}`` or
 Only the socket's owner may use it: the socket file is created with mode
 0600 (under a 0177 umask, so there is no window where it is wider), and every
 connection's peer credentials (SO_PEERCRED) are checked against our uid
-(root is allowed too).  A request larger than the bound, or not JSON, gets an
-error and the connection is closed.
+(root is allowed too).  A request that is not JSON gets an error reply (the
+connection stays open); one larger than the bound gets an error and the
+connection is closed.
 """
 
 from __future__ import annotations

@@ -7,9 +7,11 @@ relative timelines are merged and fed to the core as ``now_ms``; timer ticks
 are run in between exactly as ``serve``'s event loop would, so the decisions
 are those ``serve`` would have taken for the same arrival times.
 
-A checkpoint request is answered the way a COLO system answers it: at once
-(flush and reset), so later divergences on the same connection are found and
-reported separately.  ``hold=True`` instead holds everything until the end.
+A checkpoint request is answered the way a COLO system answers it, at once
+(flush and reset), on the connection that raised it, so later divergences on
+that connection are found and reported separately; other connections are
+left alone (see ``Comparator.resolve``).  ``hold=True`` instead holds
+everything until the end.
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
         time when there is one (``now_ms`` is a float)."""
         if now_ns is None:
             now_ns = round(now_ms * 1e6)
-        checkpoint_wanted = False
+        to_resolve = []
         for e in events:
             t = type(e)
             if t is bytes:
@@ -179,10 +181,13 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
                 if len(result.requests) < detail_limit:
                     result.requests.append((now_ms, e.cause,
                                             format_key(e.key) if e.key is not None else None))
-                checkpoint_wanted = True
-        if checkpoint_wanted and not hold:
-            # the COLO answer: checkpoint now, so the next divergence is new
-            emit(comparator.checkpoint(now_ms), now_ms, now_ns)
+                if not e.handled and e.key not in to_resolve:
+                    to_resolve.append(e.key)
+        if to_resolve and not hold:
+            # the COLO answer, on the connection concerned: checkpoint it now,
+            # so its next divergence is a new one (see Comparator.resolve)
+            for key in to_resolve:
+                emit(comparator.resolve(key, now_ms), now_ms, now_ns)
 
     def run_scans(now_ms):
         """The scans that do something before ``now_ms``, each at its tick."""

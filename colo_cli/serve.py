@@ -123,8 +123,6 @@ class OutQueue:
         """Enforce the bound on frames appended without ``push`` (the hot
         path appends directly): the newest ones beyond it are dropped, as
         ``push`` would have refused them.  Returns what was dropped."""
-        if self.bytes > self.high_water:
-            self.high_water = min(self.bytes, self.limit)
         dropped = []
         while self.bytes > self.limit and len(self.frames) > (1 if self.head_sent else 0):
             data = self.frames.pop()
@@ -132,6 +130,8 @@ class OutQueue:
             self.dropped += 1
             self.dropped_bytes += len(data)
             dropped.append(data)
+        if self.bytes > self.high_water:
+            self.high_water = self.bytes      # what the queue really held
         return dropped
 
     def restart(self) -> None:
@@ -236,7 +236,11 @@ class Link:
                 sock.close()
                 self.last_error = _reason(e)
                 if self.last_error != reported:
-                    self.serve.log(f"{self.name}: {ep}: {self.last_error}; retrying", 1 if self.connections else 0)
+                    # before the first connection this is startup, where a peer
+                    # not there yet is normal (--connect-timeout decides); once
+                    # a peer was lost, say why we are waiting
+                    self.serve.log(f"{self.name}: {ep}: {self.last_error}; retrying",
+                                   0 if self.connections else 1)
                     reported = self.last_error
                 await asyncio.sleep(backoff)
                 if not ep.reconnect_s:
@@ -317,8 +321,9 @@ class Link:
         self.writer_registered = False
         self.flush()
 
-    def _drop(self, why: str) -> None:
-        """The peer is gone (or cut off): forget it; clients reconnect."""
+    def _drop(self, why: str, logged: bool = False) -> None:
+        """The peer is gone (or cut off): forget it; clients reconnect.
+        ``logged``: the reason was reported already (say it once)."""
         sock = self.sock
         if sock is None:
             return
@@ -331,12 +336,14 @@ class Link:
         self.sock = None
         self.disconnects += 1
         self.last_error = why
-        self.serve.log(f"{self.name}: disconnected ({self.peer}): {why}", 0 if self.serve.running else 1)
+        self.serve.log(f"{self.name}: disconnected ({self.peer}): {why}",
+                       0 if self.serve.running and not logged else 1)
         self.serve.on_disconnect(self)
         self._lost.set()
 
     def cut_off(self, why: str) -> None:
-        self._drop(why)
+        """We close the connection (bad input), after logging why."""
+        self._drop(why, logged=True)
 
     def close(self) -> None:
         self.closed = True
@@ -516,14 +523,17 @@ class Server:
         clients = [l for l in self.links if not l.endpoint.server]
         if not clients or not timeout:
             return
-        try:
-            await asyncio.wait_for(asyncio.gather(*(l.connected_once.wait() for l in clients)),
-                                   timeout)
-        except asyncio.TimeoutError:
+        deadline = self.loop.time() + timeout
+        while True:
             late = [l for l in clients if not l.connected_once.is_set()]
-            l = late[0]
-            raise ServeError(f"--{l.name} {l.endpoint}: {l.last_error or 'no connection'} "
-                             f"(gave up after {timeout:g} s; see --connect-timeout)") from None
+            if not late:
+                return
+            left = deadline - self.loop.time()
+            if left <= 0:
+                l = late[0]
+                raise ServeError(f"--{l.name} {l.endpoint}: {l.last_error or 'no connection'} "
+                                 f"(gave up after {timeout:g} s; see --connect-timeout)")
+            await asyncio.sleep(min(0.05, left))
 
     async def run(self) -> int:
         """Serve until SIGINT/SIGTERM (or stop()); then flush and exit 0."""
@@ -531,15 +541,15 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 self.loop.add_signal_handler(sig, self.stop)
+        tasks = []
         try:
             await self.start()
             waiter = self.loop.create_task(self.wait_first_connections())
             stopper = self.loop.create_task(self._stopping.wait())
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if waiter.done():
+            tasks = [waiter, stopper]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if waiter in done:
                 waiter.result()          # raises ServeError when a client never connected
-            else:
-                waiter.cancel()
             await stopper
             await self.shutdown()
             return 0
@@ -548,6 +558,12 @@ class Server:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     self.loop.remove_signal_handler(sig)
             self.close()
+            # let every task we started see its cancellation, so nothing is
+            # left pending (asyncio would complain on stderr at exit)
+            tasks += [l._task for l in self.links if l._task is not None]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def stop(self) -> None:
         if self._stopping is not None:
@@ -681,11 +697,14 @@ class Server:
             elif t is CheckpointRequested:
                 self.event("checkpoint_request", cause=e.cause,
                            flow=format_key(e.key) if e.key is not None else None)
-                requested = True
+                if requested is False:
+                    requested = []
+                if not e.handled and e.key not in requested:
+                    requested.append(e.key)
             elif t is CheckpointDone:
                 self.event("checkpoint", released=e.released, discarded=e.discarded)
-        if requested:
-            self._on_request(now_ms)
+        if requested is not False:
+            self._on_request(requested)
 
     def _trim(self) -> None:
         for wire in reversed(self.outdev.out.trim()):
@@ -709,13 +728,25 @@ class Server:
                      f"more than {self.options.outdev_buffer_bytes} bytes wait for outdev "
                      "(see --outdev-buffer)")
 
-    def _on_request(self, now_ms) -> None:
+    def _on_request(self, keys) -> None:
+        """Checkpoint requests arrived; ``keys``: the connections still to
+        resolve (those the core had not flushed itself)."""
         if self.notify is not None:
             # sent once for everything one read (or one scan) brought: QEMU
             # sends one per request, the peer checkpoints once either way
             self._do_checkpoint_wanted = True
         if self.options.policy == POLICY_RELEASE:
-            self.checkpoint("local")
+            # the primary wins, on the connection concerned (as replay does;
+            # see Comparator.resolve)
+            for key in keys:
+                self.resolve(key)
+
+    def resolve(self, key) -> None:
+        now = self.now_ms()
+        events = self.comparator.resolve(key, now)
+        if events:
+            self.checkpoints_by["local"] += 1
+            self.handle(events, now)
 
     def _send_do_checkpoint(self) -> None:
         self._do_checkpoint_wanted = False

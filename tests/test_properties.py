@@ -135,7 +135,7 @@ def interleaving(draw, primary, secondary, extras=True):
         now += draw(st.integers(0, 400))
         choices = (["p"] if p else []) + (["s"] if s else [])
         if extras:
-            choices += ["timer", "checkpoint"] if draw(st.integers(0, 9)) == 0 else []
+            choices += ["timer", "checkpoint", "resolve"] if draw(st.integers(0, 9)) == 0 else []
         c = draw(st.sampled_from(choices))
         if c == "p":
             script.append((PRIMARY, p.pop(0), now))
@@ -159,6 +159,13 @@ def execute(script, config, check_bounds=True, fast_path=True, compact=False):
         elif item[0] == "checkpoint":
             now = item[1]
             events += c.checkpoint(now)
+        elif item[0] == "resolve":
+            # what replay and serve's release policy do with a request: the
+            # connection concerned only (the first one with frames queued)
+            now = item[1]
+            queued = [conn for conn in c.table if conn.queued]
+            if queued:
+                events += c.resolve(queued[0].key, now)
         else:
             side, frame, now = item
             events += c.receive(side, frame, now)

@@ -476,7 +476,7 @@ class Comparator:
         if conn.queued_primary > self.config.max_queue_size or \
                 conn.queued_secondary > self.config.max_queue_size:
             self._flush_connection(conn, now_ms, ev.RELEASE_QUEUE_FULL, out)
-            self._request(ev.CAUSE_QUEUE_FULL, conn, now_ms, out)
+            self._request(ev.CAUSE_QUEUE_FULL, conn, now_ms, out, handled=True)
 
     def _add_secondary_segment(self, conn, pkt, now_ms, out) -> None:
         if conn.tcp.add_secondary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end):
@@ -583,7 +583,7 @@ class Comparator:
                 break
         if len(conn.p) > self.config.max_queue_size or len(conn.s) > self.config.max_queue_size:
             self._flush_connection(conn, now_ms, ev.RELEASE_QUEUE_FULL, out)
-            self._request(ev.CAUSE_QUEUE_FULL, conn, now_ms, out)
+            self._request(ev.CAUSE_QUEUE_FULL, conn, now_ms, out, handled=True)
 
     def _equal_but_noise(self, conn, p, s) -> bool:
         """Whether two datagrams differ only where the noise rules say bytes
@@ -633,24 +633,43 @@ class Comparator:
             conn.hold_max_ms = hold_ms
         out.append(ev.Released(pkt, reason, hold_ms))
 
-    def _request(self, cause, conn, now_ms, out) -> None:
+    def _request(self, cause, conn, now_ms, out, handled=False, key=None) -> None:
         self.stats.checkpoint_requests[cause] += 1
-        out.append(ev.CheckpointRequested(cause, conn.key if conn is not None else None, now_ms))
+        if conn is not None:
+            key = conn.key
+        out.append(ev.CheckpointRequested(cause, key, now_ms, handled))
 
-    def _flush_connection(self, conn, now_ms, reason, out) -> tuple[int, int]:
+    def _flush_connection(self, conn, now_ms, reason, out, keep_ahead=False) -> tuple[int, int]:
         """Release every queued primary frame of ``conn`` in order, discard its
-        secondary frames, and reset its comparison state."""
+        secondary frames, and reset its comparison state.
+
+        ``keep_ahead``: keep what the secondary sent beyond what the primary
+        has sent so far (``resolve``: no VM is reset, the secondary's stream
+        goes on, and those frames are the twins of primary frames still to
+        come).  After a real checkpoint they are discarded: the secondary,
+        now a copy of the primary, will send them again."""
         p_later = conn.p_later
         released = discarded = 0
+        n_primary = len(conn.p)
         for pkt in conn.p:
             released += _frames(pkt)
             self._release(conn, pkt, reason, now_ms, out)
         for pkt in p_later:
             released += _frames(pkt)
             self._release(conn, pkt, reason, now_ms, out)
+        kept = []
+        if keep_ahead and not p_later and not conn.s_later:
+            if conn.tcp is None:
+                # datagrams pair in order: those beyond the primary's are ahead
+                kept = list(conn.s)[n_primary:]
+            elif conn.tcp.p_end_max is not None:
+                end = conn.tcp.p_end_max
+                kept = [pkt for pkt in conn.s if pkt.end_abs > end]
+        keep = set(map(id, kept))
         for pkt in conn.s:
-            discarded += _frames(pkt)
-            self._leave(pkt)
+            if id(pkt) not in keep:
+                discarded += _frames(pkt)
+                self._leave(pkt)
         for pkt in conn.s_later:
             discarded += _frames(pkt)
             self._leave(pkt)
@@ -664,7 +683,9 @@ class Comparator:
         conn.p.clear()
         conn.s.clear()
         conn.diverged = False
-        if conn.tcp is not None:
+        if conn.tcp is None:
+            conn.s.extend(kept)
+        else:
             if p_later:
                 # the primary had moved on to a new connection on this 4-tuple:
                 # the secondary now holds that state, so continue from there
@@ -672,7 +693,11 @@ class Comparator:
                 for pkt in p_later:
                     tcp.add_primary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end)
             conn.p_later, conn.s_later = [], []
-            conn.tcp.reset()
+            if keep_ahead and conn.tcp.p_end_max is not None:
+                conn.tcp.skip_to_primary_end()
+                conn.s.extend(kept)
+            else:
+                conn.tcp.reset()
         return released, discarded
 
     def _evict_for_room(self, now_ms, out) -> None:
@@ -688,7 +713,7 @@ class Comparator:
         self.stats.connections_evicted["table-full"] += 1
         self._flush_connection(victim, now_ms, ev.RELEASE_TABLE_FULL, out)
         self.table.remove(victim)
-        self._request(ev.CAUSE_TABLE_FULL, None, now_ms, out)
+        self._request(ev.CAUSE_TABLE_FULL, None, now_ms, out, handled=True, key=victim.key)
 
     def _relieve_memory(self, now_ms, out) -> None:
         """Too many bytes queued: flush the connections holding the oldest
@@ -701,7 +726,7 @@ class Comparator:
                 break
             self._flush_connection(pkt.conn, now_ms, ev.RELEASE_MEMORY_FULL, out)
             if not requested:
-                self._request(ev.CAUSE_MEMORY_FULL, pkt.conn, now_ms, out)
+                self._request(ev.CAUSE_MEMORY_FULL, pkt.conn, now_ms, out, handled=True)
                 requested = True
 
     def _oldest_queued(self):
@@ -825,6 +850,32 @@ class Comparator:
                 discarded += d
         self.stats.checkpoints += 1
         self._arrivals.clear()
+        out.append(ev.CheckpointDone(released, discarded, now_ms))
+        return out
+
+    def resolve(self, key, now_ms) -> list:
+        """Answer a checkpoint request on the connection that raised it, as if
+        a checkpoint had happened for it alone: its primary frames are
+        released in order, its secondary frames discarded, its comparison
+        state reset.
+
+        ``replay`` and serve's ``release`` policy answer requests this way.
+        A whole-table flush would also discard other connections' secondary
+        frames whose primary twins are still to come: after a real checkpoint
+        the secondary VM sends those again, but a capture cannot, and the
+        twins would then miscompare or time out for nothing.  (With a notify
+        peer, serve still performs whole checkpoints, as COLO does.)
+        ``key`` None (nothing specific) falls back to ``checkpoint``."""
+        conn = self._conns.get(key) if key is not None else None
+        if conn is None:
+            if key is not None:
+                # already flushed (a full queue or table does it itself)
+                return []
+            return self.checkpoint(now_ms)
+        out: list = []
+        released, discarded = self._flush_connection(conn, now_ms, ev.RELEASE_CHECKPOINT, out,
+                                                     keep_ahead=True)
+        self.stats.checkpoints += 1
         out.append(ev.CheckpointDone(released, discarded, now_ms))
         return out
 

@@ -463,6 +463,37 @@ class TcpStream:
             self.base = None
             self.locked = False
 
+    def skip_to_primary_end(self) -> None:
+        """After ``Comparator.resolve``: the primary's bytes so far have left
+        unverified, so verification restarts at the primary's next sequence
+        number; what the secondary sent beyond it (it was ahead) is kept, and
+        what it sent below is forgotten.  Nothing else is reset: neither VM
+        was, and the secondary's acks and flags still stand."""
+        new_base = self.p_end_max
+        old_base = self.base
+        s_buf = self.s_buf
+        if old_base is not None and self.locked and old_base + len(s_buf) > new_base:
+            ahead = s_buf[new_base - old_base:] if new_base >= old_base else s_buf
+        else:
+            ahead = bytearray()
+        pending = [(st, pl[max(0, new_base - st):] if st < new_base else pl)
+                   for st, pl in self.s_pending if st + len(pl) > new_base]
+        self.p_buf = bytearray()
+        self.p_pending = []
+        self.p_fin = None
+        if self.s_fin is not None and self.s_fin < new_base:
+            self.s_fin = None
+        self.p_first = self.s_first = None
+        self.base = self.anchor = new_base
+        if self.origin is None:
+            self.origin = new_base
+        self.locked = True
+        self.s_buf = bytearray(ahead)
+        self.s_pending = [(max(st, new_base), pl) for st, pl in pending]
+        if self.unknown:
+            self.unknown = [r for r in self.unknown if r[1] > new_base] or None
+        self._merge(self.s_buf, self.s_pending)
+
     @staticmethod
     def find(queue: list, abs_seq: int):
         """The queued segment whose payload holds ``abs_seq``, and the byte's

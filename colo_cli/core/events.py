@@ -122,13 +122,17 @@ class Miscompare:
 
 
 class CheckpointRequested:
-    """The comparator asks for a checkpoint (DO_CHECKPOINT)."""
-    __slots__ = ("cause", "key", "now_ms")
+    """The comparator asks for a checkpoint (DO_CHECKPOINT).  ``key`` is the
+    connection concerned; ``handled`` is True when the comparator has already
+    flushed that connection itself (a full queue, table or memory), so an
+    adapter that answers requests per connection has nothing left to do."""
+    __slots__ = ("cause", "key", "now_ms", "handled")
 
-    def __init__(self, cause: str, key, now_ms) -> None:
+    def __init__(self, cause: str, key, now_ms, handled: bool = False) -> None:
         self.cause = cause
         self.key = key
         self.now_ms = now_ms
+        self.handled = handled
 
     def __repr__(self) -> str:
         return f"CheckpointRequested({self.cause})"

@@ -9,6 +9,9 @@ Rules, as written on the command line::
     icmp.checksum       ICMP and ICMPv6 checksums
     udp:PORT:START-END  bytes START..END-1 of the UDP payload, either port PORT
                         ('*' for any port)
+    icmp:START-END      bytes START..END-1 of ICMP/ICMPv6 messages, counted
+                        from the ICMP header (an echo's data starts at 8; ping
+                        puts its send time there)
     tcp:PORT:/REGEX/    bytes of the TCP payload that REGEX matches, on either
                         port PORT ('*' for any)
 
@@ -33,8 +36,8 @@ class RuleError(ValueError):
     """A rule that does not parse (one-line message)."""
 
 
-SYNTAX = ("dns.id, http.date, udp.checksum, icmp.checksum, udp:PORT:START-END "
-          "or tcp:PORT:/REGEX/")
+SYNTAX = ("dns.id, http.date, udp.checksum, icmp.checksum, udp:PORT:START-END, "
+          "icmp:START-END or tcp:PORT:/REGEX/")
 
 _HTTP_DATE = rb"(?im)^Date:[ \t]*[^\r\n]*"
 
@@ -89,6 +92,15 @@ def parse_rule(text: str) -> Rule:
         if not dash or start_i < 0 or end_i <= start_i:
             raise RuleError(f"{text!r}: START-END must be a range with START < END")
         return Rule(name, KIND_UDP, port, ranges=((8 + start_i, 8 + end_i), (6, 8)))
+    if name.startswith("icmp:"):
+        start, dash, end = name[5:].partition("-")
+        try:
+            start_i, end_i = int(start), int(end)
+        except ValueError:
+            raise RuleError(f"{text!r}: expected icmp:START-END with numbers") from None
+        if not dash or start_i < 0 or end_i <= start_i:
+            raise RuleError(f"{text!r}: START-END must be a range with START < END")
+        return Rule(name, KIND_ICMP, None, ranges=((start_i, end_i), (2, 4)))
     if name.startswith("tcp:"):
         head, sep, rest = name[4:].partition(":")
         if not sep or len(rest) < 2 or not rest.startswith("/") or not rest.endswith("/"):
@@ -175,9 +187,12 @@ def suggest(event) -> str | None:
     if event.kind == "icmp" and event.cause == "content":
         a = p.data[p.cmp_off:p.cmp_end]
         b = s.data[s.cmp_off:s.cmp_end]
-        diff = [i for i in range(min(len(a), len(b))) if a[i] != b[i]]
-        if diff and all(2 <= i < 4 for i in diff):
+        diff = [i for i in range(min(len(a), len(b))) if a[i] != b[i] and not 2 <= i < 4]
+        if not diff:
             return "icmp.checksum"
+        if min(diff) >= 8:
+            # in the data (ping's send time): the bytes that differ
+            return f"icmp:{min(diff)}-{max(diff) + 1}"
         return None
     if event.kind == "tcp" and event.cause == "content" and event.primary_offset >= 0:
         data = p.data
