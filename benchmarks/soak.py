@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Soak test: sustained, faulty traffic through ``colo-compare serve`` for
+minutes, with its memory watched.
+
+    python benchmarks/soak.py --duration 300        # five minutes
+    python benchmarks/soak.py --duration 10 --json  # what the test suite runs
+
+Traffic: identical UDP and TCP on many flows, at a steady rate, with faults
+mixed in: divergences (the secondary sends other bytes), malformed frames on
+both sides, zero-length records, flows that only the primary uses (they time
+out), and a secondary that sends a hostile length prefix and has to
+reconnect.  Every primary frame carries a serial number, so at the end the
+outdev stream is checked: every primary frame out exactly once (released,
+flushed or passed through), per-flow order kept.  serve's resident memory is
+sampled every second; after a warm-up it must stay flat.
+
+Exit status 0 when everything holds, 1 otherwise; the summary says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from colo_cli.core.framing import FrameDecoder, encode  # noqa: E402
+from colo_cli.testing import ether, tcp_frame, udp_frame  # noqa: E402
+
+MAGIC = b"SOAK"
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def connect(path: str, timeout_s: float = 10.0) -> socket.socket:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return s
+        except OSError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+class Reader(threading.Thread):
+    """Reads outdev continuously and counts every primary serial number."""
+
+    def __init__(self, sock):
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.decoder = FrameDecoder()
+        self.seen: dict[int, int] = {}
+        self.last_per_flow: dict[int, int] = {}
+        self.reordered = 0
+        self.frames = 0
+        self.stop = False
+
+    def run(self):
+        self.sock.settimeout(0.2)
+        while not self.stop:
+            try:
+                data = self.sock.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            for wire, _ in self.decoder.feed(data):
+                self.frames += 1
+                at = wire.find(MAGIC)
+                if at < 0:
+                    continue
+                serial, flow = struct.unpack_from(">QI", wire, at + 4)
+                self.seen[serial] = self.seen.get(serial, 0) + 1
+                if self.last_per_flow.get(flow, -1) > serial:
+                    self.reordered += 1
+                self.last_per_flow[flow] = serial
+
+
+def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
+    paths = {n: os.path.join(workdir, n) for n in ("p", "s", "o")}
+    argv = [sys.executable, "-m", "colo_cli", "serve",
+            "--primary-in", f"unix:{paths['p']},server", "--secondary-in", f"unix:{paths['s']},server",
+            "--outdev", f"unix:{paths['o']},server", "--compare-timeout", "500",
+            "--expired-scan-cycle", "100", "--quiet"]
+    err = open(os.path.join(workdir, "serve.err"), "wb")
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=err, stderr=err)
+    try:
+        out = connect(paths["o"])
+        pri = connect(paths["p"])
+        sec = connect(paths["s"])
+        reader = Reader(out)
+        reader.start()
+        serial = 0
+        tcp_seq = {}
+        sent_primary = set()
+        faults = {"divergence": 0, "malformed": 0, "zero_length": 0, "primary_only": 0,
+                  "hostile_length": 0}
+        samples = []
+        start = time.monotonic()
+        next_sample = start
+        batch = max(1, rate // 100)           # sent every 10 ms
+        tick = 0
+        while time.monotonic() - start < duration_s:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {proc.returncode}")
+            p_buf, s_buf = [], []
+            for _ in range(batch):
+                serial += 1
+                flow = serial % flows
+                tag = MAGIC + struct.pack(">QI", serial, flow)
+                if flow % 4 == 0:
+                    seq = tcp_seq.get(flow, 1000)
+                    frame = tcp_frame(tag + b"t" * 64, seq=seq, ack=7, sport=10000 + flow, dport=80)
+                    tcp_seq[flow] = seq + len(tag) + 64
+                else:
+                    frame = udp_frame(tag + b"u" * 100, sport=10000 + flow, dport=53)
+                p_buf.append(encode(frame))
+                sent_primary.add(serial)
+                k = serial % 997
+                if k == 1 and flow % 4:
+                    # a divergence on a datagram flow: the primary wins
+                    s_buf.append(encode(frame[:-1] + b"X"))
+                    faults["divergence"] += 1
+                elif k == 2 and flow % 4:
+                    faults["primary_only"] += 1          # no twin: times out
+                else:
+                    s_buf.append(encode(frame))
+            tick += 1
+            if tick % 50 == 0:
+                # malformed frames (passed through from the primary, dropped
+                # from the secondary) and a zero-length record
+                serial += 1
+                junk = ether(MAGIC + struct.pack(">QI", serial, flows + 1) + b"\0" * 8, 0x88B5)
+                p_buf.append(encode(junk))
+                s_buf.append(encode(junk))
+                sent_primary.add(serial)
+                p_buf.append(b"\0\0\0\0")
+                faults["malformed"] += 1
+                faults["zero_length"] += 1
+            pri.sendall(b"".join(p_buf))
+            sec.sendall(b"".join(s_buf))
+            if tick % 500 == 0:
+                # the secondary sends a hostile length and is cut off; it
+                # reconnects (frames it sent meanwhile are lost with the
+                # connection, so their primaries time out and are released)
+                sec.sendall(b"\x7f\xff\xff\xff")
+                faults["hostile_length"] += 1
+                sec.close()
+                sec = connect(paths["s"])
+            now = time.monotonic()
+            if now >= next_sample:
+                samples.append((round(now - start, 1), rss_kib(proc.pid)))
+                next_sample += 1.0
+            time.sleep(max(0.0, start + tick * 0.01 - time.monotonic()))
+        # let timeouts fire and outdev drain
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(reader.seen) < len(sent_primary):
+            time.sleep(0.1)
+        samples.append((round(time.monotonic() - start, 1), rss_kib(proc.pid)))
+        reader.stop = True
+        missing = len(sent_primary - reader.seen.keys())
+        duplicated = sum(1 for n in reader.seen.values() if n > 1)
+        rss = [kib for _, kib in samples if kib]
+        warm = rss[len(rss) // 4:] if len(rss) >= 8 else rss
+        growth = (max(warm) - min(warm)) / min(warm) if warm else 0.0
+        result = {"duration_s": duration_s, "rate_frames_s": rate, "flows": flows,
+                  "primary_frames": len(sent_primary), "out_frames": reader.frames,
+                  "missing": missing, "duplicated": duplicated, "reordered": reader.reordered,
+                  "faults": faults, "serve_alive": proc.poll() is None,
+                  "rss_kib": {"first": rss[0] if rss else None, "last": rss[-1] if rss else None,
+                              "max": max(rss) if rss else None},
+                  "rss_growth_after_warmup": round(growth, 3), "samples": len(samples)}
+        result["ok"] = (not missing and not duplicated and not reader.reordered
+                        and result["serve_alive"] and growth < 0.25)
+        return result
+    finally:
+        for s in ("pri", "sec", "out"):
+            try:
+                locals()[s].close()
+            except Exception:  # noqa: BLE001
+                pass
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        err.close()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=180.0, help="seconds of traffic (default 180)")
+    ap.add_argument("--rate", type=int, default=20000, help="primary frames per second (default 20000)")
+    ap.add_argument("--flows", type=int, default=2000, help="flows (default 2000)")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="colo-soak-", dir="/tmp") as d:
+        result = soak(args.duration, args.rate, args.flows, d, log=print)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"{result['primary_frames']:,} primary frames in {args.duration:g} s "
+              f"({args.rate:,}/s on {args.flows:,} flows); faults {result['faults']}")
+        print(f"missing {result['missing']}, duplicated {result['duplicated']}, "
+              f"reordered {result['reordered']}, serve alive: {result['serve_alive']}")
+        print(f"serve RSS KiB first {result['rss_kib']['first']}, last {result['rss_kib']['last']}, "
+              f"max {result['rss_kib']['max']}; growth after warm-up "
+              f"{result['rss_growth_after_warmup'] * 100:.1f} %")
+        print("OK" if result["ok"] else "FAILED")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
