@@ -347,3 +347,31 @@ def test_overdue_scans_collapse_into_the_last_due_tick():
     assert c.last_scan_ms == 3000 and c.get_timer() == 4000
     assert requests(c.handle_timer(10**12)) == ["timeout"]   # one request, not a billion
     assert c.get_timer() == 10**12 + 1000
+
+
+def test_frames_that_left_are_not_kept_for_the_timeout_scan():
+    """They used to stay in the scan's list until the next scan (a second of
+    frames: memory, and a stall when freed at once), and with timeouts off
+    for ever (replay --no-timeout grew without bound)."""
+    for timeout in (3000, None):
+        c = Comparator(Config(compare_timeout_ms=timeout))
+        for i in range(20000):
+            f = u(i, sport=1 + i % 100)
+            c.receive(P, f, i * 0.01)
+            c.receive(S, f, i * 0.01)
+        assert c.queued_frames == 0 and len(c._arrivals) <= 1
+
+
+def test_table_eviction_stays_cheap_with_many_flows():
+    """A full table evicting the oldest idle connection for every new flow:
+    constant work per eviction (a plain dict's front of deleted slots made
+    it quadratic)."""
+    c = Comparator(Config(max_connections=1000))
+    for i in range(60000):
+        f = udp_frame(b"x", sport=1 + i % 60000)
+        c.receive(P, f, i)
+        c.receive(S, f, i)
+    assert len(c.table) <= 1000 and c.stats.connections_evicted["idle"] == 59000
+    # the eviction order holds live entries only, and not many more than
+    # the table: each eviction takes one off its front
+    assert len(c.table._order) <= 2 * len(c.table) + 1024

@@ -224,7 +224,12 @@ class Comparator:
                         pkt.cmp_end = end
                         pkt.conn = conn
                         mine.append(pkt)
-                        self._arrivals.append(pkt)
+                        arrivals = self._arrivals
+                        while arrivals and arrivals[0].done:
+                            arrivals.popleft()
+                        arrivals.append(pkt)
+                        if len(arrivals) > 2 * self.queued_frames + 4096:
+                            self._compact_arrivals()
                         self.queued_frames += 1
                         self.queued_bytes += size
                         if len(mine) > stats.queue_high_water[side]:
@@ -447,7 +452,15 @@ class Comparator:
         return conn
 
     def _enqueue(self, conn, queue, pkt, side, now_ms, out) -> None:
-        self._arrivals.append(pkt)
+        arrivals = self._arrivals
+        # drop the frames at the front that have left, as they leave: kept
+        # until the next scan, a second's worth of released frames were freed
+        # all at once there (a stall of tens of ms, and memory in proportion)
+        while arrivals and arrivals[0].done:
+            arrivals.popleft()
+        arrivals.append(pkt)
+        if len(arrivals) > 2 * self.queued_frames + 4096:
+            self._compact_arrivals()
         self.queued_frames += 1
         self.queued_bytes += len(pkt.data)
         if self.queued_bytes > self.stats.queued_bytes_high_water:
@@ -701,18 +714,28 @@ class Comparator:
         return released, discarded
 
     def _evict_for_room(self, now_ms, out) -> None:
-        """The table is full and a new connection arrives: forget the least
-        recently active connection, releasing what it holds."""
-        sample = self.table.oldest(64)
+        """The table is full and a new connection arrives: forget an idle
+        connection (the oldest, when it is idle: the usual case, in O(1)),
+        else the least recently active of the 64 oldest, releasing what it
+        holds."""
+        table = self.table
+        sample = table.oldest(1)
+        if sample and not sample[0].queued:
+            self.stats.connections_evicted["idle"] += 1
+            table.remove(sample[0])
+            return
+        sample += table.oldest(63)
+        if not sample:
+            return
         idle = [c for c in sample if not c.queued]
+        victim = min(idle or sample, key=_last_ms)
+        table.put_back([c for c in sample if c is not victim])
+        table.remove(victim)
         if idle:
             self.stats.connections_evicted["idle"] += 1
-            self.table.remove(min(idle, key=_last_ms))
             return
-        victim = min(sample, key=_last_ms)
         self.stats.connections_evicted["table-full"] += 1
         self._flush_connection(victim, now_ms, ev.RELEASE_TABLE_FULL, out)
-        self.table.remove(victim)
         self._request(ev.CAUSE_TABLE_FULL, None, now_ms, out, handled=True, key=victim.key)
 
     def _relieve_memory(self, now_ms, out) -> None:
@@ -733,11 +756,12 @@ class Comparator:
         arrivals = self._arrivals
         while arrivals and arrivals[0].done:
             arrivals.popleft()
-        if len(arrivals) > 2 * self.queued_frames + 4096:
-            # frames that left out of arrival order pile up behind a long-held
-            # one: drop them so memory stays bounded by what is queued.
-            self._arrivals = arrivals = deque(p for p in arrivals if not p.done)
         return arrivals[0] if arrivals else None
+
+    def _compact_arrivals(self) -> None:
+        """Frames that left out of arrival order pile up behind a long-held
+        one: drop them, so the list stays within twice what is queued."""
+        self._arrivals = deque(p for p in self._arrivals if not p.done)
 
     # ------------------------------------------------------------------
     # time
