@@ -50,6 +50,7 @@ _fast_tcp = struct.Struct(">IIBB").unpack_from
 _TCP_SIMPLE = ~(ACK | PSH) & 0xFF     # flags the TCP fast path leaves to the general one
 _MASK32 = 0xFFFFFFFF
 _HALF32 = 0x80000000
+_new_packet = object.__new__
 
 from .noise import mask_datagram, rules_for  # noqa: E402
 from .reassembly import Reassembler  # noqa: E402
@@ -167,7 +168,14 @@ class Comparator:
             end = l2 + 14 + total
             if (etype == 0x0800 and vihl == 0x45 and proto == 17 and not frag & 0x3FFF
                     and total >= 28 and end <= size):
-                conn = self._conns.get(data[l2 + 26:l2 + 38] + _UDP4)
+                key = data[l2 + 26:l2 + 38] + _UDP4
+                conn = self._conns.get(key)
+                made = None
+                if conn is None and not self.config.ignore:
+                    # a new flow: made here rather than by the general path
+                    # (many short flows are the connection-churn case)
+                    made = []
+                    conn = self._new_connection(key, KIND_UDP, now_ms, made)
                 if conn is not None and not conn.diverged and not conn.stale:
                     conn.last_ms = now_ms
                     off = l2 + 34
@@ -217,12 +225,21 @@ class Comparator:
                                     return [released.data]
                             return [ev.Released(released, ev.RELEASE_MATCH, hold_ms)]
                     elif len(mine) < self.config.max_queue_size:
-                        pkt = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
+                        pkt = _new_packet(Packet)    # see _fast_tcp
+                        pkt.side = side
+                        pkt.data = data
+                        pkt.l2 = l2
+                        pkt.vnet_hdr_len = vnet_hdr_len
+                        pkt.arrival_ms = now_ms
+                        pkt.index = index
                         pkt.kind = KIND_UDP
                         pkt.key = conn.key
                         pkt.cmp_off = off
                         pkt.cmp_end = end
+                        pkt.seq_abs = pkt.end_abs = pkt.seq = pkt.ack = pkt.flags = 0
+                        pkt.done = False
                         pkt.conn = conn
+                        pkt.fragments = None
                         mine.append(pkt)
                         arrivals = self._arrivals
                         while arrivals and arrivals[0].done:
@@ -237,10 +254,10 @@ class Comparator:
                         if self.queued_bytes > stats.queued_bytes_high_water:
                             stats.queued_bytes_high_water = self.queued_bytes
                         if self.queued_bytes > self.config.max_queued_bytes:
-                            out = []
+                            out = made or []
                             self._relieve_memory(now_ms, out)
                             return out
-                        return []
+                        return made or []
 
             elif (etype == 0x0800 and vihl == 0x45 and proto == 6 and not frag & 0x3FFF
                     and total >= 40 and end <= size):
@@ -290,9 +307,8 @@ class Comparator:
         if conn is None or conn.diverged or conn.p_later or conn.s_later:
             return None
         tcp = conn.tcp
-        if (not tcp.locked or tcp.p_pending or tcp.s_pending or tcp.unknown is not None
-                or tcp.norm is not None or tcp.masks is not None
-                or tcp.p_fin is not None or tcp.s_fin is not None):
+        if (not tcp.plain or not tcp.locked or tcp.p_pending or tcp.s_pending
+                or tcp.unknown is not None or tcp.p_fin is not None or tcp.s_fin is not None):
             return None
         base = tcp.base
         p_buf, s_buf = tcp.p_buf, tcp.s_buf
@@ -300,7 +316,7 @@ class Comparator:
             # the secondary brings bytes the primary has sent and are waiting
             if s_buf or conn.s or not conn.p or (seq - base) & _MASK32 or len(p_buf) < plen:
                 return None
-            if p_buf[:plen] != data[off:end]:
+            if not p_buf.startswith(data[off:end]):
                 return None
             if flags & ACK:
                 m = tcp.s_max_ack
@@ -320,7 +336,24 @@ class Comparator:
                                                   or ((ack_max - head.ack) & _MASK32) >= _HALF32))):
                     break
                 queue.pop(0)
-                self._release(conn, head, ev.RELEASE_MATCH, now_ms, out)
+                if self.compact and head.fragments is None:
+                    # _release, inlined for the bulk case
+                    head.done = True
+                    size = len(head.data)
+                    self.queued_frames -= 1
+                    self.queued_bytes -= size
+                    hold_ms = now_ms - head.arrival_ms
+                    stats = self.stats
+                    stats.released_match += 1
+                    stats.released_bytes += size
+                    stats.hold.add(hold_ms)
+                    conn.released += 1
+                    conn.hold_sum_ms += hold_ms
+                    if hold_ms > conn.hold_max_ms:
+                        conn.hold_max_ms = hold_ms
+                    out.append(head.data)
+                else:
+                    self._release(conn, head, ev.RELEASE_MATCH, now_ms, out)
             return out
         if s_buf:
             if conn.p or (seq - base) & _MASK32 or len(s_buf) < plen:
@@ -329,7 +362,7 @@ class Comparator:
             ack_max = tcp.s_max_ack
             if (flags & ACK and (ack_max is None or ((ack_max - ack) & _MASK32) >= _HALF32)):
                 return None
-            if s_buf[:plen] != data[off:end]:
+            if not s_buf.startswith(data[off:end]):
                 return None
             del s_buf[:plen]
             base += plen
@@ -358,7 +391,15 @@ class Comparator:
         expected = base + len(p_buf)
         if (seq - expected) & _MASK32 or len(conn.p) >= self.config.max_queue_size:
             return None
-        pkt = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
+        # Packet(...) and its fields, without setting each twice (__init__
+        # fills defaults this path overwrites at once)
+        pkt = _new_packet(Packet)
+        pkt.side = side
+        pkt.data = data
+        pkt.l2 = l2
+        pkt.vnet_hdr_len = vnet_hdr_len
+        pkt.arrival_ms = now_ms
+        pkt.index = index
         pkt.kind = KIND_TCP
         pkt.key = conn.key
         pkt.cmp_off = off
@@ -368,17 +409,34 @@ class Comparator:
         pkt.flags = flags
         pkt.seq_abs = expected
         pkt.end_abs = expected + plen
+        pkt.done = False
         pkt.conn = conn
+        pkt.fragments = None
         if tcp.p_end_max is None or pkt.end_abs > tcp.p_end_max:
             tcp.p_end_max = pkt.end_abs
         p_buf += data[off:end]
         conn.last_ms = now_ms
-        conn.p.append(pkt)
-        out = []
-        self._enqueue(conn, conn.p, pkt, PRIMARY, now_ms, out)
+        queue = conn.p
+        queue.append(pkt)
+        # _enqueue, inlined for the bulk case
+        arrivals = self._arrivals
+        while arrivals and arrivals[0].done:
+            arrivals.popleft()
+        arrivals.append(pkt)
+        self.queued_frames += 1
+        self.queued_bytes += len(data)
+        stats = self.stats
+        if self.queued_bytes > stats.queued_bytes_high_water:
+            stats.queued_bytes_high_water = self.queued_bytes
+        if len(queue) > stats.queue_high_water[0]:
+            stats.queue_high_water[0] = len(queue)
+        if len(arrivals) > 2 * self.queued_frames + 4096:
+            self._compact_arrivals()
         if self.queued_bytes > self.config.max_queued_bytes:
+            out = []
             self._relieve_memory(now_ms, out)
-        return out
+            return out
+        return []
 
     def _dispatch(self, pkt, parsed, now_ms, out) -> None:
         """A parsed, comparable frame (or reassembled datagram) joins its
@@ -634,16 +692,19 @@ class Comparator:
     def _count_release(self, conn, pkt, reason, now_ms, out) -> None:
         hold_ms = now_ms - pkt.arrival_ms
         stats = self.stats
-        if reason is ev.RELEASE_MATCH:
-            stats.released_match += 1
-        else:
-            stats.released_flushed[reason] += 1
         stats.released_bytes += len(pkt.data)
         stats.hold.add(hold_ms)
         conn.released += 1
         conn.hold_sum_ms += hold_ms
         if hold_ms > conn.hold_max_ms:
             conn.hold_max_ms = hold_ms
+        if reason is ev.RELEASE_MATCH:
+            stats.released_match += 1
+            if self.compact:
+                out.append(pkt.data)
+                return
+        else:
+            stats.released_flushed[reason] += 1
         out.append(ev.Released(pkt, reason, hold_ms))
 
     def _request(self, cause, conn, now_ms, out, handled=False, key=None) -> None:

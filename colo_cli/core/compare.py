@@ -142,7 +142,7 @@ class TcpStream:
     __slots__ = ("anchor", "base", "origin", "locked", "p_buf", "s_buf",
                  "p_pending", "s_pending", "p_end_max", "s_max_ack", "s_syn",
                  "s_rst", "p_rst", "p_rst_sent", "p_fin", "s_fin", "unknown",
-                 "p_first", "s_first", "gap_bytes", "norm", "masks", "masked")
+                 "p_first", "s_first", "gap_bytes", "norm", "masks", "masked", "plain")
 
     def __init__(self, normalize: bool = False, masks: tuple = ()) -> None:
         #: relative sequence numbers per side (--normalize-seq), or None
@@ -150,6 +150,8 @@ class TcpStream:
         #: noise rules masking bytes of each segment (--ignore), or None
         self.masks = masks or None
         self.masked = 0          # segments a rule changed
+        #: neither normalized nor masked: the comparator's fast path may take it
+        self.plain = self.norm is None and self.masks is None
         self.anchor = None       # an absolute sequence number near the action
         self.base = None         # next absolute sequence number to verify
         self.origin = None       # stream offset 0

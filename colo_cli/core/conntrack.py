@@ -42,15 +42,16 @@ class Connection:
             self.s = deque()
         # TCP only: segments of a *new* connection on the same 4-tuple that one
         # side opened (SYN after its own FIN/RST) while the old connection is
-        # still being compared; they wait for it to finish.
-        self.p_later: list = []
-        self.s_later: list = []
+        # still being compared; they wait for it to finish.  (An empty tuple
+        # until needed: a flow that never uses them costs nothing.)
+        self.p_later: list | tuple = [] if kind == KIND_TCP else ()
+        self.s_later: list | tuple = [] if kind == KIND_TCP else ()
         # Datagrams only: what the primary frames flushed at the last
         # checkpoint compared as, oldest first.  The secondary's copies of
         # them may still be in flight; they are recognised and absorbed
         # instead of being paired with the next primary datagram (the
         # datagram twin of TCP's "below the verification point").
-        self.stale: deque = deque()
+        self.stale: deque | tuple = ()
         self.diverged = False
         self.checkpoint_requested = False
         self.last_ms = now_ms
