@@ -125,3 +125,16 @@ def test_compact_output_and_fast_paths_agree_with_the_general_path_on_a_fixed_ca
     _, ev_fast = run(script, comparator=fast)
     _, ev_slow = run(script, comparator=slow)
     assert out_frames(ev_fast) == out_frames(ev_slow) == frames
+
+
+def test_tcp_fast_path_releases_a_queued_syn_as_the_general_path_does():
+    """Hypothesis (decisions independent of interleaving): the TCP fast path's
+    release loop stopped at any SYN, even when the secondary had sent its
+    own, so with the primary ahead its SYN-ACK and data stayed queued."""
+    p = [tcp_frame(b"", seq=0, ack=0, flags=0x12, sport=2001),
+         tcp_frame(b"\0", seq=1, ack=0, flags=0x18, sport=2001)]
+    s = [tcp_frame(b"", seq=0, ack=4278190080, flags=0x12, sport=2001),
+         tcp_frame(b"\0", seq=1, ack=0, flags=0x18, sport=2001)]
+    primary_first = run([(P, f, 0) for f in p] + [(S, f, 1) for f in s])[1]
+    secondary_first = run([(S, f, 0) for f in s] + [(P, f, 1) for f in p])[1]
+    assert out_frames(primary_first) == out_frames(secondary_first) == p

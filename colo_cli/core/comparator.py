@@ -129,6 +129,7 @@ class Comparator:
         self._reassembly = (Reassembler(), Reassembler())   # per side
         self.last_scan_ms = None        # time of the last periodic scan
         self._conns = self.table.conns  # the table's dict, for the hot path
+        self._spare = None              # an evicted empty UDP connection, to reuse
         #: release matched frames as their bytes rather than Released events
         self.compact = compact
         #: take the fast path for the common case (tests turn it off to check
@@ -330,11 +331,16 @@ class Comparator:
             queue = conn.p
             ack_max = tcp.s_max_ack
             while queue:
+                # TcpStream.releasable's rule, for a stream with no FIN seen
                 head = queue[0]
-                if (head.end_abs > base or head.flags & (SYN | FIN | RST)
-                        or (head.flags & ACK and (ack_max is None
-                                                  or ((ack_max - head.ack) & _MASK32) >= _HALF32))):
+                hflags = head.flags
+                if (head.end_abs > base
+                        or (hflags & SYN and not tcp.s_syn) or (hflags & RST and not tcp.s_rst)
+                        or (hflags & ACK and (ack_max is None
+                                              or ((ack_max - head.ack) & _MASK32) >= _HALF32))):
                     break
+                if hflags & RST:
+                    tcp.p_rst = True
                 queue.pop(0)
                 if self.compact and head.fragments is None:
                     # _release, inlined for the bulk case
@@ -501,10 +507,16 @@ class Comparator:
 
     def _new_connection(self, key, kind, now_ms, out) -> Connection:
         table = self.table
-        if table.full:
+        if len(self._conns) >= table.max_connections:
             self._evict_for_room(now_ms, out)
-        rules = rules_for(self.config.ignore, kind, key) if self.config.ignore else ()
-        conn = Connection(key, kind, now_ms, self.config.normalize_seq, rules)
+        config = self.config
+        if config.ignore or config.normalize_seq:
+            conn = Connection(key, kind, now_ms, config.normalize_seq,
+                              rules_for(config.ignore, kind, key))
+        elif kind == KIND_UDP and self._spare is not None:
+            conn, self._spare = self._spare.reuse(key, now_ms), None
+        else:
+            conn = Connection(key, kind, now_ms)
         table.add(conn)
         self.stats.connections_created += 1
         return conn
@@ -780,12 +792,14 @@ class Comparator:
         else the least recently active of the 64 oldest, releasing what it
         holds."""
         table = self.table
-        sample = table.oldest(1)
-        if sample and not sample[0].queued:
+        front = table.pop_oldest()
+        if front is not None and not (front.p or front.s or front.p_later or front.s_later):
             self.stats.connections_evicted["idle"] += 1
-            table.remove(sample[0])
+            table.remove(front)
+            if front.kind == KIND_UDP and not front.rules:
+                self._spare = front      # made a new one by _new_connection
             return
-        sample += table.oldest(63)
+        sample = ([front] if front is not None else []) + table.oldest(63)
         if not sample:
             return
         idle = [c for c in sample if not c.queued]

@@ -21,9 +21,8 @@ from .packet import KIND_TCP
 
 class Connection:
     __slots__ = ("key", "kind", "p", "s", "p_later", "s_later", "stale", "tcp", "rules",
-                 "diverged", "last_ms",
-                 "created_ms", "compared", "miscompares", "released",
-                 "hold_sum_ms", "hold_max_ms", "checkpoint_requested")
+                 "diverged", "last_ms", "compared", "miscompares", "released",
+                 "hold_sum_ms", "hold_max_ms")
 
     def __init__(self, key: bytes, kind: int, now_ms, normalize_seq: bool = False,
                  rules: tuple = ()) -> None:
@@ -53,14 +52,24 @@ class Connection:
         # datagram twin of TCP's "below the verification point").
         self.stale: deque | tuple = ()
         self.diverged = False
-        self.checkpoint_requested = False
         self.last_ms = now_ms
-        self.created_ms = now_ms
         self.compared = 0          # datagram pairs compared (the datagram index)
         self.miscompares = 0
         self.released = 0
         self.hold_sum_ms = 0.0
         self.hold_max_ms = 0.0
+
+    def reuse(self, key: bytes, now_ms) -> "Connection":
+        """Make an evicted, empty datagram connection a new one for ``key``
+        (its deques are kept: with many short flows through a full table,
+        every new flow would otherwise allocate two)."""
+        self.key = key
+        self.stale = ()
+        self.diverged = False
+        self.last_ms = now_ms
+        self.compared = self.miscompares = self.released = 0
+        self.hold_sum_ms = self.hold_max_ms = 0.0
+        return self
 
     @property
     def queued(self) -> int:
@@ -143,6 +152,16 @@ class ConnectionTable:
                 seen.add(key)
                 fresh.appendleft((key, conn))
         self._order = fresh
+
+    def pop_oldest(self):
+        """The live connection at the front of the order, taken off it (or
+        None)."""
+        order, conns = self._order, self.conns
+        while order:
+            key, conn = order.popleft()
+            if conns.get(key) is conn:
+                return conn
+        return None
 
     def put_back(self, conns: list) -> None:
         """Return connections taken with ``oldest`` to the front, in order."""
