@@ -40,7 +40,10 @@ def from_report(report, name: str) -> dict:
                           f"(this colo-compare reads version 1)")
     top = [{"flow": t["flow"], "miscompares": t["miscompares"], "timeouts": t.get("timeouts", 0),
             "unmatched": t.get("unmatched", 0)} for t in report.get("top_divergent", [])]
+    tool = report.get("tool")
+    made_by = tool.rsplit(" ", 1)[-1] if isinstance(tool, str) and tool.startswith("colo-compare ") else ""
     return {"version": STATS_VERSION, "source": "replay-report", "file": name,
+            "made_by": made_by,
             "result": report.get("result"), "inputs": report.get("inputs"),
             "stats": report["stats"], "top_connections": {"by_miscompares": top, "by_hold": []}}
 
@@ -94,7 +97,9 @@ def prometheus(doc: dict) -> str:
     e = _Exposition()
     p = "colo_compare_"
     e.gauge(p + "info", "colo-compare instance information (always 1)",
-            1, source=doc.get("source", ""), version=st.get("serve", {}).get("version", ""))
+            1, source=doc.get("source", ""),
+            # serve reports its own version; a replay report, the version that wrote it
+            version=st.get("serve", {}).get("version", "") or doc.get("made_by", ""))
     for side in ("primary", "secondary"):
         e.counter(p + "frames_in_total", "Frames received, by side.", st["frames_in"][side], side=side)
     for side in ("primary", "secondary"):

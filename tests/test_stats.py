@@ -194,6 +194,8 @@ def test_stats_of_a_replay_report(tmp_path, capsys):
         "tcp:content": 1, "udp:content": 1}
     code, text, _ = _stats_cli(capsys, str(report), "--format", "prometheus")
     assert 'colo_compare_checkpoints_total{by="replay"} 3' in text
+    from colo_cli import __version__
+    assert f'colo_compare_info{{source="replay-report",version="{__version__}"}} 1' in text
 
 
 @pytest.mark.parametrize("content, message", [
