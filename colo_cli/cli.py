@@ -156,8 +156,8 @@ color_option = click.option("--color", type=click.Choice(["auto", "always", "nev
 @ignore_option
 @click.option("--learn-noise", is_flag=True,
               help="The captures are known to be equivalent: find the noise rules that would "
-                   "remove their checkpoints (replaying them several times), and print each "
-                   "with the checkpoints it avoids.")
+                   "remove their checkpoints (replaying them several times), and whether "
+                   "--normalize-seq is needed; print each with the checkpoints it avoids.")
 @click.option("--no-timeout", is_flag=True,
               help="Never raise timeout checkpoints (for captures whose clocks drift apart).")
 @click.option("--hold", is_flag=True,
@@ -199,9 +199,10 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
     captures of what each replica sent.  '-' reads one of them from stdin.
 
     Each capture's own timestamps drive the clock, relative to its first
-    packet.  A checkpoint request is answered at once, as a COLO system
-    would: the queues are flushed and comparison starts afresh, so each
-    later divergence is reported on its own.
+    packet.  A checkpoint request is answered at once, on the connection
+    that raised it: its queued primary frames leave, its comparison starts
+    afresh, and each later divergence is reported on its own (--hold holds
+    it to the end instead).
 
     \b
     Exit status: 0 the captures match, 1 they diverge (a miscompare or an

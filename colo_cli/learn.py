@@ -9,6 +9,11 @@ datagram) suggests that rule; the replay is repeated with the rules found so
 far until no new one turns up (a rule can hide one difference and uncover
 the next); then each rule is left out in turn to count the checkpoint
 requests it avoids on its own.
+
+TCP streams of replicas whose stacks chose their own initial sequence
+numbers never line up, and no byte rule can fix that: when the captures were
+not already compared with ``--normalize-seq``, learning also tries it, and
+suggests it (with the checkpoints it avoids) when it removes some.
 """
 
 from __future__ import annotations
@@ -39,11 +44,14 @@ class LearnResult:
     miscompares_before: int = 0
     miscompares_after: int = 0
     unexplained: Counter = field(default_factory=Counter)  # "flow cause" -> n, left after
-    rounds: int = 0
+    rounds: int = 0              # replays run, in all
+    normalize_seq: bool = False  # --normalize-seq suggested (it was not given)
+    normalize_avoided: int = 0   # checkpoint requests it avoids, with the rules
 
     def command_line(self) -> str:
         rules = [r.text for r in self.given] + [l.text for l in self.learned]
-        return " ".join(f"--ignore '{r}'" for r in rules)
+        options = ["--normalize-seq"] if self.normalize_seq else []
+        return " ".join(options + [f"--ignore '{r}'" for r in rules])
 
 
 def learn_noise(open_pair, config, *, hold: bool = False, vnet_hdr_len: int = 0) -> LearnResult:
@@ -52,7 +60,7 @@ def learn_noise(open_pair, config, *, hold: bool = False, vnet_hdr_len: int = 0)
     given = list(config.ignore)
     result = LearnResult(given=given)
 
-    def run(rules):
+    def run(rules, normalize):
         suggestions: Counter = Counter()
         examples: dict = {}
         unexplained: Counter = Counter()
@@ -67,28 +75,43 @@ def learn_noise(open_pair, config, *, hold: bool = False, vnet_hdr_len: int = 0)
                 unexplained[f"{record.flow}: {record.event.cause}"] += 1
         p, s = open_pair()
         try:
-            res = replay(p, s, replace(config, ignore=tuple(rules)), hold=hold,
-                         vnet_hdr_len=vnet_hdr_len, detail_limit=0, on_miscompare=seen)
+            res = replay(p, s, replace(config, ignore=tuple(rules), normalize_seq=normalize),
+                         hold=hold, vnet_hdr_len=vnet_hdr_len, detail_limit=0, on_miscompare=seen)
         finally:
             p.close()
             s.close()
+        result.rounds += 1
         return res, suggestions, examples, unexplained
 
+    def learn_rounds(rules, normalize):
+        """Replay, adding what the miscompares suggest, until nothing new
+        turns up; returns the first replay's result."""
+        first = None
+        for _ in range(MAX_ROUNDS):
+            res, suggestions, examples, _ = run(rules, normalize)
+            if first is None:
+                first = res
+            known = {r.text for r in rules}
+            new = [(text, n) for text, n in suggestions.most_common() if text not in known]
+            if not new:
+                break
+            for text, n in new:
+                rules.append(parse_rule(text))
+                result.learned.append(Learned(text, explains=n, example=examples[text]))
+        return first
+
     rules = list(given)
-    first = None
-    for round_no in range(1, MAX_ROUNDS + 1):
-        res, suggestions, examples, unexplained = run(rules)
-        result.rounds = round_no
-        if first is None:
-            first = res
-        known = {r.text for r in rules}
-        new = [(text, n) for text, n in suggestions.most_common() if text not in known]
-        if not new:
-            break
-        for text, n in new:
-            rules.append(parse_rule(text))
-            result.learned.append(Learned(text, explains=n, example=examples[text]))
-    final, _, _, unexplained = run(rules)
+    normalize = config.normalize_seq
+    first = learn_rounds(rules, normalize)
+    final, _, _, unexplained = run(rules, normalize)
+    if not normalize and final.requests_total:
+        normalized, _, _, _ = run(rules, True)
+        if normalized.requests_total < final.requests_total:
+            normalize = result.normalize_seq = True
+            learn_rounds(rules, True)     # aligned streams may show new noise
+            plain, _, _, _ = run(rules, False)
+            final, _, _, unexplained = run(rules, True)
+            result.normalize_avoided = plain.requests_total - final.requests_total
     result.requests_before = first.requests_total
     result.miscompares_before = first.miscompares_total
     result.requests_after = final.requests_total
@@ -96,7 +119,7 @@ def learn_noise(open_pair, config, *, hold: bool = False, vnet_hdr_len: int = 0)
     result.unexplained = unexplained
     for learned in result.learned:
         without = [r for r in rules if r.text != learned.text]
-        res, _, _, _ = run(without)
+        res, _, _, _ = run(without, normalize)
         learned.avoided = res.requests_total - final.requests_total
     return result
 
@@ -110,5 +133,7 @@ def learn_json(result: LearnResult) -> dict:
             "checkpoint_requests": {"before": result.requests_before, "after": result.requests_after},
             "miscompares": {"before": result.miscompares_before, "after": result.miscompares_after},
             "unexplained": dict(result.unexplained.most_common(20)),
+            "normalize_seq": {"suggested": result.normalize_seq,
+                              "checkpoints_avoided": result.normalize_avoided},
             "rounds": result.rounds,
             "ignore_options": result.command_line()}

@@ -292,10 +292,13 @@ def print_learned(console: Console, result, primary: str, secondary: str) -> Non
                        style="bold" if color else ""))
     console.print(Text(f"checkpoint requests {result.requests_before:,} -> {result.requests_after:,}, "
                        f"miscompares {result.miscompares_before:,} -> {result.miscompares_after:,} "
-                       f"with the rules below ({result.rounds} replays to find them)"))
+                       f"with the suggestions below ({result.rounds} replays)"))
     console.print()
-    if result.learned:
+    if result.learned or result.normalize_seq:
         t = _table(console, "rule", "explains", "checkpoints avoided", "example")
+        if result.normalize_seq:
+            t.add_row("--normalize-seq", "", fmt_count(result.normalize_avoided),
+                      "TCP streams offset by their replicas' own ISNs")
         for l in result.learned:
             t.add_row(l.text, fmt_count(l.explains), fmt_count(l.avoided), l.example)
         console.print(t)

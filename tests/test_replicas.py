@@ -62,6 +62,32 @@ def test_learning_finds_the_natural_noise(capsys):
     assert "dns.id" in rules and any(r.startswith("icmp:8-") for r in rules)
     assert doc["checkpoint_requests"]["after"] == 0 and doc["checkpoint_requests"]["before"] > 0
     assert all(r["checkpoints_avoided"] > 0 for r in doc["rules"])
+    # --normalize-seq was given, so it is not suggested again
+    assert doc["normalize_seq"] == {"suggested": False, "checkpoints_avoided": 0}
+    assert not doc["ignore_options"].startswith("--normalize-seq")
+
+
+def test_learning_without_normalization_suggests_it(capsys):
+    """Independent ISNs are not noise a byte rule can hide: the learning mode
+    tries --normalize-seq itself and suggests it with what it avoids."""
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", cap("equal-a.pcap"), cap("equal-b.pcap"), "--learn-noise", "--json"])
+    assert exc.value.code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["normalize_seq"]["suggested"] is True
+    assert doc["normalize_seq"]["checkpoints_avoided"] > 0
+    assert doc["checkpoint_requests"]["after"] == 0
+    assert doc["ignore_options"].startswith("--normalize-seq --ignore ")
+    # the suggested options really make the pair match
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", "-q", cap("equal-a.pcap"), cap("equal-b.pcap"),
+              *doc["ignore_options"].replace("'", "").split()])
+    assert exc.value.code == 0
+    with pytest.raises(SystemExit):
+        main(["replay", cap("equal-a.pcap"), cap("equal-b.pcap"), "--learn-noise", "--color", "never"])
+    out = capsys.readouterr().out
+    assert "--normalize-seq" in out.split("to use them:")[0]
+    assert "to use them: colo-compare replay --normalize-seq --ignore" in out
 
 
 def test_planted_byte_is_found_at_its_stream_offset(capsys):
