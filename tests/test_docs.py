@@ -139,3 +139,69 @@ def test_shell_completion_scripts_and_answers(monkeypatch, capsys):
                             "COMP_WORDS": "colo-compare replay --no", "COMP_CWORD": "2"})
     assert "--normalize-seq" in r.stdout and "--no-timeout" in r.stdout
     assert "completion" in _roff_text("colo-compare.1")
+
+
+def _readme_block_after(command_line: str) -> list[str]:
+    """The non-empty lines the README shows after ``$ command_line``, up to
+    the end of its code block (or the next ``$`` line)."""
+    readme = (ROOT / "README.md").read_text()
+    assert command_line in readme, command_line
+    block = readme.split(command_line, 1)[1].split("```", 1)[0]
+    lines = []
+    for line in block.splitlines()[1:]:
+        if line.startswith("$ "):
+            break
+        if line.strip():
+            lines.append(line.rstrip())
+    return lines
+
+
+def _real_lines(capsys, argv, code):
+    from colo_cli.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--color", "never"])
+    assert exc.value.code == code
+    out = capsys.readouterr().out.replace(str(ROOT) + "/", "")
+    return [line.rstrip() for line in out.splitlines() if line.strip()]
+
+
+def test_readme_quotes_the_real_learn_noise_output(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    quoted = _readme_block_after(
+        "$ colo-compare replay tests/replicas/equal-a.pcap tests/replicas/equal-b.pcap --learn-noise")
+    real = _real_lines(capsys, ["replay", "tests/replicas/equal-a.pcap", "tests/replicas/equal-b.pcap",
+                                "--learn-noise"], 0)
+    assert quoted == real
+
+
+def test_readme_quotes_the_real_planted_byte_miscompare(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    quoted = _readme_block_after("$ colo-compare replay tests/replicas/diverge-a.pcap")
+    line = [l for l in quoted if l.startswith("Miscompare 1 of 1")]
+    real = _real_lines(capsys, ["replay", "tests/replicas/diverge-a.pcap", "tests/replicas/diverge-b.pcap",
+                                "--normalize-seq", "--ignore", "icmp:8-19", "--ignore", "dns.id",
+                                "--evidence", str(tmp_path / "diff.pcapng")], 1)
+    assert len(line) == 1 and line[0] in real
+
+
+def test_readme_quotes_the_real_stats_of_a_report(capsys, monkeypatch, tmp_path):
+    from colo_cli.cli import main
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit):
+        main(["replay", "--json", "examples/diverge-primary.pcap", "examples/diverge-secondary.pcap"])
+    (tmp_path / "report.json").write_text(capsys.readouterr().out)
+    monkeypatch.chdir(tmp_path)
+    quoted = _readme_block_after("$ colo-compare stats report.json")
+    assert quoted == _real_lines(capsys, ["stats", "report.json"], 0)
+
+
+def test_readme_quotes_the_real_version(capsys):
+    """Same form; the Python and dpkt versions are those of the machine."""
+    from colo_cli.cli import main
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    real = capsys.readouterr().out.strip()
+    form = r"colo-compare (\S+) \(Python (\S+), dpkt (\S+)\)"
+    quoted = re.fullmatch(form, _readme_block_after("$ colo-compare --version")[0])
+    assert quoted and re.fullmatch(form, real)
+    assert quoted.group(1) == __version__
