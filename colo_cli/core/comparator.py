@@ -313,6 +313,41 @@ class Comparator:
             return None
         base = tcp.base
         p_buf, s_buf = tcp.p_buf, tcp.s_buf
+        if side and not conn.p and not p_buf:
+            # the secondary is ahead: queue it, in sequence, as the general
+            # path would (TcpStream.add_secondary, insert_segment, _enqueue);
+            # nothing can be verified until the primary's twin arrives
+            expected = base + len(s_buf)
+            squeue = conn.s
+            if (seq - expected) & _MASK32 or len(squeue) >= self.config.max_queue_size:
+                return None
+            if flags & ACK:
+                m = tcp.s_max_ack
+                if m is None or ((ack - m) & _MASK32) < _HALF32:
+                    tcp.s_max_ack = ack
+            pkt = _new_packet(Packet)
+            pkt.side = side
+            pkt.data = data
+            pkt.l2 = l2
+            pkt.vnet_hdr_len = vnet_hdr_len
+            pkt.arrival_ms = now_ms
+            pkt.index = index
+            pkt.kind = KIND_TCP
+            pkt.key = conn.key
+            pkt.cmp_off = off
+            pkt.cmp_end = end
+            pkt.seq = seq
+            pkt.ack = ack
+            pkt.flags = flags
+            pkt.seq_abs = expected
+            pkt.end_abs = expected + plen
+            pkt.done = False
+            pkt.conn = conn
+            pkt.fragments = None
+            s_buf += data[off:end]
+            conn.last_ms = now_ms
+            squeue.append(pkt)
+            return self._enqueued_fast(pkt, len(squeue), 1, now_ms)
         if side:
             # the secondary brings bytes the primary has sent and are waiting
             if s_buf or conn.s or not conn.p or (seq - base) & _MASK32 or len(p_buf) < plen:
@@ -424,18 +459,22 @@ class Comparator:
         conn.last_ms = now_ms
         queue = conn.p
         queue.append(pkt)
-        # _enqueue, inlined for the bulk case
+        return self._enqueued_fast(pkt, len(queue), 0, now_ms)
+
+    def _enqueued_fast(self, pkt, depth, side, now_ms) -> list:
+        """_enqueue for the TCP fast path, once ``pkt`` is on its queue (now
+        ``depth`` long); returns the events (a memory bound may flush)."""
         arrivals = self._arrivals
         while arrivals and arrivals[0].done:
             arrivals.popleft()
         arrivals.append(pkt)
         self.queued_frames += 1
-        self.queued_bytes += len(data)
+        self.queued_bytes += len(pkt.data)
         stats = self.stats
         if self.queued_bytes > stats.queued_bytes_high_water:
             stats.queued_bytes_high_water = self.queued_bytes
-        if len(queue) > stats.queue_high_water[0]:
-            stats.queue_high_water[0] = len(queue)
+        if depth > stats.queue_high_water[side]:
+            stats.queue_high_water[side] = depth
         if len(arrivals) > 2 * self.queued_frames + 4096:
             self._compact_arrivals()
         if self.queued_bytes > self.config.max_queued_bytes:
