@@ -375,3 +375,32 @@ def test_table_eviction_stays_cheap_with_many_flows():
     # the eviction order holds live entries only, and not many more than
     # the table: each eviction takes one off its front
     assert len(c.table._order) <= 2 * len(c.table) + 1024
+
+
+def test_flow_churn_through_a_full_table_fast_and_general_paths_agree():
+    """Many short UDP flows through a table of 4: the fast path turns the
+    oldest idle connection into the new one in place.  Same releases, same
+    counters (created, evicted idle) as the general path's evict-then-create,
+    with a TCP connection and a busy one in the table that must not be
+    recycled."""
+    from colo_cli.core import Comparator, Config
+    from colo_cli.testing import tcp_frame
+
+    script = [(P, tcp_frame(b"tcp", seq=1), 0), (S, tcp_frame(b"tcp", seq=1), 0)]   # idle TCP
+    for i in range(40):
+        if i == 20:
+            script += [(P, udp_frame(b"held", sport=999), 1 + 2 * i)]  # busy: its twin comes last
+        f = udp_frame(b"flow %d" % i, sport=2000 + i % 13)
+        script += [(S, f, 2 + 2 * i), (P, f, 3 + 2 * i)]
+    script += [(S, udp_frame(b"held", sport=999), 100)]
+    results = []
+    for fast in (True, False):
+        c = Comparator(Config(compare_timeout_ms=None, max_connections=4), compact=False)
+        c.fast_path = fast
+        comparator, events = run(script, comparator=c)
+        snap = comparator.snapshot()
+        results.append((out_frames(events), [type(e).__name__ for e in events],
+                        snap["connections"], snap["released"]))
+    assert results[0] == results[1]
+    frames, kinds, conns, released = results[0]
+    assert len(frames) == 42 and conns["evicted"]["idle"] > 30

@@ -175,8 +175,10 @@ class Comparator:
                 if conn is None and not self.config.ignore:
                     # a new flow: made here rather than by the general path
                     # (many short flows are the connection-churn case)
-                    made = []
-                    conn = self._new_connection(key, KIND_UDP, now_ms, made)
+                    conn = self._recycle_udp(key, now_ms)
+                    if conn is None:
+                        made = []
+                        conn = self._new_connection(key, KIND_UDP, now_ms, made)
                 if conn is not None and not conn.diverged and not conn.stale:
                     conn.last_ms = now_ms
                     off = l2 + 34
@@ -824,6 +826,44 @@ class Comparator:
             else:
                 conn.tcp.reset()
         return released, discarded
+
+    def _recycle_udp(self, key, now_ms):
+        """A full table, a new UDP flow, and the oldest connection idle and a
+        plain datagram one (the connection-churn case: many short flows):
+        that connection becomes the new one, in place.  The same outcome as
+        ``_evict_for_room`` then ``_new_connection``, without their calls;
+        None when the case is not that one (nothing has been changed)."""
+        table = self.table
+        conns = self._conns
+        if len(conns) < table.max_connections:
+            return None
+        order = table._order
+        while order:
+            old_key, front = order[0]
+            if conns.get(old_key) is front:
+                break
+            order.popleft()          # lazily deleted entries
+        else:
+            return None
+        if front.kind != KIND_UDP or front.rules or front.p or front.s:
+            return None
+        order.popleft()
+        del conns[old_key]
+        stats = self.stats
+        stats.connections_evicted["idle"] += 1
+        stats.connections_created += 1
+        # Connection.reuse, inlined
+        front.key = key
+        front.stale = ()
+        front.diverged = False
+        front.last_ms = now_ms
+        front.compared = front.miscompares = front.released = 0
+        front.hold_sum_ms = front.hold_max_ms = 0.0
+        conns[key] = front
+        order.append((key, front))
+        if len(order) > 2 * len(conns) + 1024:
+            table._compact()
+        return front
 
     def _evict_for_room(self, now_ms, out) -> None:
         """The table is full and a new connection arrives: forget an idle
