@@ -45,3 +45,17 @@ def test_bench_smoke(tmp_path):
     assert all(size["returncode"] == 0 for size in mem["sizes"].values()), mem
     # the table is printed
     assert "serve throughput" in r.stdout and "replay" in r.stdout
+
+
+def test_counting_cost_smoke():
+    """benchmarks/counting_cost.py runs and reports both figures (no timing
+    asserted: only that the script works and its comparator released every
+    pair, which it asserts itself)."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "counting_cost.py"),
+                        "--pairs", "3000", "--repeat", "1"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "pairs: 3,000 over 1000 flows, median of 1"
+    assert lines[1].startswith("comparator, per pair") and lines[1].endswith(" us")
+    assert lines[2].startswith("its counter updates alone") and lines[3].endswith(" %")
