@@ -327,29 +327,8 @@ class Comparator:
                 m = tcp.s_max_ack
                 if m is None or ((ack - m) & _MASK32) < _HALF32:
                     tcp.s_max_ack = ack
-            pkt = _new_packet(Packet)
-            pkt.side = side
-            pkt.data = data
-            pkt.l2 = l2
-            pkt.vnet_hdr_len = vnet_hdr_len
-            pkt.arrival_ms = now_ms
-            pkt.index = index
-            pkt.kind = KIND_TCP
-            pkt.key = conn.key
-            pkt.cmp_off = off
-            pkt.cmp_end = end
-            pkt.seq = seq
-            pkt.ack = ack
-            pkt.flags = flags
-            pkt.seq_abs = expected
-            pkt.end_abs = expected + plen
-            pkt.done = False
-            pkt.conn = conn
-            pkt.fragments = None
-            s_buf += data[off:end]
-            conn.last_ms = now_ms
-            squeue.append(pkt)
-            return self._enqueued_fast(pkt, len(squeue), 1, now_ms)
+            return self._queue_fast_tcp(side, data, l2, vnet_hdr_len, now_ms, index, conn, off,
+                                        end, seq, ack, flags, expected, s_buf, squeue)
         if side:
             # the secondary brings bytes the primary has sent and are waiting
             if s_buf or conn.s or not conn.p or (seq - base) & _MASK32 or len(p_buf) < plen:
@@ -434,8 +413,19 @@ class Comparator:
         expected = base + len(p_buf)
         if (seq - expected) & _MASK32 or len(conn.p) >= self.config.max_queue_size:
             return None
-        # Packet(...) and its fields, without setting each twice (__init__
-        # fills defaults this path overwrites at once)
+        end_abs = expected + plen
+        if tcp.p_end_max is None or end_abs > tcp.p_end_max:
+            tcp.p_end_max = end_abs
+        return self._queue_fast_tcp(side, data, l2, vnet_hdr_len, now_ms, index, conn, off, end,
+                                    seq, ack, flags, expected, p_buf, conn.p)
+
+    def _queue_fast_tcp(self, side, data, l2, vnet_hdr_len, now_ms, index, conn, off, end,
+                        seq, ack, flags, expected, buf, queue) -> list:
+        """Queue an in-sequence segment for the TCP fast path: the Packet
+        with its fields set once (``Packet.__init__`` would fill defaults
+        only to have them overwritten), its payload appended to its side's
+        stream ``buf``, and ``_enqueue``, inlined.  Returns the events (a
+        memory bound may flush)."""
         pkt = _new_packet(Packet)
         pkt.side = side
         pkt.data = data
@@ -451,21 +441,14 @@ class Comparator:
         pkt.ack = ack
         pkt.flags = flags
         pkt.seq_abs = expected
-        pkt.end_abs = expected + plen
+        pkt.end_abs = expected + (end - off)
         pkt.done = False
         pkt.conn = conn
         pkt.fragments = None
-        if tcp.p_end_max is None or pkt.end_abs > tcp.p_end_max:
-            tcp.p_end_max = pkt.end_abs
-        p_buf += data[off:end]
+        buf += data[off:end]          # the bytearray itself grows
         conn.last_ms = now_ms
-        queue = conn.p
         queue.append(pkt)
-        return self._enqueued_fast(pkt, len(queue), 0, now_ms)
-
-    def _enqueued_fast(self, pkt, depth, side, now_ms) -> list:
-        """_enqueue for the TCP fast path, once ``pkt`` is on its queue (now
-        ``depth`` long); returns the events (a memory bound may flush)."""
+        depth = len(queue)
         arrivals = self._arrivals
         while arrivals and arrivals[0].done:
             arrivals.popleft()
@@ -852,13 +835,7 @@ class Comparator:
         stats = self.stats
         stats.connections_evicted["idle"] += 1
         stats.connections_created += 1
-        # Connection.reuse, inlined
-        front.key = key
-        front.stale = ()
-        front.diverged = False
-        front.last_ms = now_ms
-        front.compared = front.miscompares = front.released = 0
-        front.hold_sum_ms = front.hold_max_ms = 0.0
+        front.reuse(key, now_ms)
         conns[key] = front
         order.append((key, front))
         if len(order) > 2 * len(conns) + 1024:
