@@ -93,6 +93,25 @@ def test_active_open_guest_as_client():
     assert out_frames(events) == p and not miscompares(events)
 
 
+@pytest.mark.parametrize("p_isn, s_isn", [(0xFFFFF000, 5_000), (5_000, 0xFFFFFFFF),
+                                           (0xFFFFFA00, 0xFFFFF800)])
+def test_sequence_numbers_wrapping_mid_stream(p_isn, s_isn):
+    """One replica's (or both replicas') sequence numbers pass 2**32 in the
+    middle of the response, each at its own place: the streams still line
+    up, and a byte changed after the wrap is found at its relative offset."""
+    p = server_side(isn=p_isn, client_isn=1)
+    s = server_side(isn=s_isn, client_isn=77, seg=1000)
+    _, events = run(pair_script(p, s), normalize_seq=True)
+    assert out_frames(events) == p and not miscompares(events)
+    body = bytearray(BODY)
+    body[3000] ^= 0xFF
+    s = server_side(isn=s_isn, client_isn=77, seg=1000, body=bytes(body))
+    _, events = run(pair_script(p, s), normalize_seq=True)
+    (m,) = miscompares(events)
+    assert m.stream_offset == 3000
+    assert m.raw_seq == (p_isn + 1 + 3000) & 0xFFFFFFFF
+
+
 def test_missing_handshake_uses_the_first_segments():
     p = server_side(isn=5_000, client_isn=1)[2:]              # no SYN-ACK, no first ACK
     s = server_side(isn=800_000, client_isn=1, seg=700)[2:]
