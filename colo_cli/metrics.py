@@ -103,13 +103,13 @@ def prometheus(doc: dict) -> str:
     for side in ("primary", "secondary"):
         e.counter(p + "frames_in_total", "Frames received, by side.", st["frames_in"][side], side=side)
     for side in ("primary", "secondary"):
-        e.counter(p + "bytes_in_total", "Bytes received, by side.", st["bytes_in"][side], side=side)
+        e.counter(p + "bytes_in_total", "Ethernet frame bytes received, by side (length words and vnet headers not counted).", st["bytes_in"][side], side=side)
     e.family(p + "released_total", "counter",
              "Primary frames released, by reason (match, or flushed by a checkpoint, a limit or the end).")
     for reason, n in st["released"].items():
         if reason != "total":
             e.sample(p + "released_total", n, reason=reason)
-    e.counter(p + "released_bytes_total", "Bytes of primary frames released.", st["released_bytes"])
+    e.counter(p + "released_bytes_total", "Ethernet frame bytes of the primary frames released.", st["released_bytes"])
     e.family(p + "bypassed_total", "counter", "Primary frames passed through uncompared, by reason.")
     for reason, n in st["bypassed"].items():
         e.sample(p + "bypassed_total", n, reason=reason)

@@ -1470,8 +1470,8 @@ def test_serve_and_replay_release_the_same_frames(env):
         replay_out = [data for _ts, data, _orig in reader]
     assert len(serve_out) == sum(1 for side, _f in steps if side == "p")
     assert serve_out == replay_out
-    for key in ("frames_in", "released", "bypassed", "dropped", "miscompares",
-                "checkpoint_requests", "checkpoints", "secondary"):
+    for key in ("frames_in", "bytes_in", "released", "released_bytes", "bypassed", "dropped",
+                "miscompares", "checkpoint_requests", "checkpoints", "secondary"):
         assert serve_stats[key] == report["stats"][key], key
     assert serve_stats["miscompares"] == {"icmp:content": 1, "tcp:content": 1, "udp:content": 1}
     assert serve_stats["bypassed"] and serve_stats["dropped"]

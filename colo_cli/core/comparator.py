@@ -155,7 +155,9 @@ class Comparator:
             self._start_clock(now_ms)
         stats = self.stats
         size = len(data)
-        stats.bytes_in[side] += size
+        # frame bytes, as a capture has them: serve's length words and vnet
+        # headers are not counted, so serve and replay count alike
+        stats.bytes_in[side] += size - l2 if size > l2 else 0
         # frames_in is this index, read by Stats.snapshot
         index = stats.frames_in[side]
         stats.frames_in[side] = index + 1
@@ -215,7 +217,7 @@ class Comparator:
                                 if hold_ms > conn.hold_max_ms:
                                     conn.hold_max_ms = hold_ms
                             if released is None:
-                                stats.released_bytes += size
+                                stats.released_bytes += size - l2
                                 if self.compact:
                                     return [data]
                                 released = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
@@ -223,7 +225,7 @@ class Comparator:
                                 released.kind = conn.kind
                                 released.done = True
                             else:
-                                stats.released_bytes += len(released.data)
+                                stats.released_bytes += len(released.data) - released.l2
                                 if self.compact:
                                     return [released.data]
                             return [ev.Released(released, ev.RELEASE_MATCH, hold_ms)]
@@ -367,7 +369,7 @@ class Comparator:
                     hold_ms = now_ms - head.arrival_ms
                     stats = self.stats
                     stats.released_match += 1
-                    stats.released_bytes += size
+                    stats.released_bytes += size - head.l2
                     stats.hold.add(hold_ms)
                     conn.released += 1
                     conn.hold_sum_ms += hold_ms
@@ -399,7 +401,7 @@ class Comparator:
                 self._leave(done)
             stats = self.stats
             stats.released_match += 1
-            stats.released_bytes += len(data)
+            stats.released_bytes += len(data) - l2
             stats.hold.zero += 1
             conn.released += 1
             if self.compact:
@@ -728,7 +730,7 @@ class Comparator:
     def _count_release(self, conn, pkt, reason, now_ms, out) -> None:
         hold_ms = now_ms - pkt.arrival_ms
         stats = self.stats
-        stats.released_bytes += len(pkt.data)
+        stats.released_bytes += len(pkt.data) - pkt.l2
         stats.hold.add(hold_ms)
         conn.released += 1
         conn.hold_sum_ms += hold_ms

@@ -148,11 +148,11 @@ class Stats:
 
     def __init__(self) -> None:
         self.frames_in = [0, 0]          # by side
-        self.bytes_in = [0, 0]
+        self.bytes_in = [0, 0]           # Ethernet frame bytes (no length word, no vnet header)
         # primary frames out
         self.released_match = 0
         self.released_flushed = Counter()   # by reason: checkpoint, queue-full, ...
-        self.released_bytes = 0
+        self.released_bytes = 0          # Ethernet frame bytes, as bytes_in
         self.bypassed = Counter()           # primary, by reason
         # secondary frames: consumed by a match, absorbed (pure ACKs,
         # duplicates of compared data), discarded at a checkpoint, dropped
