@@ -229,3 +229,23 @@ def test_parser_never_raises_on_mutated_real_frames(pos, value, frame):
         if result[0] is not None:
             assert result[2] <= cut and result[2] <= result[3]
             format_key(result[1])
+
+
+def test_connection_keys_hash_with_a_per_process_secret():
+    """Issue 7 (hash flooding): connection keys are bytes, whose hash is
+    SipHash keyed per process, so traffic crafted to collide in one run's
+    table does not collide in another's.  (Tuples of ints would hash the
+    same everywhere.)"""
+    import subprocess
+    import sys
+    key = parse(udp_frame(b"x", sport=1234, dport=53))[1]
+    assert type(key) is bytes
+    code = ("import sys; sys.path.insert(0, %r); from colo_cli.core.packet import parse; "
+            "from colo_cli.testing import udp_frame; "
+            "print(hash(parse(udp_frame(b'x', sport=1234, dport=53))[1]))") % sys.path[0]
+    hashes = set()
+    for _ in range(3):
+        env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONHASHSEED"}
+        hashes.add(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  env=env, check=True).stdout)
+    assert len(hashes) == 3

@@ -16,9 +16,10 @@ back with a reason, so the comparator can count it and bypass it.
 
 Connection keys are ``bytes`` rather than tuples: Python randomises the hash
 of bytes (SipHash), so crafted traffic cannot flood one hash bucket, which it
-could with tuples of small ints.  A key is a type byte, the raw VLAN tags,
-the addresses, the L4 protocol and the ports, taken as they arrive: no
-direction normalisation, since both inputs carry only guest-outbound
+could with tuples of small ints.  A key is the addresses and ports as they
+sit in the frame (so an untagged IPv4 flow's key is one slice of it), then
+the L4 protocol, the raw VLAN tags and a family byte; taken as they arrive:
+no direction normalisation, since both inputs carry only guest-outbound
 traffic (as in QEMU).
 
 What is compared, per kind (``spec/qemu-colo-compare.md`` section 7):
