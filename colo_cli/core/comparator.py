@@ -813,36 +813,19 @@ class Comparator:
         return released, discarded
 
     def _recycle_udp(self, key, now_ms):
-        """A full table, a new UDP flow, and the oldest connection idle and a
-        plain datagram one (the connection-churn case: many short flows):
-        that connection becomes the new one, in place.  The same outcome as
+        """A full table and a new UDP flow (the connection-churn case: many
+        short flows): when the oldest connection is an idle, plain datagram
+        one, it becomes the new one in place.  The same outcome as
         ``_evict_for_room`` then ``_new_connection``, without their calls;
-        None when the case is not that one (nothing has been changed)."""
-        table = self.table
-        conns = self._conns
-        if len(conns) < table.max_connections:
+        None when the case is not that one (then nothing has changed)."""
+        if len(self._conns) < self.table.max_connections:
             return None
-        order = table._order
-        while order:
-            old_key, front = order[0]
-            if conns.get(old_key) is front:
-                break
-            order.popleft()          # lazily deleted entries
-        else:
-            return None
-        if front.kind != KIND_UDP or front.rules or front.p or front.s:
-            return None
-        order.popleft()
-        del conns[old_key]
-        stats = self.stats
-        stats.connections_evicted["idle"] += 1
-        stats.connections_created += 1
-        front.reuse(key, now_ms)
-        conns[key] = front
-        order.append((key, front))
-        if len(order) > 2 * len(conns) + 1024:
-            table._compact()
-        return front
+        conn = self.table.recycle_oldest_datagram(key, now_ms)
+        if conn is not None:
+            stats = self.stats
+            stats.connections_evicted["idle"] += 1
+            stats.connections_created += 1
+        return conn
 
     def _evict_for_room(self, now_ms, out) -> None:
         """The table is full and a new connection arrives: forget an idle

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .packet import KIND_TCP
+from .packet import KIND_TCP, KIND_UDP
 
 
 class Connection:
@@ -162,6 +162,29 @@ class ConnectionTable:
             if conns.get(key) is conn:
                 return conn
         return None
+
+    def recycle_oldest_datagram(self, key: bytes, now_ms):
+        """The oldest live connection, when it is an idle datagram one with
+        no noise rules, re-keyed as ``key`` and moved to the back (its
+        deques kept); else None and nothing is changed."""
+        order, conns = self._order, self.conns
+        while order:
+            old_key, front = order[0]
+            if conns.get(old_key) is front:
+                break
+            order.popleft()          # lazily deleted entries
+        else:
+            return None
+        if front.kind != KIND_UDP or front.rules or front.p or front.s:
+            return None
+        order.popleft()
+        del conns[old_key]
+        front.reuse(key, now_ms)
+        conns[key] = front
+        order.append((key, front))
+        if len(order) > 2 * len(conns) + 1024:
+            self._compact()
+        return front
 
     def put_back(self, conns: list) -> None:
         """Return connections taken with ``oldest`` to the front, in order."""
