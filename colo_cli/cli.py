@@ -386,8 +386,9 @@ ENDPOINT = EndpointType()
 @normalize_option
 @ignore_option
 @click.option("--checkpoint-policy", type=click.Choice(["release", "hold"]), default=None,
-              help="What a checkpoint request does.  release: checkpoint at once, locally "
-                   "(the primary wins: held frames are released, the divergence recorded).  "
+              help="What a checkpoint request does.  release: checkpoint at once, locally, "
+                   "the connection that raised it (the primary wins: its held frames are "
+                   "released, the divergence recorded).  "
                    "hold: hold until COLO_CHECKPOINT arrives on --notify-dev or 'checkpoint' "
                    "on --control, as QEMU does.  [default: hold with --notify-dev, else release]")
 @click.option("--control", "control_path", type=click.Path(dir_okay=False), metavar="PATH",
