@@ -33,6 +33,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from colo_cli.control import query  # noqa: E402
 from colo_cli.core.framing import FrameDecoder, encode  # noqa: E402
 from colo_cli.testing import ether, tcp_frame, udp_frame  # noqa: E402
 
@@ -100,12 +101,39 @@ class Reader(threading.Thread):
                 self.last_per_flow[flow] = serial
 
 
+def counted_faults(st: dict, faults: dict) -> dict:
+    """Each injected fault against the counter serve's stats keep for it.
+    Exact where the fault is certain to reach serve; where a secondary
+    connection replaced after a hostile length may have taken unread frames
+    with it, those frames' primaries time out instead, so the counters are
+    bounds."""
+    errors = st["serve"]["input_errors"]
+    timeouts = st["checkpoint_requests"].get("timeout", 0)
+    miscompares = st["miscompares"].get("udp:content", 0)
+    rows = {
+        "zero_length": (errors["primary"]["zero_length"], faults["zero_length"] == errors["primary"]["zero_length"]),
+        "hostile_length": (errors["secondary"]["oversized"],
+                           faults["hostile_length"] == errors["secondary"]["oversized"]),
+        "malformed": (st["bypassed"].get("unknown-ethertype", 0),
+                      faults["malformed"] == st["bypassed"].get("unknown-ethertype", 0)),
+    }
+    out = {k: {"injected": faults[k], "counted": n, "ok": ok} for k, (n, ok) in rows.items()}
+    # A diverging datagram is a miscompare.  A datagram with no twin is one
+    # too when the flow's next datagram comes before the compare timeout
+    # (FIFO: it is compared with the lonely one's place), else a timeout.
+    # Each raises one checkpoint request either way.
+    injected = faults["divergence"] + faults["primary_only"]
+    out["divergence+primary_only"] = {"injected": injected, "counted": miscompares + timeouts,
+                                      "ok": miscompares > 0 and miscompares + timeouts >= injected}
+    return out
+
+
 def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
-    paths = {n: os.path.join(workdir, n) for n in ("p", "s", "o")}
+    paths = {n: os.path.join(workdir, n) for n in ("p", "s", "o", "ctl")}
     argv = [sys.executable, "-m", "colo_cli", "serve",
             "--primary-in", f"unix:{paths['p']},server", "--secondary-in", f"unix:{paths['s']},server",
             "--outdev", f"unix:{paths['o']},server", "--compare-timeout", "500",
-            "--expired-scan-cycle", "100", "--quiet"]
+            "--expired-scan-cycle", "100", "--quiet", "--control", paths["ctl"]]
     err = open(os.path.join(workdir, "serve.err"), "wb")
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=err, stderr=err)
     try:
@@ -182,6 +210,7 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
             time.sleep(0.1)
         samples.append((round(time.monotonic() - start, 1), rss_kib(proc.pid)))
         reader.stop = True
+        counted = counted_faults(query(paths["ctl"], {"cmd": "stats"})["stats"], faults)
         missing = len(sent_primary - reader.seen.keys())
         duplicated = sum(1 for n in reader.seen.values() if n > 1)
         rss = [kib for _, kib in samples if kib]
@@ -193,9 +222,11 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
                   "faults": faults, "serve_alive": proc.poll() is None,
                   "rss_kib": {"first": rss[0] if rss else None, "last": rss[-1] if rss else None,
                               "max": max(rss) if rss else None},
-                  "rss_growth_after_warmup": round(growth, 3), "samples": len(samples)}
+                  "rss_growth_after_warmup": round(growth, 3), "samples": len(samples),
+                  "counted": counted}
         result["ok"] = (not missing and not duplicated and not reader.reordered
-                        and result["serve_alive"] and growth < 0.25)
+                        and result["serve_alive"] and growth < 0.25
+                        and all(c["ok"] for c in counted.values()))
         return result
     finally:
         for s in ("pri", "sec", "out"):
@@ -227,6 +258,9 @@ def main(argv=None) -> int:
               f"({args.rate:,}/s on {args.flows:,} flows); faults {result['faults']}")
         print(f"missing {result['missing']}, duplicated {result['duplicated']}, "
               f"reordered {result['reordered']}, serve alive: {result['serve_alive']}")
+        print("counted by serve's stats: " + ", ".join(
+            f"{k} {c['counted']:,} of {c['injected']:,}{'' if c['ok'] else ' (WRONG)'}"
+            for k, c in result["counted"].items()))
         print(f"serve RSS KiB first {result['rss_kib']['first']}, last {result['rss_kib']['last']}, "
               f"max {result['rss_kib']['max']}; growth after warm-up "
               f"{result['rss_growth_after_warmup'] * 100:.1f} %")

@@ -27,6 +27,8 @@ def test_short_soak_loses_nothing_and_memory_stays_flat():
     assert result["missing"] == 0 and result["duplicated"] == 0 and result["reordered"] == 0
     assert result["serve_alive"]
     assert all(n > 0 for n in result["faults"].values()), result["faults"]
+    # and every fault shows in serve's own stats
+    assert all(c["ok"] for c in result["counted"].values()), result["counted"]
     assert result["rss_growth_after_warmup"] < 0.25, result["rss_kib"]
 
 
