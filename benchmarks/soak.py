@@ -145,6 +145,7 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
         serial = 0
         tcp_seq = {}
         sent_primary = set()
+        sent_secondary = 0
         faults = {"divergence": 0, "malformed": 0, "zero_length": 0, "primary_only": 0,
                   "hostile_length": 0}
         samples = []
@@ -191,6 +192,7 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
                 faults["zero_length"] += 1
             pri.sendall(b"".join(p_buf))
             sec.sendall(b"".join(s_buf))
+            sent_secondary += len(s_buf)
             if tick % 500 == 0:
                 # the secondary sends a hostile length and is cut off; it
                 # reconnects (frames it sent meanwhile are lost with the
@@ -210,7 +212,11 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
             time.sleep(0.1)
         samples.append((round(time.monotonic() - start, 1), rss_kib(proc.pid)))
         reader.stop = True
-        counted = counted_faults(query(paths["ctl"], {"cmd": "stats"})["stats"], faults)
+        st = query(paths["ctl"], {"cmd": "stats"})["stats"]
+        counted = counted_faults(st, faults)
+        # secondary frames a cut-off connection took with it when its
+        # replacement arrived before serve had read them all
+        secondary_unread = sent_secondary - st["frames_in"]["secondary"]
         missing = len(sent_primary - reader.seen.keys())
         duplicated = sum(1 for n in reader.seen.values() if n > 1)
         rss = [kib for _, kib in samples if kib]
@@ -223,7 +229,7 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
                   "rss_kib": {"first": rss[0] if rss else None, "last": rss[-1] if rss else None,
                               "max": max(rss) if rss else None},
                   "rss_growth_after_warmup": round(growth, 3), "samples": len(samples),
-                  "counted": counted}
+                  "counted": counted, "secondary_unread": secondary_unread}
         result["ok"] = (not missing and not duplicated and not reader.reordered
                         and result["serve_alive"] and growth < 0.25
                         and all(c["ok"] for c in counted.values()))
@@ -260,7 +266,8 @@ def main(argv=None) -> int:
               f"reordered {result['reordered']}, serve alive: {result['serve_alive']}")
         print("counted by serve's stats: " + ", ".join(
             f"{k} {c['counted']:,} of {c['injected']:,}{'' if c['ok'] else ' (WRONG)'}"
-            for k, c in result["counted"].items()))
+            for k, c in result["counted"].items())
+            + f"; secondary frames never read (cut-off connections): {result['secondary_unread']:,}")
         print(f"serve RSS KiB first {result['rss_kib']['first']}, last {result['rss_kib']['last']}, "
               f"max {result['rss_kib']['max']}; growth after warm-up "
               f"{result['rss_growth_after_warmup'] * 100:.1f} %")
