@@ -52,6 +52,7 @@ POLICY_RELEASE = "release"   # checkpoint at once, locally: the primary wins
 POLICY_HOLD = "hold"         # hold until COLO_CHECKPOINT or a control "checkpoint"
 
 RECV_BYTES = 256 * 1024
+REPLACE_DRAIN_BYTES = 4 * 1024 * 1024   # read from a replaced connection, at most
 MAX_IOV = 512                 # buffers per sendmsg (IOV_MAX is 1024 on Linux)
 CONTROL_LINE_MAX = 64 * 1024  # bytes in one control request
 BACKOFF_START_S = 0.05
@@ -264,8 +265,24 @@ class Link:
             return
         sock.setblocking(False)
         if self.sock is not None:
-            self._drop("replaced by a new connection")
+            self._read_what_is_left()
+            if self.sock is not None:
+                self._drop("replaced by a new connection")
         self._adopt(sock, _addr_text(addr) or "unix peer")
+
+    def _read_what_is_left(self) -> None:
+        """Before a new peer replaces this one, take what the old one has
+        already sent: a peer that writes its last frames, closes and
+        reconnects at once must not lose them because the new connection
+        was noticed first.  At most REPLACE_DRAIN_BYTES, so a peer that
+        keeps writing cannot hold the loop here."""
+        taken = 0
+        while self.sock is not None and taken < REPLACE_DRAIN_BYTES:
+            before = self.bytes_in
+            self._readable()             # may drop the link (EOF, error, bad input)
+            if self.bytes_in == before:
+                return                   # nothing more to read now
+            taken += self.bytes_in - before
 
     def _adopt(self, sock, peer: str) -> None:
         if sock.family in (socket.AF_INET, socket.AF_INET6):

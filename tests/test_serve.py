@@ -760,6 +760,32 @@ def test_new_connection_replaces_the_old_one(env):
     assert rig.out.data() == p2
 
 
+def test_frames_sent_just_before_a_reconnect_are_not_lost(env):
+    """A peer writes its last frames, closes and reconnects at once; serve
+    (stopped meanwhile, so both are pending when it resumes) reads what the
+    old connection had sent before the new one replaces it, whichever of
+    the two it notices first."""
+    import os
+    import signal as sig
+    rig = env.rig()
+    # as much as fits in the socket buffers while serve is stopped
+    frames = [rec(udp_frame(b"late %d " % i + bytes(1000), sport=3000 + i % 50)) for i in range(150)]
+    rig.p.sendall(b"".join(frames))
+    os.kill(rig.srv.pid, sig.SIGSTOP)
+    try:
+        rig.s.sendall(b"".join(frames))
+        rig.s.close()
+        rig.s = env.track(connect(rig.s_ep))       # queued in the listener's backlog
+    finally:
+        os.kill(rig.srv.pid, sig.SIGCONT)
+    rig.out.wait_bytes(sum(map(len, frames)))
+    st = rig.srv.wait_stats(lambda st: st["frames_in"]["secondary"] == 150)
+    assert st["released"] == {"match": 150, "total": 150}
+    assert st["serve"]["links"]["secondary-in"]["connections"] == 2
+    assert rig.out.data() == b"".join(frames)
+    assert rig.stop() == 0
+
+
 # -- 8: backpressure ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("order", ["interleaved", "primary-first"])
