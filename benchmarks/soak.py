@@ -229,7 +229,9 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
                   "rss_kib": {"first": rss[0] if rss else None, "last": rss[-1] if rss else None,
                               "max": max(rss) if rss else None},
                   "rss_growth_after_warmup": round(growth, 3), "samples": len(samples),
-                  "counted": counted, "secondary_unread": secondary_unread}
+                  "counted": counted, "secondary_unread": secondary_unread,
+                  "checkpoint_requests": dict(st["checkpoint_requests"]),
+                  "miscompares": dict(st["miscompares"])}
         result["ok"] = (not missing and not duplicated and not reader.reordered
                         and result["serve_alive"] and growth < 0.25
                         and all(c["ok"] for c in counted.values()))
@@ -268,6 +270,8 @@ def main(argv=None) -> int:
             f"{k} {c['counted']:,} of {c['injected']:,}{'' if c['ok'] else ' (WRONG)'}"
             for k, c in result["counted"].items())
             + f"; secondary frames never read (cut-off connections): {result['secondary_unread']:,}")
+        print(f"checkpoint requests by cause {result['checkpoint_requests']}, "
+              f"miscompares {result['miscompares']}")
         print(f"serve RSS KiB first {result['rss_kib']['first']}, last {result['rss_kib']['last']}, "
               f"max {result['rss_kib']['max']}; growth after warm-up "
               f"{result['rss_growth_after_warmup'] * 100:.1f} %")
