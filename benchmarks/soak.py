@@ -72,7 +72,13 @@ class Reader(threading.Thread):
         super().__init__(daemon=True)
         self.sock = sock
         self.decoder = FrameDecoder()
-        self.seen: dict[int, int] = {}
+        # how often each serial number came out, one byte each: a dict or
+        # set of millions of entries stalls this process (and with it the
+        # sender thread, between its primary and secondary writes) for
+        # hundreds of ms whenever it resizes, which made serve time out
+        # frames whose twins the stalled client had not sent yet
+        self.seen = bytearray(1 << 20)
+        self.distinct = 0
         self.last_per_flow: dict[int, int] = {}
         self.reordered = 0
         self.frames = 0
@@ -95,7 +101,13 @@ class Reader(threading.Thread):
                 if at < 0:
                     continue
                 serial, flow = struct.unpack_from(">QI", wire, at + 4)
-                self.seen[serial] = self.seen.get(serial, 0) + 1
+                if serial >= len(self.seen):
+                    self.seen.extend(bytes(max(serial + 1, 2 * len(self.seen)) - len(self.seen)))
+                n = self.seen[serial]
+                if n == 0:
+                    self.distinct += 1
+                if n < 255:
+                    self.seen[serial] = n + 1
                 if self.last_per_flow.get(flow, -1) > serial:
                     self.reordered += 1
                 self.last_per_flow[flow] = serial
@@ -144,7 +156,7 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
         reader.start()
         serial = 0
         tcp_seq = {}
-        sent_primary = set()
+        sent_primary = 0          # every serial number 1..serial is a primary frame
         sent_secondary = 0
         faults = {"divergence": 0, "malformed": 0, "zero_length": 0, "primary_only": 0,
                   "hostile_length": 0}
@@ -168,7 +180,7 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
                 else:
                     frame = udp_frame(tag + b"u" * 100, sport=10000 + flow, dport=53)
                 p_buf.append(encode(frame))
-                sent_primary.add(serial)
+                sent_primary += 1
                 k = serial % 997
                 if k == 1 and flow % 4:
                     # a divergence on a datagram flow: the primary wins
@@ -186,7 +198,7 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
                 junk = ether(MAGIC + struct.pack(">QI", serial, flows + 1) + b"\0" * 8, 0x88B5)
                 p_buf.append(encode(junk))
                 s_buf.append(encode(junk))
-                sent_primary.add(serial)
+                sent_primary += 1
                 p_buf.append(b"\0\0\0\0")
                 faults["malformed"] += 1
                 faults["zero_length"] += 1
@@ -208,7 +220,7 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
             time.sleep(max(0.0, start + tick * 0.01 - time.monotonic()))
         # let timeouts fire and outdev drain
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(reader.seen) < len(sent_primary):
+        while time.monotonic() < deadline and reader.distinct < sent_primary:
             time.sleep(0.1)
         samples.append((round(time.monotonic() - start, 1), rss_kib(proc.pid)))
         reader.stop = True
@@ -217,13 +229,14 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
         # secondary frames a cut-off connection took with it when its
         # replacement arrived before serve had read them all
         secondary_unread = sent_secondary - st["frames_in"]["secondary"]
-        missing = len(sent_primary - reader.seen.keys())
-        duplicated = sum(1 for n in reader.seen.values() if n > 1)
+        seen = bytes(reader.seen[1:sent_primary + 1].ljust(sent_primary, b"\0"))
+        missing = seen.count(0)
+        duplicated = sent_primary - missing - seen.count(1)
         rss = [kib for _, kib in samples if kib]
         warm = rss[len(rss) // 4:] if len(rss) >= 8 else rss
         growth = (max(warm) - min(warm)) / min(warm) if warm else 0.0
         result = {"duration_s": duration_s, "rate_frames_s": rate, "flows": flows,
-                  "primary_frames": len(sent_primary), "out_frames": reader.frames,
+                  "primary_frames": sent_primary, "out_frames": reader.frames,
                   "missing": missing, "duplicated": duplicated, "reordered": reader.reordered,
                   "faults": faults, "serve_alive": proc.poll() is None,
                   "rss_kib": {"first": rss[0] if rss else None, "last": rss[-1] if rss else None,
