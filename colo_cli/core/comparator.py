@@ -129,7 +129,6 @@ class Comparator:
         self._reassembly = (Reassembler(), Reassembler())   # per side
         self.last_scan_ms = None        # time of the last periodic scan
         self._conns = self.table.conns  # the table's dict, for the hot path
-        self._spare = None              # an evicted empty UDP connection, to reuse
         #: release matched frames as their bytes rather than Released events
         self.compact = compact
         #: take the fast path for the common case (tests turn it off to check
@@ -177,10 +176,8 @@ class Comparator:
                 if conn is None and not self.config.ignore:
                     # a new flow: made here rather than by the general path
                     # (many short flows are the connection-churn case)
-                    conn = self._recycle_udp(key, now_ms)
-                    if conn is None:
-                        made = []
-                        conn = self._new_connection(key, KIND_UDP, now_ms, made)
+                    made = []
+                    conn = self._new_connection(key, KIND_UDP, now_ms, made)
                 if conn is not None and not conn.diverged and not conn.stale:
                     conn.last_ms = now_ms
                     off = l2 + 34
@@ -533,14 +530,21 @@ class Comparator:
 
     def _new_connection(self, key, kind, now_ms, out) -> Connection:
         table = self.table
-        if len(self._conns) >= table.max_connections:
-            self._evict_for_room(now_ms, out)
         config = self.config
+        if len(self._conns) >= table.max_connections:
+            if kind == KIND_UDP and not config.ignore:
+                # the connection-churn case (many short flows through a full
+                # table): the oldest connection, when it is an idle datagram
+                # one, becomes the new one in place, its deques kept
+                conn = table.recycle_oldest_datagram(key, now_ms)
+                if conn is not None:
+                    self.stats.connections_evicted["idle"] += 1
+                    self.stats.connections_created += 1
+                    return conn
+            self._evict_for_room(now_ms, out)
         if config.ignore or config.normalize_seq:
             conn = Connection(key, kind, now_ms, config.normalize_seq,
                               rules_for(config.ignore, kind, key))
-        elif kind == KIND_UDP and self._spare is not None:
-            conn, self._spare = self._spare.reuse(key, now_ms), None
         else:
             conn = Connection(key, kind, now_ms)
         table.add(conn)
@@ -812,21 +816,6 @@ class Comparator:
                 conn.tcp.reset()
         return released, discarded
 
-    def _recycle_udp(self, key, now_ms):
-        """A full table and a new UDP flow (the connection-churn case: many
-        short flows): when the oldest connection is an idle, plain datagram
-        one, it becomes the new one in place.  The same outcome as
-        ``_evict_for_room`` then ``_new_connection``, without their calls;
-        None when the case is not that one (then nothing has changed)."""
-        if len(self._conns) < self.table.max_connections:
-            return None
-        conn = self.table.recycle_oldest_datagram(key, now_ms)
-        if conn is not None:
-            stats = self.stats
-            stats.connections_evicted["idle"] += 1
-            stats.connections_created += 1
-        return conn
-
     def _evict_for_room(self, now_ms, out) -> None:
         """The table is full and a new connection arrives: forget an idle
         connection (the oldest, when it is idle: the usual case, in O(1)),
@@ -834,11 +823,9 @@ class Comparator:
         holds."""
         table = self.table
         front = table.pop_oldest()
-        if front is not None and not (front.p or front.s or front.p_later or front.s_later):
+        if front is not None and not front.queued:
             self.stats.connections_evicted["idle"] += 1
             table.remove(front)
-            if front.kind == KIND_UDP and not front.rules:
-                self._spare = front      # made a new one by _new_connection
             return
         sample = ([front] if front is not None else []) + table.oldest(63)
         if not sample:
