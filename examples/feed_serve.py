@@ -32,10 +32,18 @@ from colo_cli.core.framing import FrameDecoder, encode  # noqa: E402
 from colo_cli.endpoints import parse_endpoint  # noqa: E402
 
 
-def connect(text: str, timeout_s: float = 10.0) -> socket.socket:
-    ep = parse_endpoint(text)
+def endpoint(text: str):
+    try:
+        ep = parse_endpoint(text)
+    except ValueError as e:
+        sys.exit(f"feed_serve: {e}")
     if ep.server:
         sys.exit(f"feed_serve: {text}: this script connects; give serve's endpoint without ',server'")
+    return ep
+
+
+def connect(text: str, timeout_s: float = 10.0) -> socket.socket:
+    ep = endpoint(text)
     family = socket.AF_UNIX if ep.kind == "unix" else (
         socket.AF_INET6 if ":" in ep.host else socket.AF_INET)
     deadline = time.monotonic() + timeout_s
@@ -76,6 +84,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.speed <= 0:
         ap.error("--speed must be positive")
+    for text in (args.primary_in, args.secondary_in, args.outdev):
+        if text is not None:
+            endpoint(text)           # bad syntax: one line, before anything is read
 
     # secondary first at equal times, as in replay: a primary frame is then
     # compared the moment it arrives

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
@@ -47,11 +49,16 @@ def test_feed_serve_plays_the_examples_into_serve(tmp_path):
     assert "Traceback" not in serve.stderr.read()
 
 
-def test_feed_serve_errors_are_one_line(tmp_path):
+@pytest.mark.parametrize("primary, endpoint, message", [
+    ("match-primary.pcap", "unix:{tmp}/none,server", "without ',server'"),
+    ("match-primary.pcap", "nonsense", "'nonsense': expected tcp:HOST:PORT"),
+    ("no-such.pcap", "unix:{tmp}/p", "no-such.pcap: cannot open"),
+])
+def test_feed_serve_errors_are_one_line(tmp_path, primary, endpoint, message):
     r = subprocess.run([PY, str(ROOT / "examples" / "feed_serve.py"),
-                        str(ROOT / "examples" / "match-primary.pcap"),
+                        str(ROOT / "examples" / primary),
                         str(ROOT / "examples" / "match-secondary.pcap"),
-                        "--primary-in", f"unix:{tmp_path}/none,server", "--secondary-in", "unix:/x"],
+                        "--primary-in", endpoint.format(tmp=tmp_path), "--secondary-in", "unix:/x"],
                        capture_output=True, text=True, timeout=30, cwd=ROOT)
-    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
-    assert "without ',server'" in r.stderr
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert message in r.stderr
