@@ -404,3 +404,17 @@ def test_flow_churn_through_a_full_table_fast_and_general_paths_agree():
     assert results[0] == results[1]
     frames, kinds, conns, released = results[0]
     assert len(frames) == 42 and conns["evicted"]["idle"] > 30
+
+
+def test_bytes_in_and_released_bytes_count_frame_bytes_only():
+    """Counted as replay counts them: a vnet header (and serve's length
+    word, passed as part of l2) is not frame bytes; a vnet length that runs
+    past the record leaves no frame bytes at all, never a negative count."""
+    c = Comparator()
+    frame = u(0)
+    c.receive(P, b"\1" * 12 + frame, 0, l2=12, vnet_hdr_len=12)
+    c.receive(S, b"\0\0\0\0" + b"\2" * 12 + frame, 1, l2=16, vnet_hdr_len=12)
+    c.receive(P, b"\0" * 30, 2, l2=40, vnet_hdr_len=36)          # l2 beyond the record
+    snap = c.snapshot()
+    assert snap["bytes_in"] == {"primary": len(frame), "secondary": len(frame)}
+    assert snap["released_bytes"] == len(frame)

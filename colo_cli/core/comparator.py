@@ -156,7 +156,7 @@ class Comparator:
         size = len(data)
         # frame bytes, as a capture has them: serve's length words and vnet
         # headers are not counted, so serve and replay count alike
-        stats.bytes_in[side] += size - l2 if size > l2 else 0
+        stats.bytes_in[side] += size - l2     # (l2 > size: undone below)
         # frames_in is this index, read by Stats.snapshot
         index = stats.frames_in[side]
         stats.frames_in[side] = index + 1
@@ -270,6 +270,8 @@ class Comparator:
         # The general path.
         pkt = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
         if vnet_hdr_len > MAX_VNET_HDR_LEN or l2 > size:
+            if l2 > size:
+                stats.bytes_in[side] += l2 - size    # no frame bytes at all
             return self._not_comparable(pkt, REASON_BAD_VNET_HDR)
         parsed = parse(data, l2)
         kind = parsed[0]
