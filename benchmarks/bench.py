@@ -1115,7 +1115,7 @@ def verify_replay_output(wl: Workload, p_path: str, s_path: str, directory: str)
     out = os.path.join(directory, f"{wl.name}-out.pcap")
     r = run_measured(replay_argv(p_path, s_path, out), timeout_s=600)
     with open_capture(out) as reader:
-        check = check_records((data for _ts, data, _ol in reader), wl, wl.n, None)
+        check = check_records((data for _n, _ts, data, _ol, _lt in reader), wl, wl.n, None)
     os.unlink(out)
     check["returncode"] = r["returncode"]
     return check

@@ -329,7 +329,14 @@ class _Source:
 
 class CaptureReader:
     """A capture opened by :func:`open_capture`; iterate it once for
-    ``(ts_ns, data, orig_len)`` tuples in file order.
+    ``(frame_number, ts_ns, data, orig_len, linktype)`` tuples in file order.
+
+    ``frame_number`` is the record's number as Wireshark and tshark give it:
+    1 for the first packet record of the file, counting every packet record
+    in file order (pcapng: across sections and interfaces, including those
+    of interfaces that are skipped), so a report can name the very frame a
+    user opens in Wireshark.  ``linktype`` is the record's own link type (a
+    pcapng's interfaces may differ).
 
     ``name`` is the display name (``<stdin>`` for ``-``); ``format`` is
     ``'pcap'`` or ``'pcapng'``; ``linktype``, ``snaplen`` and ``nanosecond``
@@ -377,7 +384,7 @@ class CaptureReader:
 
     # -- public -----------------------------------------------------------
 
-    def __iter__(self) -> Iterator[tuple[int, bytes, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, bytes, int, int]]:
         if self._gen is None:
             if self._closed:
                 return iter(())
@@ -479,13 +486,14 @@ class CaptureReader:
         self.linktype = linktype_field & 0xFFFF
         self._check_ethernet()
 
-    def _pcap_records(self) -> Iterator[tuple[int, bytes, int]]:
+    def _pcap_records(self) -> Iterator[tuple[int, int, bytes, int, int]]:
         src = self._src
         unpack_from = struct.Struct(self._pcap_order + "IIII").unpack_from
         hdr_len = self._pcap_hdr_len
         frac_ns = self._pcap_frac_ns
         swap = self._pcap_swap
         max_caplen = MAX_CAPLEN
+        linktype = self.linktype
         buf = src.buf
         pos = src.pos
         end = len(buf)
@@ -527,7 +535,7 @@ class CaptureReader:
                     stop = start + caplen
                 count += 1
                 self.packets = count
-                yield sec * _NS_PER_S + frac * frac_ns, buf[start:stop], orig_len
+                yield count, sec * _NS_PER_S + frac * frac_ns, buf[start:stop], orig_len, linktype
                 pos = stop
         except OSError as exc:
             raise self._read_error(exc) from None
@@ -664,10 +672,11 @@ class CaptureReader:
         else:
             entry[0] += 1
 
-    def _pcapng_records(self) -> Iterator[tuple[int, bytes, int]]:
+    def _pcapng_records(self) -> Iterator[tuple[int, int, bytes, int, int]]:
         next_block = self._ng_next_block
         max_caplen = MAX_CAPLEN
         count = 0
+        number = 0          # Wireshark's frame number: skipped packets count too
         offset = self._src.offset()
         try:
             while True:
@@ -690,14 +699,15 @@ class CaptureReader:
                         self._stop("corrupt %s at offset %d (captured length %d in a %d-byte block)"
                                    % (_block_name(btype), offset, caplen, blen))
                         return
-                    _linktype, _snaplen, mul, div, offset_ns, skip_key = iface = ifaces[ifid]
+                    linktype, _snaplen, mul, div, offset_ns, skip_key = iface = ifaces[ifid]
+                    number += 1
                     if skip_key is not None:
                         self._ng_skip(iface)
                         continue
                     count += 1
                     self.packets = count
-                    yield ((ts_hi << 32 | ts_lo) * mul // div + offset_ns,
-                           buf[at + 28:at + 28 + caplen], orig_len)
+                    yield (number, (ts_hi << 32 | ts_lo) * mul // div + offset_ns,
+                           buf[at + 28:at + 28 + caplen], orig_len, linktype)
                 elif btype == _BT_SPB:
                     ifaces = self._ng_ifaces
                     if not ifaces:
@@ -715,13 +725,14 @@ class CaptureReader:
                         self._stop("corrupt Simple Packet Block at offset %d (captured length %d)"
                                    % (offset, caplen))
                         return
+                    number += 1
                     if iface[5] is not None:
                         self._ng_skip(iface)
                         continue
                     count += 1
                     self.packets = count
                     # An SPB has no timestamp; libpcap reports 0 too.
-                    yield 0, buf[at + 12:at + 12 + caplen], orig_len
+                    yield number, 0, buf[at + 12:at + 12 + caplen], orig_len, iface[0]
                 elif btype == _BT_SHB or btype == _BT_IDB:
                     self._ng_meta_block(btype, buf, at, blen, offset)
                 # Anything else (NRB, ISB, DSB, custom, unknown) carries no packet.

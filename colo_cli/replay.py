@@ -89,7 +89,7 @@ def _relative(reader, info: SideInfo, side):
     """(now_ns, side, ts_ns, data, cut) from one capture, time relative to
     its first packet; fills ``info`` as it goes."""
     first = None
-    for ts_ns, data, orig_len in reader:
+    for _number, ts_ns, data, orig_len, _linktype in reader:
         if first is None:
             first = ts_ns
             info.first_ts_ns = ts_ns

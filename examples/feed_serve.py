@@ -62,7 +62,7 @@ def connect(text: str, timeout_s: float = 10.0) -> socket.socket:
 def frames(path: str, side: int) -> list:
     try:
         with open_capture(path) as reader:
-            recs = [(ts, data) for ts, data, _orig in reader]
+            recs = [(ts, data) for _n, ts, data, _orig, _lt in reader]
     except CaptureError as e:
         sys.exit(f"feed_serve: {e}")
     if not recs:

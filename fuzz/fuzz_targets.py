@@ -76,7 +76,7 @@ def capture(data: bytes) -> None:
     except CaptureError:
         return
     total = 0
-    for ts, frame, orig in reader:
+    for _number, ts, frame, orig, _linktype in reader:
         assert isinstance(ts, int)
         total += len(frame)
         assert total <= len(data)

@@ -25,10 +25,11 @@ FRAME_C = udp_frame(b"third", sport=7)
 # ------------------------------------------------------------------ helpers
 
 def read_bytes(data, **kw):
-    """Open bytes as '-' and read everything: (records, reader)."""
+    """Open bytes as '-' and read everything: ([(ts_ns, data, orig_len)],
+    reader).  (Frame numbers and link types have tests of their own.)"""
     reader = open_capture("-", stdin=io.BytesIO(data), **kw)
     with reader:
-        return list(reader), reader
+        return [(ts, frame, orig) for _n, ts, frame, orig, _lt in reader], reader
 
 
 def pcap_header(magic=0xA1B2C3D4, order="<", version=(2, 4), snaplen=262144, linktype=1):
@@ -433,7 +434,7 @@ def test_stdin_pipe(kind, buffered, piece):
     pipe, t = _pipe_reader(payload, buffered=buffered, piece=piece)
     with pipe, open_capture("-", stdin=pipe) as r:
         assert r.name == "<stdin>" and r.format == kind
-        assert list(r) == expected
+        assert [rec[1:4] for rec in r] == expected
     t.join(5)
 
 
@@ -640,7 +641,7 @@ class FailingStream:
 def test_read_error_mid_file_raises_capture_error():
     r = open_capture("-", stdin=FailingStream(sample_pcap()[:-5]))
     it = iter(r)
-    assert next(it)[1] == FRAME_A and next(it)[1] == FRAME_B
+    assert next(it)[2] == FRAME_A and next(it)[2] == FRAME_B
     with pytest.raises(CaptureError) as ei:
         next(it)
     assert one_line(ei, "<stdin>") == "<stdin>: read error after 2 packets: Input/output error"
@@ -682,7 +683,8 @@ def drain(data, require_ethernet=False):
         return None
     n = 0
     with reader:
-        for ts_ns, frame, orig_len in reader:
+        for number, ts_ns, frame, orig_len, linktype in reader:
+            assert type(number) is int and number > n and type(linktype) is int
             assert type(ts_ns) is int and type(frame) is bytes and type(orig_len) is int
             n += 1
             assert n <= len(data)   # every record consumes bytes: no endless loop
@@ -797,7 +799,7 @@ def test_corpus_file_reads_like_the_manifest(entry):
     assert r.format == entry["format"]
     if first_linktype(entry) is not None:
         assert r.linktype == first_linktype(entry)
-    for ts_ns, frame, orig_len in records:
+    for _number, ts_ns, frame, orig_len, _linktype in records:
         assert type(ts_ns) is int and ts_ns >= 0
         assert type(frame) is bytes and len(frame) <= MAX_CAPLEN
 
@@ -825,7 +827,7 @@ def test_corpus_file_with_require_ethernet(entry):
 
 def test_corpus_multi_interface_timestamps_are_not_1970(corpus):
     with open_capture(str(corpus / "zeek/pcapng-multi-interface.pcapng")) as r:
-        stamps = [ts for ts, _, _ in r]
+        stamps = [ts for _n, ts, _, _, _lt in r]
     assert len(stamps) == 6
     # dpkt divides the µs interface's ticks by 10^9 and dates those packets 1970
     assert all(1_700_000_000 * 10**9 < ts < 1_900_000_000 * 10**9 for ts in stamps), stamps
@@ -834,7 +836,7 @@ def test_corpus_multi_interface_timestamps_are_not_1970(corpus):
 def test_corpus_simple_packet_blocks(corpus):
     with open_capture(str(corpus / "pcapng-test-generator/output_le/basic/test010.pcapng")) as r:
         records = list(r)
-    assert [(len(d), o) for _, d, o in records] == [(314, 314), (342, 342), (314, 314), (342, 342)]
+    assert [(len(d), o) for _n, _ts, d, o, _lt in records] == [(314, 314), (342, 342), (314, 314), (342, 342)]
 
 
 def test_corpus_byte_order_twins_read_the_same(corpus):
@@ -849,6 +851,8 @@ def test_corpus_mixed_link_types_are_skipped_and_counted(corpus):
     with open_capture(path) as r:
         records = list(r)
     assert len(records) == 6
+    # frame numbers count the skipped packets too
+    assert [n for n, *_ in records] == [1, 2, 4, 5, 6, 7]
     assert r.warnings == [
         path + ": skipped 1 packet on interface 1 of section 1 (link type NULL (0), not Ethernet)",
         path + ": skipped 1 packet on interface 1 of section 3 (link type NULL (0), not Ethernet)"]

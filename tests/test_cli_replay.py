@@ -68,7 +68,7 @@ def write_pcapng(path, frames, *, linktype=1):
 def read_frames(path):
     """[(ts_ns, bytes)] of a capture (an output of ours, or an example)."""
     with open_capture(str(path)) as reader:
-        return [(ts, data) for ts, data, _orig in reader]
+        return [(ts, data) for _n, ts, data, _orig, _lt in reader]
 
 
 def dpkt_frames(path):

@@ -81,7 +81,7 @@ def dpkt_records(path):
 def exact_records(path):
     """[(ts_ns, bytes)]: exact nanosecond timestamps, to write faithful copies."""
     with open_capture(str(path)) as reader:
-        return [(ts, data) for ts, data, _orig in reader]
+        return [(ts, data) for _n, ts, data, _orig, _lt in reader]
 
 
 def write_pcap(path, records):

@@ -1493,7 +1493,7 @@ def test_serve_and_replay_release_the_same_frames(env):
     assert r.returncode == 1, r.stderr              # they diverge
     report = json.loads(r.stdout)
     with open_capture(out_pcap) as reader:
-        replay_out = [data for _ts, data, _orig in reader]
+        replay_out = [data for _n, _ts, data, _orig, _lt in reader]
     assert len(serve_out) == sum(1 for side, _f in steps if side == "p")
     assert serve_out == replay_out
     for key in ("frames_in", "bytes_in", "released", "released_bytes", "bypassed", "dropped",
