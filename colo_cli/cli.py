@@ -468,7 +468,8 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
                            hexdumps_per_minute=hexdump_rate,
                            outdev_buffer_bytes=outdev_buffer_mib * 1024 * 1024,
                            connect_timeout_s=connect_timeout, drain_timeout_s=drain_timeout,
-                           verbose=-1 if quiet else (1 if verbose else 0))
+                           verbose=-1 if quiet else (1 if verbose else 0),
+                           debug=bool((click.get_current_context().obj or {}).get("debug")))
     _tune_gc()
     try:
         rc = run_serve(options)

@@ -10,8 +10,9 @@ are those ``serve`` would have taken for the same arrival times.
 A checkpoint request is answered the way a COLO system answers it, at once
 (flush and reset), on the connection that raised it, so later divergences on
 that connection are found and reported separately; other connections are
-left alone (see ``Comparator.resolve``).  ``hold=True`` instead holds
-everything until the end.
+left alone: the core's ``CheckpointMode.LOCAL``.  ``hold=True`` instead holds
+everything until the end (``CheckpointMode.EXTERNAL``, with nobody to
+checkpoint).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointRequested, Comparator, Config,
-                   Dropped, Miscompare, Released)
+from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointMode, CheckpointRequested,
+                   Comparator, Config, InternalError, Miscompare, Released)
 from .core.events import RELEASE_END, RELEASE_MATCH
 from .core.packet import format_key
 
@@ -70,6 +71,7 @@ class ReplayResult:
     requests_total: int = 0
     unmatched_primary: int = 0
     unmatched_secondary: int = 0
+    internal_errors: int = 0     # frames the comparator failed on (let go, counted)
     # key -> {"miscompares": n, "timeouts": n, "unmatched": primary frames
     # that left without a match}
     per_flow: dict = field(default_factory=dict)
@@ -129,7 +131,8 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     of its two frames.
     """
     config = config or Config()
-    comparator = Comparator(config, compact=True)
+    comparator = Comparator(config, compact=True,
+                            mode=CheckpointMode.EXTERNAL if hold else CheckpointMode.LOCAL)
     p_info = SideInfo(getattr(primary_reader, "name", "primary"),
                       getattr(primary_reader, "format", ""), getattr(primary_reader, "linktype", 1))
     s_info = SideInfo(getattr(secondary_reader, "name", "secondary"),
@@ -146,7 +149,6 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
         time when there is one (``now_ms`` is a float)."""
         if now_ns is None:
             now_ns = round(now_ms * 1e6)
-        to_resolve = []
         for e in events:
             t = type(e)
             if t is bytes:
@@ -181,32 +183,30 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
                 if len(result.requests) < detail_limit:
                     result.requests.append((now_ms, e.cause,
                                             format_key(e.key) if e.key is not None else None))
-                if not e.handled and e.key not in to_resolve:
-                    to_resolve.append(e.key)
-        if to_resolve and not hold:
-            # the COLO answer, on the connection concerned: checkpoint it now,
-            # so its next divergence is a new one (see Comparator.resolve)
-            for key in to_resolve:
-                emit(comparator.resolve(key, now_ms), now_ms, now_ns)
+            elif t is InternalError:
+                result.internal_errors += 1
 
     def run_scans(now_ms):
-        """The scans that do something before ``now_ms``, each at its tick."""
+        """The scans due by ``now_ms``, each at its own tick, as serve's
+        timer would run them (the core skips the ticks with nothing to do, so
+        a gap of days costs nothing).  Returns the time of the last one."""
+        last = None
         while True:
-            due = comparator.scan_due(now_ms)
-            if due is None:
-                break
-            emit(comparator.handle_timer(due), due)
-            if hold:
-                # held frames would raise the same request every tick: let
-                # one collapsed scan stand for the rest
-                events = comparator.handle_timer(now_ms)
-                if events:
-                    emit(events, comparator.last_scan_ms)
-                break
-        timer = comparator.get_timer()
-        if timer is not None and timer <= now_ms:
-            # housekeeping (idle connections) only: nothing is due
-            comparator.handle_timer(now_ms)
+            due = comparator.get_timer()
+            if due is None or due > now_ms:
+                return last
+            events = comparator.handle_timer(due)
+            last = due
+            if events:
+                emit(events, due)
+                if hold:
+                    # held frames raise the same request every tick until
+                    # the end: one collapsed scan stands for the rest
+                    events = comparator.handle_timer(now_ms)
+                    if events:
+                        last = events[0].now_ms if hasattr(events[0], "now_ms") else now_ms
+                        emit(events, last)
+                    return last
 
     receive = comparator.receive
     l2 = vnet_hdr_len
@@ -231,8 +231,7 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     # a trailing unmatched frame is reported as a timeout like any other.
     if config.compare_timeout_ms is not None and comparator.queued_frames:
         deadline = now_ms + config.compare_timeout_ms + config.expired_scan_cycle_ms
-        run_scans(deadline)
-        now_ms = max(now_ms, comparator.last_scan_ms or now_ms)
+        now_ms = max(now_ms, run_scans(deadline) or now_ms)
     before = comparator.stats.secondary_discarded
     emit(comparator.finish(now_ms), now_ms)
     result.unmatched_secondary = comparator.stats.secondary_discarded - before

@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from . import __version__
-from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointDone, CheckpointRequested,
-                   Comparator, Config, Dropped, Miscompare, Released)
+from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointDone, CheckpointMode,
+                   CheckpointRequested, Comparator, Config, Dropped, InternalError, Miscompare,
+                   Released, SecondaryAbsent)
 from .core.framing import (MSG_CHECKPOINT, MSG_DO_CHECKPOINT, MSG_GET_XEN_INIT,
                            MSG_PROXY_INIT, FrameDecoder, NotifyDecoder, encode_notify)
 from .core.packet import format_key
@@ -80,6 +81,7 @@ class ServeOptions:
     connect_timeout_s: float = 30.0              # 0: wait forever for a first connection
     drain_timeout_s: float = 5.0
     verbose: int = 0                             # -1 quiet, 0 normal, 1 verbose
+    debug: bool = False                          # tracebacks of internal errors
 
     @property
     def policy(self) -> str:
@@ -448,7 +450,10 @@ class Server:
         self.options = options
         self.loop = loop or asyncio.get_event_loop()
         self.stderr = stderr or sys.stderr
-        self.comparator = Comparator(options.config, compact=True)
+        # release: nobody outside can checkpoint, so the core answers each
+        # request itself, per connection; hold: a COLO system checkpoints
+        mode = CheckpointMode.LOCAL if options.policy == POLICY_RELEASE else CheckpointMode.EXTERNAL
+        self.comparator = Comparator(options.config, compact=True, mode=mode)
         self.running = False
         self.started_wall = time.time()
         self.started_ms = self.now_ms()
@@ -480,6 +485,7 @@ class Server:
         self.notify_unknown = 0
         self.checkpoints_by = {"local": 0, "notify": 0, "control": 0}
         self.hexdumps_suppressed = 0
+        self.internal_errors = 0
         self._overflow_next_log = 1
         self._do_checkpoint_wanted = False
 
@@ -524,6 +530,9 @@ class Server:
             if not link.endpoint.server:
                 link.start_client()
         self.running = True
+        # no secondary yet: if none comes within the absence bound, primary
+        # frames pass through rather than wait for it (see secondary_lost)
+        self.comparator.secondary_lost(self.now_ms())
         if o.policy == POLICY_HOLD and self.notify is None and not o.control_path:
             self.log("warning: --checkpoint-policy hold with neither --notify-dev nor --control: "
                      "nothing can perform a checkpoint, so a divergence holds its frames "
@@ -626,6 +635,10 @@ class Server:
         elif link is self.notify:
             self._notify_decoder = NotifyDecoder()
         self.event("connect", link=link.name, peer=link.peer)
+        if side == SECONDARY:
+            now = self.now_ms()
+            self.handle(self.comparator.secondary_back(now), now)
+            self._arm_timer()
 
     def on_disconnect(self, link: Link) -> None:
         side = self._side.get(id(link))
@@ -636,6 +649,11 @@ class Server:
                 self.event("input_error", link=link.name, error="record cut by disconnect",
                            bytes=decoder.pending_bytes)
         self.event("disconnect", link=link.name, reason=link.last_error)
+        if side == SECONDARY and self.running:
+            # compared frames wait (and time out) as usual; if the secondary
+            # stays away longer than the timeout, the core stops comparing
+            self.comparator.secondary_lost(self.now_ms())
+            self._arm_timer()
 
     def on_data(self, link: Link, data: bytes) -> None:
         side = self._side.get(id(link))
@@ -693,7 +711,6 @@ class Server:
     # -- events from the core ------------------------------------------------------------
     def handle(self, events, now_ms) -> None:
         push = self.outdev.out.push
-        requested = False
         for e in events:
             t = type(e)
             if t is bytes:
@@ -714,14 +731,21 @@ class Server:
             elif t is CheckpointRequested:
                 self.event("checkpoint_request", cause=e.cause,
                            flow=format_key(e.key) if e.key is not None else None)
-                if requested is False:
-                    requested = []
-                if not e.handled and e.key not in requested:
-                    requested.append(e.key)
+                if self.notify is not None:
+                    # sent once for everything one read (or one scan) brought:
+                    # QEMU sends one per request, the peer checkpoints once
+                    # either way
+                    self._do_checkpoint_wanted = True
             elif t is CheckpointDone:
-                self.event("checkpoint", released=e.released, discarded=e.discarded)
-        if requested is not False:
-            self._on_request(requested)
+                if e.key is not None:
+                    # the core checkpointed one connection itself (release policy)
+                    self.checkpoints_by["local"] += 1
+                self.event("checkpoint", released=e.released, discarded=e.discarded,
+                           flow=format_key(e.key) if e.key is not None else None)
+            elif t is SecondaryAbsent:
+                self._on_secondary_absent(e)
+            elif t is InternalError:
+                self._on_internal_error(e)
 
     def _trim(self) -> None:
         for wire in reversed(self.outdev.out.trim()):
@@ -745,25 +769,33 @@ class Server:
                      f"more than {self.options.outdev_buffer_bytes} bytes wait for outdev "
                      "(see --outdev-buffer)")
 
-    def _on_request(self, keys) -> None:
-        """Checkpoint requests arrived; ``keys``: the connections still to
-        resolve (those the core had not flushed itself)."""
-        if self.notify is not None:
-            # sent once for everything one read (or one scan) brought: QEMU
-            # sends one per request, the peer checkpoints once either way
-            self._do_checkpoint_wanted = True
-        if self.options.policy == POLICY_RELEASE:
-            # the primary wins, on the connection concerned (as replay does;
-            # see Comparator.resolve)
-            for key in keys:
-                self.resolve(key)
+    def _on_secondary_absent(self, e) -> None:
+        if e.entered:
+            self.log(f"secondary-in: gone for more than {self.comparator.absent_after_ms:g} ms: "
+                     f"comparing stopped, {e.released} queued primary frames released; primary "
+                     "frames now pass through uncompared until the secondary is back")
+            self.event("secondary_absent", released=e.released)
+        else:
+            self.log("secondary-in: back; comparing again")
+            self.event("secondary_back")
 
-    def resolve(self, key) -> None:
-        now = self.now_ms()
-        events = self.comparator.resolve(key, now)
-        if events:
-            self.checkpoints_by["local"] += 1
-            self.handle(events, now)
+    def _on_internal_error(self, e) -> None:
+        """A bug of ours cost a frame (counted by the core as internal-error):
+        say so once, then every hundredth time, with the traceback under
+        --debug; never stop."""
+        self.internal_errors += 1
+        self.event("internal_error", side=e.side.label if e.side is not None else None,
+                   error=f"{type(e.error).__name__}: {e.error}")
+        n = self.internal_errors
+        if n == 1 or n % 100 == 0:
+            where = f"a {e.side.label} frame" if e.side is not None else "a timer scan"
+            self.log(f"internal error on {where} ({n} so far): {type(e.error).__name__}: "
+                     f"{e.error}; the frame was let go and comparison goes on"
+                     + ("" if self.options.debug else " (--debug shows the traceback; please "
+                        "report it)"))
+            if self.options.debug:
+                import traceback
+                traceback.print_exception(e.error, file=self.stderr)
 
     def _send_do_checkpoint(self) -> None:
         self._do_checkpoint_wanted = False
@@ -884,6 +916,8 @@ class Server:
                        "colo_checkpoint_received": self.colo_checkpoint_received,
                        "unknown_messages": self.notify_unknown},
             "checkpoints_by": dict(self.checkpoints_by),
+            "secondary_absent": self.comparator.secondary_absent,
+            "internal_errors": self.internal_errors,
         }
         return snap
 

@@ -165,7 +165,7 @@ def execute(script, config, check_bounds=True, fast_path=True, compact=False):
             now = item[1]
             queued = [conn for conn in c.table if conn.queued]
             if queued:
-                events += c.resolve(queued[0].key, now)
+                events += c.checkpoint_connection(queued[0].key, now)
         else:
             side, frame, now = item
             events += c.receive(side, frame, now)

@@ -3,8 +3,11 @@
 Bytes and ``now_ms`` go in, events come out (see ``comparator``)."""
 
 from .comparator import Comparator, Config
-from .events import (PRIMARY, SECONDARY, Bypassed, CheckpointDone,
-                     CheckpointRequested, Dropped, Miscompare, Released, Side)
+from .events import (PRIMARY, SECONDARY, Bypassed, CheckpointCause, CheckpointDone,
+                     CheckpointMode, CheckpointRequested, Dropped, InternalError, Miscompare,
+                     MiscompareCause, Released, ReleaseReason, SecondaryAbsent, Side)
 
-__all__ = ["Comparator", "Config", "Side", "PRIMARY", "SECONDARY", "Released",
-           "Bypassed", "Dropped", "Miscompare", "CheckpointRequested", "CheckpointDone"]
+__all__ = ["Comparator", "Config", "Side", "PRIMARY", "SECONDARY", "CheckpointMode",
+           "Released", "Bypassed", "Dropped", "Miscompare", "CheckpointRequested",
+           "CheckpointDone", "SecondaryAbsent", "InternalError",
+           "ReleaseReason", "CheckpointCause", "MiscompareCause"]

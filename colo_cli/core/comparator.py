@@ -27,6 +27,7 @@ reset, and a checkpoint is requested.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections import deque
 from dataclasses import dataclass
@@ -116,7 +117,8 @@ def _frames(pkt) -> int:
 
 
 class Comparator:
-    def __init__(self, config: Config | None = None, compact: bool = False) -> None:
+    def __init__(self, config: Config | None = None, compact: bool = False,
+                 mode: ev.CheckpointMode = ev.CheckpointMode.EXTERNAL) -> None:
         self.config = config or Config()
         self.config.validate()
         self.stats = Stats()
@@ -127,8 +129,12 @@ class Comparator:
         self._epoch_ms = None           # first now_ms seen: scan ticks are phased from it
         self._next_scan_ms = None
         self._reassembly = (Reassembler(), Reassembler())   # per side
-        self.last_scan_ms = None        # time of the last periodic scan
         self._conns = self.table.conns  # the table's dict, for the hot path
+        #: who performs checkpoints (see CheckpointMode)
+        self.mode = ev.CheckpointMode(mode)
+        self._to_answer: list = []      # LOCAL: connections to checkpoint after this call
+        self._absent_since_ms = None    # when the secondary's input went away
+        self._absent = False            # ... and was given up: primary frames pass
         #: release matched frames as their bytes rather than Released events
         self.compact = compact
         #: take the fast path for the common case (tests turn it off to check
@@ -149,7 +155,21 @@ class Comparator:
         Returns the events.  With ``compact`` set, a frame released on a
         match appears as its ``data`` (bytes) instead of a ``Released``
         event: the hot path of the adapters.
+
+        Never raises: should the comparator fail on a frame (a bug of ours),
+        the frame is let go, counted as ``internal-error``, and an
+        ``InternalError`` event carries the exception (see ``_contain``).
         """
+        out: list = []
+        try:
+            self._receive(side, data, now_ms, l2, vnet_hdr_len, cut, out)
+            if self._to_answer:
+                self._answer_requests(now_ms, out)
+        except Exception as exc:  # noqa: BLE001 - one frame, not the comparator
+            self._contain(exc, side, data, now_ms, l2, out)
+        return out
+
+    def _receive(self, side, data, now_ms, l2, vnet_hdr_len, cut, out) -> None:
         if self._epoch_ms is None:
             self._start_clock(now_ms)
         stats = self.stats
@@ -160,6 +180,17 @@ class Comparator:
         # frames_in is this index, read by Stats.snapshot
         index = stats.frames_in[side]
         stats.frames_in[side] = index + 1
+        if self._absent_since_ms is not None:
+            if side == PRIMARY and self._absent:
+                # the secondary is gone: nothing to compare with (see
+                # secondary_lost); the frame passes at once
+                out.extend(self._not_comparable(Packet(side, data, l2, vnet_hdr_len, now_ms, index),
+                                                ev.REASON_SECONDARY_ABSENT))
+                return
+            if side == SECONDARY:
+                # secondary frames again: the adapter says so with
+                # secondary_back, but the frames themselves are proof
+                self._secondary_back(now_ms, out)
 
         # The fast path: an untagged IPv4 UDP datagram with a 20-byte header,
         # whole and not a fragment, on a connection that is in step.  It
@@ -172,12 +203,10 @@ class Comparator:
                     and total >= 28 and end <= size):
                 key = data[l2 + 26:l2 + 38] + _UDP4
                 conn = self._conns.get(key)
-                made = None
                 if conn is None and not self.config.ignore:
                     # a new flow: made here rather than by the general path
                     # (many short flows are the connection-churn case)
-                    made = []
-                    conn = self._new_connection(key, KIND_UDP, now_ms, made)
+                    conn = self._new_connection(key, KIND_UDP, now_ms, out)
                 if conn is not None and not conn.diverged and not conn.stale:
                     conn.last_ms = now_ms
                     off = l2 + 34
@@ -216,7 +245,8 @@ class Comparator:
                             if released is None:
                                 stats.released_bytes += size - l2
                                 if self.compact:
-                                    return [data]
+                                    out.append(data)
+                                    return
                                 released = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
                                 released.key = conn.key
                                 released.kind = conn.kind
@@ -224,8 +254,10 @@ class Comparator:
                             else:
                                 stats.released_bytes += len(released.data) - released.l2
                                 if self.compact:
-                                    return [released.data]
-                            return [ev.Released(released, ev.RELEASE_MATCH, hold_ms)]
+                                    out.append(released.data)
+                                    return
+                            out.append(ev.Released(released, ev.RELEASE_MATCH, hold_ms))
+                            return
                     elif len(mine) < self.config.max_queue_size:
                         pkt = _new_packet(Packet)    # see _fast_tcp
                         pkt.side = side
@@ -256,64 +288,62 @@ class Comparator:
                         if self.queued_bytes > stats.queued_bytes_high_water:
                             stats.queued_bytes_high_water = self.queued_bytes
                         if self.queued_bytes > self.config.max_queued_bytes:
-                            out = made or []
                             self._relieve_memory(now_ms, out)
-                            return out
-                        return made or []
+                        return
 
             elif (etype == 0x0800 and vihl == 0x45 and proto == 6 and not frag & 0x3FFF
                     and total >= 40 and end <= size):
-                out = self._fast_tcp(side, data, now_ms, l2, vnet_hdr_len, index, end)
-                if out is not None:
-                    return out
+                if self._fast_tcp(side, data, now_ms, l2, vnet_hdr_len, index, end, out):
+                    return
 
         # The general path.
         pkt = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
         if vnet_hdr_len > MAX_VNET_HDR_LEN or l2 > size:
             if l2 > size:
                 stats.bytes_in[side] += l2 - size    # no frame bytes at all
-            return self._not_comparable(pkt, REASON_BAD_VNET_HDR)
+            out.extend(self._not_comparable(pkt, REASON_BAD_VNET_HDR))
+            return
         parsed = parse(data, l2)
         kind = parsed[0]
         if kind is None:
-            return self._not_comparable(pkt, parsed[1])
+            out.extend(self._not_comparable(pkt, parsed[1]))
+            return
         if parsed[3] > size:
             if not cut:
                 # an IP length beyond the frame, and no capture to blame
-                return self._not_comparable(
-                    pkt, REASON_IPV6_TRUNCATED if parsed[1][-1:] == b"6" else REASON_IPV4_TRUNCATED)
+                out.extend(self._not_comparable(
+                    pkt, REASON_IPV6_TRUNCATED if parsed[1][-1:] == b"6" else REASON_IPV4_TRUNCATED))
+                return
             # captured short of its IP length (snaplen): only the captured
             # part can be compared
             stats.truncated[side] += 1
-        out: list = []
         if kind == KIND_FRAGMENT:
             self._receive_fragment(pkt, parsed, now_ms, out)
         else:
             self._dispatch(pkt, parsed, now_ms, out)
         if self.queued_bytes > self.config.max_queued_bytes:
             self._relieve_memory(now_ms, out)
-        return out
 
-    def _fast_tcp(self, side, data, now_ms, l2, vnet_hdr_len, index, end):
+    def _fast_tcp(self, side, data, now_ms, l2, vnet_hdr_len, index, end, out) -> bool:
         """The fast path for an untagged IPv4 TCP segment that carries data in
         sequence on a connection in step (no SYN/FIN/RST, nothing out of
-        order, nothing diverged): the bulk-transfer case.  Returns the events,
-        or None to leave the segment to the general path (then nothing has
-        been changed)."""
+        order, nothing diverged): the bulk-transfer case.  Appends the events
+        to ``out`` and returns True, or returns False to leave the segment to
+        the general path (then nothing has been changed)."""
         seq, ack, doff, flags = _fast_tcp(data, l2 + 38)
         if flags & _TCP_SIMPLE:
-            return None
+            return False
         off = l2 + 34 + (doff >> 4) * 4
         plen = end - off
         if plen <= 0 or off < l2 + 54:
-            return None
+            return False
         conn = self._conns.get(data[l2 + 26:l2 + 38] + _TCP4)
         if conn is None or conn.diverged or conn.p_later or conn.s_later:
-            return None
+            return False
         tcp = conn.tcp
         if (not tcp.plain or not tcp.locked or tcp.p_pending or tcp.s_pending
                 or tcp.unknown is not None or tcp.p_fin is not None or tcp.s_fin is not None):
-            return None
+            return False
         base = tcp.base
         p_buf, s_buf = tcp.p_buf, tcp.s_buf
         if side and not conn.p and not p_buf:
@@ -323,19 +353,20 @@ class Comparator:
             expected = base + len(s_buf)
             squeue = conn.s
             if (seq - expected) & _MASK32 or len(squeue) >= self.config.max_queue_size:
-                return None
+                return False
             if flags & ACK:
                 m = tcp.s_max_ack
                 if m is None or ((ack - m) & _MASK32) < _HALF32:
                     tcp.s_max_ack = ack
-            return self._queue_fast_tcp(side, data, l2, vnet_hdr_len, now_ms, index, conn, off,
-                                        end, seq, ack, flags, expected, s_buf, squeue)
+            self._queue_fast_tcp(side, data, l2, vnet_hdr_len, now_ms, index, conn, off,
+                                 end, seq, ack, flags, expected, s_buf, squeue, out)
+            return True
         if side:
             # the secondary brings bytes the primary has sent and are waiting
             if s_buf or conn.s or not conn.p or (seq - base) & _MASK32 or len(p_buf) < plen:
-                return None
+                return False
             if not p_buf.startswith(data[off:end]):
-                return None
+                return False
             if flags & ACK:
                 m = tcp.s_max_ack
                 if m is None or ((ack - m) & _MASK32) < _HALF32:
@@ -344,7 +375,6 @@ class Comparator:
             tcp.base = tcp.anchor = base = base + plen
             self.stats.secondary_matched += 1
             conn.last_ms = now_ms
-            out = []
             queue = conn.p
             ack_max = tcp.s_max_ack
             while queue:
@@ -377,16 +407,16 @@ class Comparator:
                     out.append(head.data)
                 else:
                     self._release(conn, head, ev.RELEASE_MATCH, now_ms, out)
-            return out
+            return True
         if s_buf:
             if conn.p or (seq - base) & _MASK32 or len(s_buf) < plen:
-                return None
+                return False
             # the secondary was ahead: this segment's bytes are there already
             ack_max = tcp.s_max_ack
             if (flags & ACK and (ack_max is None or ((ack_max - ack) & _MASK32) >= _HALF32)):
-                return None
+                return False
             if not s_buf.startswith(data[off:end]):
-                return None
+                return False
             del s_buf[:plen]
             base += plen
             tcp.base = tcp.anchor = base
@@ -404,29 +434,32 @@ class Comparator:
             stats.hold.zero += 1
             conn.released += 1
             if self.compact:
-                return [data]
+                out.append(data)
+                return True
             pkt = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
             pkt.kind = KIND_TCP
             pkt.key = conn.key
             pkt.done = True
-            return [ev.Released(pkt, ev.RELEASE_MATCH, 0.0)]
+            out.append(ev.Released(pkt, ev.RELEASE_MATCH, 0.0))
+            return True
         # nothing from the secondary yet: queue it, in sequence
         expected = base + len(p_buf)
         if (seq - expected) & _MASK32 or len(conn.p) >= self.config.max_queue_size:
-            return None
+            return False
         end_abs = expected + plen
         if tcp.p_end_max is None or end_abs > tcp.p_end_max:
             tcp.p_end_max = end_abs
-        return self._queue_fast_tcp(side, data, l2, vnet_hdr_len, now_ms, index, conn, off, end,
-                                    seq, ack, flags, expected, p_buf, conn.p)
+        self._queue_fast_tcp(side, data, l2, vnet_hdr_len, now_ms, index, conn, off, end,
+                             seq, ack, flags, expected, p_buf, conn.p, out)
+        return True
 
     def _queue_fast_tcp(self, side, data, l2, vnet_hdr_len, now_ms, index, conn, off, end,
-                        seq, ack, flags, expected, buf, queue) -> list:
+                        seq, ack, flags, expected, buf, queue, out) -> None:
         """Queue an in-sequence segment for the TCP fast path: the Packet
         with its fields set once (``Packet.__init__`` would fill defaults
         only to have them overwritten), its payload appended to its side's
-        stream ``buf``, and ``_enqueue``, inlined.  Returns the events (a
-        memory bound may flush)."""
+        stream ``buf``, and ``_enqueue``, inlined; a memory bound may flush,
+        appending to ``out``."""
         pkt = _new_packet(Packet)
         pkt.side = side
         pkt.data = data
@@ -464,10 +497,7 @@ class Comparator:
         if len(arrivals) > 2 * self.queued_frames + 4096:
             self._compact_arrivals()
         if self.queued_bytes > self.config.max_queued_bytes:
-            out = []
             self._relieve_memory(now_ms, out)
-            return out
-        return []
 
     def _dispatch(self, pkt, parsed, now_ms, out) -> None:
         """A parsed, comparable frame (or reassembled datagram) joins its
@@ -591,7 +621,7 @@ class Comparator:
         if conn.queued_primary > self.config.max_queue_size or \
                 conn.queued_secondary > self.config.max_queue_size:
             self._flush_connection(conn, now_ms, ev.RELEASE_QUEUE_FULL, out)
-            self._request(ev.CAUSE_QUEUE_FULL, conn, now_ms, out, handled=True)
+            self._request(ev.CAUSE_QUEUE_FULL, conn, now_ms, out, answered=True)
 
     def _add_secondary_segment(self, conn, pkt, now_ms, out) -> None:
         if conn.tcp.add_secondary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end):
@@ -698,7 +728,7 @@ class Comparator:
                 break
         if len(conn.p) > self.config.max_queue_size or len(conn.s) > self.config.max_queue_size:
             self._flush_connection(conn, now_ms, ev.RELEASE_QUEUE_FULL, out)
-            self._request(ev.CAUSE_QUEUE_FULL, conn, now_ms, out, handled=True)
+            self._request(ev.CAUSE_QUEUE_FULL, conn, now_ms, out, answered=True)
 
     def _equal_but_noise(self, conn, p, s) -> bool:
         """Whether two datagrams differ only where the noise rules say bytes
@@ -751,11 +781,28 @@ class Comparator:
             stats.released_flushed[reason] += 1
         out.append(ev.Released(pkt, reason, hold_ms))
 
-    def _request(self, cause, conn, now_ms, out, handled=False, key=None) -> None:
+    def _request(self, cause, conn, now_ms, out, answered=False, key=None) -> None:
+        """Ask for a checkpoint.  In ``CheckpointMode.LOCAL`` the comparator
+        answers it itself, on the connection concerned, once the call that
+        raised it has finished its work (``_answer_requests``): answering in
+        the middle of a comparison would pull the state from under it."""
         self.stats.checkpoint_requests[cause] += 1
         if conn is not None:
             key = conn.key
-        out.append(ev.CheckpointRequested(cause, key, now_ms, handled))
+        if not answered and self.mode is ev.CheckpointMode.LOCAL and key is not None:
+            if key not in self._to_answer:
+                self._to_answer.append(key)
+            answered = True
+        out.append(ev.CheckpointRequested(cause, key, now_ms, answered))
+
+    def _answer_requests(self, now_ms, out) -> None:
+        """``CheckpointMode.LOCAL``: checkpoint each connection that raised a
+        request during this call (in the order they did)."""
+        keys, self._to_answer = self._to_answer, []
+        for key in keys:
+            conn = self._conns.get(key)
+            if conn is not None:
+                self._checkpoint_one(conn, now_ms, out)
 
     def _flush_connection(self, conn, now_ms, reason, out, keep_ahead=False) -> tuple[int, int]:
         """Release every queued primary frame of ``conn`` in order, discard its
@@ -841,7 +888,7 @@ class Comparator:
             return
         self.stats.connections_evicted["table-full"] += 1
         self._flush_connection(victim, now_ms, ev.RELEASE_TABLE_FULL, out)
-        self._request(ev.CAUSE_TABLE_FULL, None, now_ms, out, handled=True, key=victim.key)
+        self._request(ev.CAUSE_TABLE_FULL, None, now_ms, out, answered=True, key=victim.key)
 
     def _relieve_memory(self, now_ms, out) -> None:
         """Too many bytes queued: flush the connections holding the oldest
@@ -854,7 +901,7 @@ class Comparator:
                 break
             self._flush_connection(pkt.conn, now_ms, ev.RELEASE_MEMORY_FULL, out)
             if not requested:
-                self._request(ev.CAUSE_MEMORY_FULL, pkt.conn, now_ms, out, handled=True)
+                self._request(ev.CAUSE_MEMORY_FULL, pkt.conn, now_ms, out, answered=True)
                 requested = True
 
     def _oldest_queued(self):
@@ -875,57 +922,74 @@ class Comparator:
         self._epoch_ms = now_ms
         self._next_scan_ms = now_ms + self.config.expired_scan_cycle_ms
 
+    def _tick_at_or_after(self, t_ms) -> float:
+        """The first scan tick at or after ``t_ms``."""
+        cycle = self.config.expired_scan_cycle_ms
+        return self._epoch_ms - ((self._epoch_ms - t_ms) // cycle) * cycle
+
+    def _tick_after(self, t_ms) -> float:
+        """The first scan tick strictly after ``t_ms``."""
+        cycle = self.config.expired_scan_cycle_ms
+        return self._epoch_ms + ((t_ms - self._epoch_ms) // cycle + 1) * cycle
+
     def get_timer(self):
         """When ``handle_timer`` should next be called (ms), or None when no
-        timer is needed (nothing queued, or timeouts off and nothing idle)."""
+        scan has anything to do.
+
+        Scans sit on a fixed grid, every ``expired_scan_cycle_ms`` from the
+        first ``now_ms`` seen, as QEMU's timer does; this is the first tick of
+        the grid at which one would decide something: a queued frame past
+        ``compare_timeout_ms`` (in ``CheckpointMode.EXTERNAL``, every tick
+        while one is, since the request repeats), a fragmented datagram to
+        give up, the secondary's absence bound, or an idle connection to
+        forget.  Ticks with nothing to do are skipped, so an adapter's cost is
+        bounded by what happens, not by the time that passes: ``replay``
+        follows a capture across a gap of days at no cost, and ``serve`` does
+        not wake up every cycle for nothing.
+        """
         if self._next_scan_ms is None:
             return None
-        if self.queued_frames or len(self.table) or self._reassembly[0] or self._reassembly[1]:
-            return self._next_scan_ms
-        return None
-
-    def scan_due(self, now_ms):
-        """The first scan tick, at or before ``now_ms``, at which a scan would
-        raise a timeout request or give up a fragmented datagram; None if
-        none would.  ``replay`` runs exactly those scans, at their own
-        times, so its requests happen when ``serve``'s timer would make them
-        (overdue scans collapsed into a later one decide the same, but their
-        times, and so hold times, would be late)."""
-        if self._next_scan_ms is None or self._next_scan_ms > now_ms:
-            return None
-        cycle = self.config.expired_scan_cycle_ms
-        epoch = self._epoch_ms
-        candidates = []
+        due = None
         timeout = self.config.compare_timeout_ms
-        if timeout is not None:
+        if timeout is not None and self.queued_frames:
             oldest = self._oldest_queued()
             if oldest is not None:
                 # the first tick where the age is strictly over the timeout
-                candidates.append(epoch + ((oldest.arrival_ms + timeout - epoch) // cycle + 1) * cycle)
+                due = self._tick_after(oldest.arrival_ms + timeout)
+        if self._absent_since_ms is not None and not self._absent:
+            t = self._tick_after(self._absent_since_ms + self.absent_after_ms)
+            due = t if due is None or t < due else due
         ftimeout = self.config.fragment_timeout_ms
         for reasm in self._reassembly:
             if reasm.pending:
                 first = next(iter(reasm.pending.values())).first_ms
-                k = -((epoch - first - ftimeout) // cycle)      # ceil
-                candidates.append(epoch + k * cycle)
-        if not candidates:
+                # given up when now - first >= the timeout
+                t = self._tick_at_or_after(first + ftimeout)
+                due = t if due is None or t < due else due
+        front = self.table.peek_oldest()
+        if front is not None and not front.queued:
+            # forgotten when last_ms <= now - idle_timeout
+            t = self._tick_at_or_after(front.last_ms + self.config.idle_timeout_ms)
+            due = t if due is None or t < due else due
+        if due is None:
             return None
-        due = max(min(candidates), self._next_scan_ms)
-        return due if due <= now_ms else None
+        return due if due > self._next_scan_ms else self._next_scan_ms
 
     def handle_timer(self, now_ms) -> list:
         """Run the periodic scan if one is due by ``now_ms``.
 
-        Scans happen on a fixed grid every ``expired_scan_cycle_ms`` from the
-        first ``now_ms`` seen, as QEMU's timer does.  Like QEMU, a scan that
-        finds frames older than ``compare_timeout_ms`` (strictly) raises one
-        checkpoint request however many there are, and the request repeats
-        every scan until a checkpoint empties the queues.
+        A scan that finds frames queued longer than ``compare_timeout_ms``
+        (strictly) raises checkpoint requests: in ``CheckpointMode.LOCAL``
+        one for every connection with such a frame, each answered at once,
+        so N silent flows are released in one scan, not in N; in
+        ``CheckpointMode.EXTERNAL`` one however many there are (the
+        checkpoint it asks for flushes every queue), repeated every scan
+        until a checkpoint comes, as QEMU does.
 
         If several scans are overdue (a loop that slept, a capture with a gap
         of hours) they collapse into the last one: ages only grow, so it alone
         decides, and the decision is the one QEMU's last tick would take.
-        The scan's time is in ``last_scan_ms``.
+        Never raises (see ``InternalError``).
         """
         out: list = []
         if self._epoch_ms is None:
@@ -937,17 +1001,41 @@ class Comparator:
         ticks = (now_ms - self._epoch_ms) // cycle
         tick_ms = self._epoch_ms + ticks * cycle        # the last tick due
         self._next_scan_ms = tick_ms + cycle
-        self.last_scan_ms = tick_ms
+        try:
+            self._scan(tick_ms, out)
+            if self._to_answer:
+                self._answer_requests(tick_ms, out)
+        except Exception as exc:  # noqa: BLE001 - a bug of ours must not stop the scans
+            self._to_answer = []
+            out.append(ev.InternalError(exc, None, tick_ms))
+        return out
+
+    def _scan(self, tick_ms, out) -> None:
         timeout = self.config.compare_timeout_ms
-        if timeout is not None:
-            oldest = self._oldest_queued()
-            if oldest is not None and tick_ms - oldest.arrival_ms > timeout:
-                self._request(ev.CAUSE_TIMEOUT, oldest.conn, tick_ms, out)
+        if timeout is not None and self.queued_frames:
+            if self.mode is ev.CheckpointMode.LOCAL:
+                limit = tick_ms - timeout
+                seen = set()
+                for pkt in self._arrivals:      # oldest first
+                    if pkt.done:
+                        continue
+                    if pkt.arrival_ms >= limit:
+                        break
+                    key = pkt.conn.key
+                    if key not in seen:
+                        seen.add(key)
+                        self._request(ev.CAUSE_TIMEOUT, pkt.conn, tick_ms, out)
+            else:
+                oldest = self._oldest_queued()
+                if oldest is not None and tick_ms - oldest.arrival_ms > timeout:
+                    self._request(ev.CAUSE_TIMEOUT, oldest.conn, tick_ms, out)
+        if (self._absent_since_ms is not None and not self._absent
+                and tick_ms - self._absent_since_ms > self.absent_after_ms):
+            self._enter_absent(tick_ms, out)
         self._evict_idle(tick_ms)
         for reasm in self._reassembly:
             for dg, reason in reasm.expire(tick_ms, self.config.fragment_timeout_ms):
                 self._fail_datagram(dg, reason, out)
-        return out
 
     def _evict_idle(self, now_ms) -> None:
         """Forget connections idle for ``idle_timeout_ms`` with nothing
@@ -962,6 +1050,71 @@ class Comparator:
                 self.stats.connections_evicted["idle"] += 1
             else:
                 table.requeue(conn)
+
+    # ------------------------------------------------------------------
+    # the secondary's presence
+
+    @property
+    def absent_after_ms(self) -> float:
+        """How long the secondary's input may be gone before comparing stops
+        (``compare_timeout_ms``; 3000 ms, QEMU's default, with timeouts off)."""
+        timeout = self.config.compare_timeout_ms
+        return timeout if timeout is not None else 3000
+
+    @property
+    def secondary_absent(self) -> bool:
+        """Comparing has stopped for want of a secondary (see
+        ``secondary_lost``)."""
+        return self._absent
+
+    def secondary_lost(self, now_ms) -> list:
+        """The secondary's input went away (its connection closed).  Frames
+        keep being compared (and time out) as usual; once it has been gone
+        longer than ``absent_after_ms``, a scan gives it up: every queued
+        primary frame is released (reason ``secondary-absent``), later
+        primary frames pass through at once (bypassed, reason
+        ``secondary-absent``) and a ``SecondaryAbsent`` event says so.
+        ``secondary_back`` (or a secondary frame) ends it."""
+        if self._epoch_ms is None:
+            self._start_clock(now_ms)
+        if self._absent_since_ms is None:
+            self._absent_since_ms = now_ms
+        return []
+
+    def secondary_back(self, now_ms) -> list:
+        """The secondary's input is back.  If comparing had stopped, it
+        resumes from a clean state: the connections are forgotten (nothing is
+        queued in that mode), since the secondary now sending may be a new
+        or resynchronised VM."""
+        out: list = []
+        self._secondary_back(now_ms, out)
+        return out
+
+    def _secondary_back(self, now_ms, out) -> None:
+        if self._absent_since_ms is None:
+            return
+        self._absent_since_ms = None
+        if not self._absent:
+            return
+        self._absent = False
+        for conn in self.table:
+            self.table.remove(conn)
+            self.stats.connections_evicted["secondary-absent"] += 1
+        out.append(ev.SecondaryAbsent(False, now_ms))
+
+    def _enter_absent(self, now_ms, out) -> None:
+        self._absent = True
+        self.stats.secondary_absent_periods += 1
+        released = 0
+        for conn in self.table:
+            if conn.queued or conn.diverged:
+                released += self._flush_connection(conn, now_ms, ev.RELEASE_SECONDARY_ABSENT, out)[0]
+        for reasm in self._reassembly:
+            for dg, reason in reasm.drain():
+                self._fail_datagram(dg, reason, out)
+        self._arrivals.clear()
+        self._to_answer = []
+        out.append(ev.SecondaryAbsent(True, now_ms, released))
 
     # ------------------------------------------------------------------
     # checkpoints
@@ -982,44 +1135,132 @@ class Comparator:
         out.append(ev.CheckpointDone(released, discarded, now_ms))
         return out
 
-    def resolve(self, key, now_ms) -> list:
-        """Answer a checkpoint request on the connection that raised it, as if
-        a checkpoint had happened for it alone: its primary frames are
-        released in order, its secondary frames discarded, its comparison
-        state reset.
-
-        ``replay`` and serve's ``release`` policy answer requests this way.
-        A whole-table flush would also discard other connections' secondary
-        frames whose primary twins are still to come: after a real checkpoint
-        the secondary VM sends those again, but a capture cannot, and the
-        twins would then miscompare or time out for nothing.  (With a notify
-        peer, serve still performs whole checkpoints, as COLO does.)
-        ``key`` None (nothing specific) falls back to ``checkpoint``."""
-        conn = self._conns.get(key) if key is not None else None
-        if conn is None:
-            if key is not None:
-                # already flushed (a full queue or table does it itself)
-                return []
+    def checkpoint_connection(self, key, now_ms) -> list:
+        """Checkpoint one connection, as if a checkpoint had happened for it
+        alone: its primary frames are released in order, its secondary
+        frames discarded (except those beyond what the primary has sent: no
+        VM was reset, and they are the twins of primary frames still to
+        come), its comparison state reset.  What ``CheckpointMode.LOCAL``
+        does for every request; an adapter calls it for a checkpoint asked
+        for from outside on one flow.  ``key`` None checkpoints everything
+        (``checkpoint``); an unknown key (already flushed) does nothing."""
+        if key is None:
             return self.checkpoint(now_ms)
+        conn = self._conns.get(key)
         out: list = []
+        if conn is not None:
+            self._checkpoint_one(conn, now_ms, out)
+        return out
+
+    def _checkpoint_one(self, conn, now_ms, out) -> None:
+        # A whole-table flush would also discard other connections'
+        # secondary frames whose primary twins are still to come: after a
+        # real checkpoint the secondary VM sends those again, but a capture
+        # cannot (nor can a secondary nobody checkpointed), and the twins
+        # would then miscompare or time out for nothing.
         released, discarded = self._flush_connection(conn, now_ms, ev.RELEASE_CHECKPOINT, out,
                                                      keep_ahead=True)
         self.stats.checkpoints += 1
-        out.append(ev.CheckpointDone(released, discarded, now_ms))
+        out.append(ev.CheckpointDone(released, discarded, now_ms, conn.key))
+
+    def set_mode(self, mode: ev.CheckpointMode, now_ms) -> list:
+        """Switch between ``CheckpointMode.LOCAL`` and ``EXTERNAL`` (serve's
+        QMP policy falls back to local checkpoints while QEMU is not in COLO
+        state).  Entering LOCAL answers what is held: every connection with
+        a divergence or a frame past the timeout is checkpointed now."""
+        mode = ev.CheckpointMode(mode)
+        out: list = []
+        if mode is self.mode:
+            return out
+        self.mode = mode
+        if mode is ev.CheckpointMode.LOCAL:
+            timeout = self.config.compare_timeout_ms
+            for conn in self.table:
+                if not conn.queued:
+                    continue
+                held = conn.diverged
+                if not held and timeout is not None:
+                    oldest = min((q[0].arrival_ms for q in (conn.p, conn.s, conn.p_later,
+                                                            conn.s_later) if q), default=None)
+                    held = oldest is not None and now_ms - oldest > timeout
+                if held:
+                    self._checkpoint_one(conn, now_ms, out)
         return out
 
     def finish(self, now_ms) -> list:
         """End of input (or shutdown): flush what is still queued.  The frames
         are released with reason ``end`` and count as unmatched."""
         out: list = []
-        for conn in self.table:
-            if conn.queued:
-                self._flush_connection(conn, now_ms, ev.RELEASE_END, out)
-        for reasm in self._reassembly:
-            for dg, reason in reasm.drain():
-                self._fail_datagram(dg, reason, out)
+        try:
+            for conn in self.table:
+                if conn.queued:
+                    self._flush_connection(conn, now_ms, ev.RELEASE_END, out)
+            for reasm in self._reassembly:
+                for dg, reason in reasm.drain():
+                    self._fail_datagram(dg, reason, out)
+        except Exception as exc:  # noqa: BLE001 - every primary frame must still leave
+            out.append(ev.InternalError(exc, None, now_ms))
+            self._salvage(now_ms, ev.RELEASE_END, out)
         self._arrivals.clear()
         return out
+
+    # ------------------------------------------------------------------
+    # internal errors
+
+    def _contain(self, exc, side, data, now_ms, l2, out) -> None:
+        """The comparator failed on a frame (a bug of ours).  What it decided
+        before failing stands (those frames have left).  The connection the
+        frame belongs to, whose state may now be inconsistent, is flushed
+        (its primary frames released, reason ``internal-error``); the frame
+        itself leaves unless that flush released it: a primary frame is
+        bypassed, a secondary one dropped, both with reason
+        ``internal-error``.  An ``InternalError`` event carries ``exc``."""
+        self._to_answer = []
+        out.append(ev.InternalError(exc, ev.Side(side), now_ms))
+        mark = len(out)
+        try:
+            parsed = parse(data, l2) if len(data) >= l2 else (None,)
+            conn = self._conns.get(parsed[1]) if parsed[0] is not None else None
+            if conn is not None:
+                self._flush_connection(conn, now_ms, ev.RELEASE_INTERNAL_ERROR, out)
+                self.table.remove(conn)
+        except Exception:  # noqa: BLE001 - the flush failed too: release by hand
+            del out[mark:]
+            self._salvage(now_ms, ev.RELEASE_INTERNAL_ERROR, out, start=mark)
+        if any(type(e) is ev.Released and e.packet.data is data for e in out[mark:]):
+            return
+        pkt = Packet(side, data, l2, 0, now_ms, self.stats.frames_in[side] - 1)
+        out.extend(self._not_comparable(pkt, ev.REASON_INTERNAL_ERROR))
+
+    def _salvage(self, now_ms, reason, out, start: int = 0) -> None:
+        """The last resort when flushing fails: every primary frame still
+        queued anywhere leaves (released with ``reason``), in per-connection
+        order, the table and the reassembly buffers start empty, and the
+        counts are recomputed.  Frames already in ``out[start:]`` are not
+        released twice."""
+        already = {id(e.packet) for e in out[start:] if type(e) is ev.Released}
+        for conn in list(self.table.conns.values()):
+            for queue in (conn.p, conn.p_later):
+                for pkt in queue:
+                    for frame in (pkt.fragments or (pkt,)):
+                        if id(frame) in already or frame.side != PRIMARY:
+                            continue
+                        frame.done = True
+                        already.add(id(frame))
+                        self.stats.released_flushed[reason] += 1
+                        out.append(ev.Released(frame, reason, now_ms - frame.arrival_ms))
+            for queue in (conn.s, conn.s_later):
+                for pkt in queue:
+                    pkt.done = True
+        self.table = ConnectionTable(self.config.max_connections)
+        self._conns = self.table.conns
+        for reasm in self._reassembly:
+            with contextlib.suppress(Exception):
+                for dg, why in reasm.drain():
+                    self._fail_datagram(dg, why, out)
+        self._reassembly = (Reassembler(), Reassembler())
+        self._arrivals.clear()
+        self.queued_frames = self.queued_bytes = 0
 
     # ------------------------------------------------------------------
     # introspection

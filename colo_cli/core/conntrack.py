@@ -163,18 +163,26 @@ class ConnectionTable:
                 return conn
         return None
 
+    def peek_oldest(self):
+        """The live connection at the front of the order (left there), or
+        None."""
+        order, conns = self._order, self.conns
+        while order:
+            key, conn = order[0]
+            if conns.get(key) is conn:
+                return conn
+            order.popleft()          # lazily deleted entries
+        return None
+
     def recycle_oldest_datagram(self, key: bytes, now_ms):
         """The oldest live connection, when it is an idle datagram one with
         no noise rules, re-keyed as ``key`` and moved to the back (its
         deques kept); else None and nothing is changed."""
-        order, conns = self._order, self.conns
-        while order:
-            old_key, front = order[0]
-            if conns.get(old_key) is front:
-                break
-            order.popleft()          # lazily deleted entries
-        else:
+        front = self.peek_oldest()
+        if front is None:
             return None
+        old_key = front.key
+        order, conns = self._order, self.conns
         if front.kind != KIND_UDP or front.rules or front.p or front.s:
             return None
         order.popleft()

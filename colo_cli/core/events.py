@@ -4,11 +4,17 @@ Every call into ``Comparator`` returns a list of these.  Each primary frame
 leaves in exactly one ``Released`` or ``Bypassed`` event; secondary frames
 never leave, they are consumed by a match, discarded at a checkpoint, or
 reported in a ``Dropped`` event.
+
+Reasons and causes are ``StrEnum`` members: they compare equal to (and
+serialise as) their stable strings, which appear in reports, JSON, the event
+log and metrics.
 """
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
+from typing import Any
 
 
 class Side(enum.IntEnum):
@@ -23,69 +29,121 @@ class Side(enum.IntEnum):
 PRIMARY = Side.PRIMARY
 SECONDARY = Side.SECONDARY
 
-# Why a primary frame was released.
-RELEASE_MATCH = "match"              # the secondary sent the same
-RELEASE_CHECKPOINT = "checkpoint"    # flushed at a checkpoint
-RELEASE_QUEUE_FULL = "queue-full"    # its connection's queue was full
-RELEASE_TABLE_FULL = "table-full"    # its connection was evicted from a full table
-RELEASE_MEMORY_FULL = "memory-full"  # the total queued bytes hit the bound
-RELEASE_END = "end"                  # still queued at the end of input / shutdown
 
-# Why a checkpoint was requested.
-CAUSE_MISCOMPARE = "miscompare"
-CAUSE_TIMEOUT = "timeout"
-CAUSE_QUEUE_FULL = "queue-full"
-CAUSE_TABLE_FULL = "table-full"
-CAUSE_MEMORY_FULL = "memory-full"
-CHECKPOINT_CAUSES = (CAUSE_MISCOMPARE, CAUSE_TIMEOUT, CAUSE_QUEUE_FULL,
-                     CAUSE_TABLE_FULL, CAUSE_MEMORY_FULL)
-
-# Why a miscompare was declared.
-MISCOMPARE_CONTENT = "content"        # same length, a byte differs
-MISCOMPARE_LENGTH = "length"          # datagrams of different sizes
-MISCOMPARE_STREAM_END = "stream-end"  # one TCP side ended (FIN) where the other has data
+class ReleaseReason(enum.StrEnum):
+    """Why a primary frame was released."""
+    MATCH = "match"                  # the secondary sent the same
+    CHECKPOINT = "checkpoint"        # flushed at a checkpoint
+    QUEUE_FULL = "queue-full"        # its connection's queue was full
+    TABLE_FULL = "table-full"        # its connection was evicted from a full table
+    MEMORY_FULL = "memory-full"      # the total queued bytes hit the bound
+    SECONDARY_ABSENT = "secondary-absent"  # flushed when the secondary was given up
+    INTERNAL_ERROR = "internal-error"  # flushed after the comparator failed on its connection
+    END = "end"                      # still queued at the end of input / shutdown
 
 
+class CheckpointCause(enum.StrEnum):
+    """Why a checkpoint was requested."""
+    MISCOMPARE = "miscompare"
+    TIMEOUT = "timeout"
+    QUEUE_FULL = "queue-full"
+    TABLE_FULL = "table-full"
+    MEMORY_FULL = "memory-full"
+
+
+class MiscompareCause(enum.StrEnum):
+    """Why a miscompare was declared."""
+    CONTENT = "content"          # same length, a byte differs
+    LENGTH = "length"            # datagrams of different sizes
+    STREAM_END = "stream-end"    # one TCP side ended (FIN) where the other has data
+
+
+class CheckpointMode(enum.StrEnum):
+    """Who performs the checkpoints the comparator asks for.
+
+    ``LOCAL``: nobody outside can, so the comparator answers each request
+    itself, at once, on the connection concerned (see
+    ``Comparator.checkpoint_connection``): the primary wins, its frames
+    leave, its comparison restarts.  ``replay`` and serve's ``release``
+    policy.  A timeout scan answers every connection whose oldest frame is
+    overdue in that same scan.
+
+    ``EXTERNAL``: a COLO system checkpoints (Xen's notify peer, QEMU through
+    QMP); requests go out as events and the held frames wait for
+    ``Comparator.checkpoint()``.  A timeout scan raises one request however
+    many connections are overdue (the checkpoint flushes them all), and
+    repeats it every scan until a checkpoint comes, as QEMU does.
+    """
+    LOCAL = "local"
+    EXTERNAL = "external"
+
+
+# Module-level names for the common members (older call sites use them).
+RELEASE_MATCH = ReleaseReason.MATCH
+RELEASE_CHECKPOINT = ReleaseReason.CHECKPOINT
+RELEASE_QUEUE_FULL = ReleaseReason.QUEUE_FULL
+RELEASE_TABLE_FULL = ReleaseReason.TABLE_FULL
+RELEASE_MEMORY_FULL = ReleaseReason.MEMORY_FULL
+RELEASE_SECONDARY_ABSENT = ReleaseReason.SECONDARY_ABSENT
+RELEASE_INTERNAL_ERROR = ReleaseReason.INTERNAL_ERROR
+RELEASE_END = ReleaseReason.END
+CAUSE_MISCOMPARE = CheckpointCause.MISCOMPARE
+CAUSE_TIMEOUT = CheckpointCause.TIMEOUT
+CAUSE_QUEUE_FULL = CheckpointCause.QUEUE_FULL
+CAUSE_TABLE_FULL = CheckpointCause.TABLE_FULL
+CAUSE_MEMORY_FULL = CheckpointCause.MEMORY_FULL
+MISCOMPARE_CONTENT = MiscompareCause.CONTENT
+MISCOMPARE_LENGTH = MiscompareCause.LENGTH
+
+#: Bypass/drop reason of a frame the comparator failed on (a bug of ours):
+#: the frame is let go so that one bad frame costs one frame, not the
+#: comparator (see ``InternalError``).
+REASON_INTERNAL_ERROR = "internal-error"
+#: Bypass reason of a primary frame that arrives while the secondary is
+#: absent (``Comparator.secondary_lost``).
+REASON_SECONDARY_ABSENT = "secondary-absent"
+
+
+@dataclass(slots=True)
 class Released:
-    """A primary frame leaves toward the client."""
-    __slots__ = ("packet", "reason", "hold_ms")
+    """A primary frame leaves toward the client.
 
-    def __init__(self, packet, reason: str, hold_ms: float) -> None:
-        self.packet = packet
-        self.reason = reason
-        self.hold_ms = hold_ms
+    ``packet`` is the core's ``Packet`` (``packet.data`` the record exactly
+    as it arrived); ``hold_ms`` how long it was queued."""
+    packet: Any
+    reason: ReleaseReason
+    hold_ms: float
 
     def __repr__(self) -> str:
         return f"Released(#{self.packet.index}, {self.reason}, {self.hold_ms:g} ms)"
 
 
+@dataclass(slots=True)
 class Bypassed:
-    """A primary frame that cannot be compared; released at once."""
-    __slots__ = ("packet", "reason")
-
-    def __init__(self, packet, reason: str) -> None:
-        self.packet = packet
-        self.reason = reason
+    """A primary frame that cannot be compared (``reason``: a parse reason
+    such as ``unknown-ethertype``, ``secondary-absent`` or
+    ``internal-error``); released at once."""
+    packet: Any
+    reason: str
 
     def __repr__(self) -> str:
         return f"Bypassed(#{self.packet.index}, {self.reason})"
 
 
+@dataclass(slots=True)
 class Dropped:
     """A secondary frame that was not compared (never a primary one from the
     core; the serve adapter reports a primary one only past its outdev
     memory bound)."""
-    __slots__ = ("packet", "side", "reason")
-
-    def __init__(self, packet, side: Side, reason: str) -> None:
-        self.packet = packet
-        self.side = side
-        self.reason = reason
+    packet: Any
+    side: Side
+    reason: str
 
     def __repr__(self) -> str:
         return f"Dropped({self.side.label} #{self.packet.index}, {self.reason})"
 
 
+@dataclass(slots=True)
 class Miscompare:
     """The two replicas sent different bytes on one connection.
 
@@ -98,54 +156,75 @@ class Miscompare:
     the positions of that byte inside each frame's data (for hexdumps), or
     -1 when that side has no byte there.
     """
-    __slots__ = ("key", "kind", "cause", "stream_offset", "raw_seq",
-                 "datagram_index", "primary", "secondary",
-                 "primary_offset", "secondary_offset", "now_ms")
-
-    def __init__(self, key, kind, cause, stream_offset, raw_seq, datagram_index,
-                 primary, secondary, primary_offset, secondary_offset, now_ms):
-        self.key = key
-        self.kind = kind
-        self.cause = cause
-        self.stream_offset = stream_offset
-        self.raw_seq = raw_seq
-        self.datagram_index = datagram_index
-        self.primary = primary
-        self.secondary = secondary
-        self.primary_offset = primary_offset
-        self.secondary_offset = secondary_offset
-        self.now_ms = now_ms
+    key: bytes
+    kind: str
+    cause: MiscompareCause
+    stream_offset: int | None
+    raw_seq: int | None
+    datagram_index: int | None
+    primary: Any
+    secondary: Any
+    primary_offset: int
+    secondary_offset: int
+    now_ms: float
 
     def __repr__(self) -> str:
         return (f"Miscompare({self.cause}, offset={self.stream_offset}, "
                 f"index={self.datagram_index})")
 
 
+@dataclass(slots=True)
 class CheckpointRequested:
     """The comparator asks for a checkpoint (DO_CHECKPOINT).  ``key`` is the
-    connection concerned; ``handled`` is True when the comparator has already
-    flushed that connection itself (a full queue, table or memory), so an
-    adapter that answers requests per connection has nothing left to do."""
-    __slots__ = ("cause", "key", "now_ms", "handled")
-
-    def __init__(self, cause: str, key, now_ms, handled: bool = False) -> None:
-        self.cause = cause
-        self.key = key
-        self.now_ms = now_ms
-        self.handled = handled
+    connection concerned (None: several, or none in particular).
+    ``answered`` is True when the comparator has already flushed that
+    connection itself (a full queue, table or memory; or any request in
+    ``CheckpointMode.LOCAL``), so nothing is left to do for it locally."""
+    cause: CheckpointCause
+    key: bytes | None
+    now_ms: float
+    answered: bool = False
 
     def __repr__(self) -> str:
         return f"CheckpointRequested({self.cause})"
 
 
+@dataclass(slots=True)
 class CheckpointDone:
-    """A checkpoint was performed: queues flushed, comparison state reset."""
-    __slots__ = ("released", "discarded", "now_ms")
-
-    def __init__(self, released: int, discarded: int, now_ms) -> None:
-        self.released = released
-        self.discarded = discarded
-        self.now_ms = now_ms
+    """A checkpoint was performed: queues flushed, comparison state reset.
+    ``key`` is the connection checkpointed alone (``CheckpointMode.LOCAL``),
+    None for a whole-table checkpoint."""
+    released: int
+    discarded: int
+    now_ms: float
+    key: bytes | None = None
 
     def __repr__(self) -> str:
         return f"CheckpointDone(released={self.released}, discarded={self.discarded})"
+
+
+@dataclass(slots=True)
+class SecondaryAbsent:
+    """The secondary's input has been gone longer than the absence bound
+    (``entered`` True): comparing is pointless, every queued primary frame
+    has been released (reason ``secondary-absent``) and new primary frames
+    pass through at once, bypassed with reason ``secondary-absent``.
+    ``entered`` False: the secondary is back and comparison resumes from a
+    clean state."""
+    entered: bool
+    now_ms: float
+    #: primary frames released when the mode was entered
+    released: int = 0
+
+
+@dataclass(slots=True)
+class InternalError:
+    """The comparator failed on a frame (or a scan): a bug of ours.  The
+    frame has been let go (a primary one in a ``Bypassed`` event, a
+    secondary one in a ``Dropped`` event, both with reason
+    ``internal-error``), the connection concerned has been flushed so that
+    its state is consistent again, and comparison goes on.  ``error`` is the
+    exception, for the adapter to log (with its traceback under --debug)."""
+    error: BaseException
+    side: Side | None
+    now_ms: float

@@ -173,6 +173,7 @@ class Stats:
         self.ignored = Counter()            # noise rule -> datagrams it let match
         self.fragments_in = [0, 0]
         self.reassembled = [0, 0]           # datagrams put back together
+        self.secondary_absent_periods = 0   # times comparing stopped for want of a secondary
 
     @property
     def released_total(self) -> int:
@@ -195,6 +196,7 @@ class Stats:
             "miscompares": dict(sorted(self.miscompares.items())),
             "checkpoint_requests": dict(sorted(self.checkpoint_requests.items())),
             "checkpoints": self.checkpoints,
+            "secondary_absent_periods": self.secondary_absent_periods,
             "connections": {"created": self.connections_created,
                             "evicted": dict(sorted(self.connections_evicted.items()))},
             "queue_high_water": {"primary": self.queue_high_water[0],

@@ -1,0 +1,260 @@
+"""The core under the faults a COLO pair really has: a silent or vanished
+secondary, a clock that jumps, and a bug of ours on some frame.
+
+Each of these failed on the code before: a timeout scan answered only the
+connection of the oldest queued frame (N silent flows took N scans), the
+timer woke every cycle whatever there was to do (a capture spanning 70 years
+took 2.2e9 scans), and an exception inside the core escaped to the adapter.
+"""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from colo_cli.core import (Bypassed, CheckpointDone, CheckpointMode, Comparator, Config,
+                           InternalError, Released, SecondaryAbsent)
+from colo_cli.core import comparator as comparator_module
+from colo_cli.testing import tcp_frame, udp_frame
+
+from scripts import P, S, bypasses, out_frames, releases, requests
+
+
+def flow_frame(i, n=0):
+    """Frame ``n`` of flow ``i`` (distinct 5-tuples)."""
+    return udp_frame(b"f%d-%d" % (i, n), sport=1000 + i % 60000, dport=2000 + i // 60000)
+
+
+def run_timers(c, until_ms):
+    """Run every scan due by ``until_ms`` at its own tick, as serve's timer
+    would; returns (events, number of scans run)."""
+    events, scans = [], 0
+    while (due := c.get_timer()) is not None and due <= until_ms:
+        events += c.handle_timer(due)
+        scans += 1
+    return events, scans
+
+
+# -- a silent secondary: every overdue connection is answered in one scan -----
+
+def test_local_mode_scan_answers_every_overdue_connection_at_once():
+    c = Comparator(Config(compare_timeout_ms=500, expired_scan_cycle_ms=100),
+                   mode=CheckpointMode.LOCAL)
+    frames = [flow_frame(i) for i in range(10_000)]
+    for i, f in enumerate(frames):
+        assert c.receive(P, f, i * 0.001) == []
+    events, scans = run_timers(c, 10_000)
+    # one scan (the first tick past 500 ms for the oldest, 10 ms for all)
+    assert scans == 1
+    assert sorted(out_frames(events)) == sorted(frames)
+    assert {r for _, r in releases(events)} == {"checkpoint"}
+    assert requests(events) == ["timeout"] * 10_000
+    assert len([e for e in events if isinstance(e, CheckpointDone)]) == 10_000
+    assert c.queued_frames == 0 and c.get_timer() is not None   # (idle housekeeping)
+
+
+def test_external_mode_scan_raises_one_request_however_many_connections():
+    # with a COLO system to checkpoint, one request is enough: the checkpoint
+    # flushes every queue (QEMU raises one per scan too)
+    c = Comparator(Config(compare_timeout_ms=500, expired_scan_cycle_ms=100))
+    for i in range(1000):
+        c.receive(P, flow_frame(i), 0)
+    assert requests(c.handle_timer(600)) == ["timeout"]
+    done = c.checkpoint(610)
+    assert len(out_frames(done)) == 1000
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 2999)), min_size=1, max_size=200),
+       st.sampled_from([(3000, 1000), (500, 100), (200, 70)]))
+def test_every_twinless_primary_frame_leaves_within_the_bound(arrivals, timing):
+    """Local mode: with a silent secondary, every primary frame leaves by
+    its arrival + compare_timeout + 2 x expired_scan_cycle, whatever the
+    number of flows, in per-connection order."""
+    timeout, cycle = timing
+    c = Comparator(Config(compare_timeout_ms=timeout, expired_scan_cycle_ms=cycle),
+                   mode=CheckpointMode.LOCAL)
+    arrivals = sorted(arrivals, key=lambda a: a[1])
+    sent, left = {}, {}
+    counts = {}
+    for flow, t in arrivals:
+        # scans due before this arrival, at their own ticks
+        for e in run_timers(c, t)[0]:
+            if isinstance(e, Released):
+                left[e.packet.data] = e
+        n = counts[flow] = counts.get(flow, -1) + 1
+        frame = flow_frame(flow, n)
+        sent[frame] = (flow, t)
+        for e in c.receive(P, frame, t):
+            assert not isinstance(e, Released)
+    for e in run_timers(c, 10**7)[0]:
+        if isinstance(e, Released):
+            left[e.packet.data] = e
+    assert set(left) == set(sent)
+    for frame, (flow, t) in sent.items():
+        assert left[frame].hold_ms <= timeout + 2 * cycle
+    # per connection, in the order sent
+    order = {}
+    for frame in left:
+        order.setdefault(sent[frame][0], []).append(frame)
+    for flow, frames in order.items():
+        assert frames == [flow_frame(flow, n) for n in range(len(frames))]
+
+
+# -- a vanished secondary: comparing stops, primary frames pass -----------------
+
+def test_secondary_gone_longer_than_the_timeout_stops_comparing():
+    c = Comparator(Config(compare_timeout_ms=500, expired_scan_cycle_ms=100))
+    queued = [flow_frame(i) for i in range(5)]
+    for f in queued:
+        c.receive(P, f, 0)
+    c.receive(S, flow_frame(99), 0)            # a secondary frame with no twin yet
+    assert c.secondary_lost(50) == []
+    events, _ = run_timers(c, 700)
+    (absent,) = [e for e in events if isinstance(e, SecondaryAbsent)]
+    assert absent.entered and absent.released == 5 and absent.now_ms == 600
+    # (the timeout request of the tick before came first, with nobody to answer)
+    assert sorted(f for f, r in releases(events)) == sorted(queued)
+    assert {r for _, r in releases(events)} == {"secondary-absent"}
+    assert c.secondary_absent and c.queued_frames == 0
+    later = flow_frame(7)
+    assert bypasses(c.receive(P, later, 800)) == [(later, "secondary-absent")]
+    assert c.stats.bypassed["secondary-absent"] == 1 and c.table.get(later[26:38]) is None
+    assert c.get_timer() is None or requests(run_timers(c, 10**6)[0]) == []
+    back = c.secondary_back(900)
+    assert [type(e) for e in back] == [SecondaryAbsent] and not back[0].entered
+    assert not c.secondary_absent and len(c.table) == 0
+    # compared again, from a clean state
+    c.receive(P, flow_frame(8), 1000)
+    assert releases(c.receive(S, flow_frame(8), 1001)) == [(flow_frame(8), "match")]
+    assert c.snapshot()["secondary_absent_periods"] == 1
+
+
+def test_secondary_back_in_time_changes_nothing():
+    c = Comparator(Config(compare_timeout_ms=500, expired_scan_cycle_ms=100))
+    c.receive(P, flow_frame(1), 0)
+    c.secondary_lost(10)
+    assert c.secondary_back(400) == []
+    assert releases(c.receive(S, flow_frame(1), 450)) == [(flow_frame(1), "match")]
+    assert not c.secondary_absent and c.snapshot()["secondary_absent_periods"] == 0
+
+
+def test_a_secondary_frame_ends_the_absence_too():
+    c = Comparator(Config(compare_timeout_ms=100, expired_scan_cycle_ms=100))
+    c.secondary_lost(0)
+    run_timers(c, 500)
+    assert c.secondary_absent
+    events = c.receive(S, flow_frame(1), 600)
+    assert [type(e) for e in events] == [SecondaryAbsent] and not c.secondary_absent
+    assert releases(c.receive(P, flow_frame(1), 601)) == [(flow_frame(1), "match")]
+
+
+def test_absence_bound_with_timeouts_off_is_qemus_default_timeout():
+    c = Comparator(Config(compare_timeout_ms=None))
+    c.receive(P, flow_frame(1), 0)
+    c.secondary_lost(0)
+    events, _ = run_timers(c, 10_000)
+    (absent,) = [e for e in events if isinstance(e, SecondaryAbsent)]
+    assert absent.now_ms == 4000 and c.absent_after_ms == 3000   # strictly over 3000 ms
+
+
+# -- the clock: cost bounded by what happens, not by the time that passes -------
+
+@pytest.mark.parametrize("mode", [CheckpointMode.LOCAL, CheckpointMode.EXTERNAL])
+def test_timer_skips_ticks_with_nothing_to_do(mode):
+    c = Comparator(Config(), mode=mode)
+    c.receive(P, flow_frame(1), 0)
+    c.receive(S, flow_frame(1), 1)
+    seventy_years_ms = 70 * 365.25 * 86400e3
+    events, scans = run_timers(c, seventy_years_ms)
+    assert events == [] and scans == 1 and len(c.table) == 0    # the idle eviction
+    assert c.get_timer() is None
+
+
+def test_a_jump_of_seventy_years_costs_one_scan_per_decision():
+    c = Comparator(Config(), mode=CheckpointMode.LOCAL)
+    for i in range(100):
+        c.receive(P, flow_frame(i), i)
+    t = 70 * 365.25 * 86400e3
+    events = c.handle_timer(t)                        # overdue scans collapse
+    assert len(out_frames(events)) == 100
+    c.receive(P, flow_frame(500), t)
+    c.receive(S, flow_frame(500), t + 1)
+    events, scans = run_timers(c, 2 * t)
+    assert scans <= 2 and events == []
+
+
+# -- a bug of ours costs one frame, not the comparator --------------------------
+
+@pytest.mark.parametrize("fast_path", [True, False])
+@pytest.mark.parametrize("mode", [CheckpointMode.LOCAL, CheckpointMode.EXTERNAL])
+def test_an_exception_on_some_frames_costs_those_frames_only(monkeypatch, fast_path, mode):
+    real = comparator_module.datagrams_equal
+    real_fast = comparator_module.Comparator._fast_tcp
+
+    def broken(p, s):
+        if b"boom" in p.data or b"boom" in s.data:
+            raise RuntimeError("injected")
+        return real(p, s)
+
+    def broken_fast(self, side, data, *args):
+        if b"boom" in data:
+            raise ZeroDivisionError("injected in the fast path")
+        return real_fast(self, side, data, *args)
+
+    monkeypatch.setattr(comparator_module, "datagrams_equal", broken)
+    monkeypatch.setattr(comparator_module.Comparator, "_fast_tcp", broken_fast)
+    c = Comparator(Config(), mode=mode)
+    c.fast_path = fast_path
+    events = []
+    sent = []
+    seq = 1000
+    for i in range(30):
+        payload = b"boom-%d" % i if i % 7 == 3 else b"ok-%d" % i
+        udp = udp_frame(payload, sport=5000 + i % 3)
+        tcp = tcp_frame(payload, seq=seq)
+        seq += len(payload)
+        for f in (udp, tcp):
+            # the secondary first: the comparison happens on the primary
+            events += c.receive(S, f, i)
+            events += c.receive(P, f, i)
+            sent.append(f)
+    events += c.finish(100)
+    out = out_frames(events)
+    assert sorted(out) == sorted(sent)                 # every primary frame once
+    errors = [e for e in events if isinstance(e, InternalError)]
+    assert errors and all(isinstance(e.error, (RuntimeError, ZeroDivisionError)) for e in errors)
+    # the frames that did not fail were compared and matched
+    matched = [f for f, r in releases(events) if r == "match"]
+    assert sum(b"ok-" in f for f in matched) >= 30
+    assert c.stats.bypassed["internal-error"] + c.stats.released_flushed["internal-error"] >= 1
+    assert c.queued_frames == 0 and c.queued_bytes == 0
+
+
+def test_an_exception_while_flushing_too_still_releases_every_queued_frame(monkeypatch):
+    c = Comparator(Config())
+    frames = [flow_frame(1, n) for n in range(3)] + [flow_frame(2, 0)]
+    for f in frames:
+        c.receive(P, f, 0)
+
+    def fail(*a, **k):
+        raise RuntimeError("injected")
+    monkeypatch.setattr(comparator_module.Comparator, "_receive_datagram", fail)
+    monkeypatch.setattr(comparator_module.Comparator, "_flush_connection", fail)
+    c.fast_path = False
+    trigger = flow_frame(1, 3)
+    events = c.receive(P, trigger, 1)
+    assert sorted(out_frames(events)) == sorted(frames + [trigger])
+    assert c.queued_frames == 0 and len(c.table) == 0
+    monkeypatch.undo()
+    # and the comparator goes on
+    assert releases(c.receive(P, flow_frame(3), 2) + c.receive(S, flow_frame(3), 3)) == [
+        (flow_frame(3), "match")]
+
+
+def test_an_exception_in_a_scan_is_an_event():
+    c = Comparator(Config(compare_timeout_ms=100, expired_scan_cycle_ms=100))
+    c.receive(P, flow_frame(1), 0)
+    c._evict_idle = None        # not callable: the scan fails after its request
+    events = c.handle_timer(200)
+    assert [type(e).__name__ for e in events][-1] == "InternalError"
+    assert isinstance(events[-1].error, TypeError) and events[-1].side is None
