@@ -729,8 +729,9 @@ class Server:
             elif t is Miscompare:
                 self._on_miscompare(e)
             elif t is CheckpointRequested:
-                self.event("checkpoint_request", cause=e.cause,
-                           flow=format_key(e.key) if e.key is not None else None)
+                if self._events_file is not None:
+                    self.event("checkpoint_request", cause=e.cause,
+                               flow=format_key(e.key) if e.key is not None else None)
                 if self.notify is not None:
                     # sent once for everything one read (or one scan) brought:
                     # QEMU sends one per request, the peer checkpoints once
@@ -740,8 +741,9 @@ class Server:
                 if e.key is not None:
                     # the core checkpointed one connection itself (release policy)
                     self.checkpoints_by["local"] += 1
+                # (a local one follows its request's line, which names the flow)
                 self.event("checkpoint", released=e.released, discarded=e.discarded,
-                           flow=format_key(e.key) if e.key is not None else None)
+                           local=e.key is not None)
             elif t is SecondaryAbsent:
                 self._on_secondary_absent(e)
             elif t is InternalError:

@@ -301,13 +301,20 @@ class NotifyPeer(StreamReader):
 class ServeProc:
     """``python -m colo_cli serve ...`` with its stderr in a file."""
 
-    def __init__(self, workdir: str, args: list[str], control: str | None = None):
+    def __init__(self, workdir: str, args: list[str], control: str | None = None,
+                 inject: str | None = None):
+        """``inject``: Python source run in the serve process before the CLI
+        (to patch the core, e.g. to make it fail on chosen frames)."""
         self.workdir = workdir
         self.control_path = control
         n = len([f for f in os.listdir(workdir) if f.startswith("stderr")])
         self.stderr_path = os.path.join(workdir, f"stderr{n}.txt")
         self.stdout_path = os.path.join(workdir, f"stdout{n}.txt")
-        self.argv = [PY, "-m", "colo_cli", "serve", *args]
+        if inject is None:
+            self.argv = [PY, "-m", "colo_cli", "serve", *args]
+        else:
+            runner = inject + "\nimport sys\nfrom colo_cli.cli import main\nsys.argv[0] = 'colo-compare'\nmain()\n"
+            self.argv = [PY, "-c", runner, "serve", *args]
         with open(self.stderr_path, "wb") as err, open(self.stdout_path, "wb") as out:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=err, cwd=workdir)

@@ -64,7 +64,8 @@ class Env:
         self.closers.append(obj)
         return obj
 
-    def start(self, args, *, control: bool = True, ready: bool = True, verbose: bool = True):
+    def start(self, args, *, control: bool = True, ready: bool = True, verbose: bool = True,
+              inject: str | None = None):
         args = list(args)
         ctl = None
         if control:
@@ -72,7 +73,7 @@ class Env:
             args += ["--control", ctl]
         if verbose:
             args.append("-v")
-        srv = ServeProc(self.workdir, args, control=ctl)
+        srv = ServeProc(self.workdir, args, control=ctl, inject=inject)
         self.procs.append(srv)
         if ready:
             assert verbose or control, "nothing tells when serve is ready"
@@ -116,7 +117,7 @@ class Rig:
 
     def __init__(self, env: Env, *, transport: str = "unix", vnet: bool = False,
                  args=(), notify: str | None = None, outdev: str = "server",
-                 verbose: bool = True):
+                 verbose: bool = True, inject: str | None = None):
         self.env = env
         self.vnet = vnet
         if transport == "unix":
@@ -143,7 +144,7 @@ class Rig:
         elif notify == "server":        # Xen connects to serve
             self.n_ep = unix_ep(env.workdir, "n.sock")[0]
             argv += ["--notify-dev", self.n_ep]
-        self.srv = env.start(argv, verbose=verbose)
+        self.srv = env.start(argv, verbose=verbose, inject=inject)
         if notify == "client":
             self.xen = env.track(NotifyPeer(self.xen_listener.accept(), "notify-dev"))
         elif notify == "server":

@@ -132,7 +132,7 @@ class Comparator:
         self._conns = self.table.conns  # the table's dict, for the hot path
         #: who performs checkpoints (see CheckpointMode)
         self.mode = ev.CheckpointMode(mode)
-        self._to_answer: list = []      # LOCAL: connections to checkpoint after this call
+        self._to_answer: dict = {}      # LOCAL: connections to checkpoint after this call
         self._absent_since_ms = None    # when the secondary's input went away
         self._absent = False            # ... and was given up: primary frames pass
         #: release matched frames as their bytes rather than Released events
@@ -790,15 +790,14 @@ class Comparator:
         if conn is not None:
             key = conn.key
         if not answered and self.mode is ev.CheckpointMode.LOCAL and key is not None:
-            if key not in self._to_answer:
-                self._to_answer.append(key)
+            self._to_answer[key] = None      # (a dict: ordered, and no duplicates)
             answered = True
         out.append(ev.CheckpointRequested(cause, key, now_ms, answered))
 
     def _answer_requests(self, now_ms, out) -> None:
         """``CheckpointMode.LOCAL``: checkpoint each connection that raised a
         request during this call (in the order they did)."""
-        keys, self._to_answer = self._to_answer, []
+        keys, self._to_answer = self._to_answer, {}
         for key in keys:
             conn = self._conns.get(key)
             if conn is not None:
@@ -1006,7 +1005,7 @@ class Comparator:
             if self._to_answer:
                 self._answer_requests(tick_ms, out)
         except Exception as exc:  # noqa: BLE001 - a bug of ours must not stop the scans
-            self._to_answer = []
+            self._to_answer = {}
             out.append(ev.InternalError(exc, None, tick_ms))
         return out
 
@@ -1113,7 +1112,7 @@ class Comparator:
             for dg, reason in reasm.drain():
                 self._fail_datagram(dg, reason, out)
         self._arrivals.clear()
-        self._to_answer = []
+        self._to_answer = {}
         out.append(ev.SecondaryAbsent(True, now_ms, released))
 
     # ------------------------------------------------------------------
@@ -1209,28 +1208,39 @@ class Comparator:
 
     def _contain(self, exc, side, data, now_ms, l2, out) -> None:
         """The comparator failed on a frame (a bug of ours).  What it decided
-        before failing stands (those frames have left).  The connection the
-        frame belongs to, whose state may now be inconsistent, is flushed
-        (its primary frames released, reason ``internal-error``); the frame
-        itself leaves unless that flush released it: a primary frame is
-        bypassed, a secondary one dropped, both with reason
-        ``internal-error``.  An ``InternalError`` event carries ``exc``."""
-        self._to_answer = []
+        before failing stands (those frames have left, and the requests it
+        raised are answered as usual).  The frame itself leaves, unless it
+        got as far as a queue (then it leaves from there, as any other): a
+        primary frame is bypassed, a secondary one dropped, both with reason
+        ``internal-error``.  Nothing else is touched: if the failure left its
+        connection's comparison state wrong, that shows as a miscompare or a
+        timeout, which checkpoints the connection, as for any divergence.
+        An ``InternalError`` event carries ``exc``."""
         out.append(ev.InternalError(exc, ev.Side(side), now_ms))
-        mark = len(out)
         try:
-            parsed = parse(data, l2) if len(data) >= l2 else (None,)
-            conn = self._conns.get(parsed[1]) if parsed[0] is not None else None
-            if conn is not None:
-                self._flush_connection(conn, now_ms, ev.RELEASE_INTERNAL_ERROR, out)
-                self.table.remove(conn)
-        except Exception:  # noqa: BLE001 - the flush failed too: release by hand
-            del out[mark:]
-            self._salvage(now_ms, ev.RELEASE_INTERNAL_ERROR, out, start=mark)
-        if any(type(e) is ev.Released and e.packet.data is data for e in out[mark:]):
-            return
+            if self._to_answer:
+                self._answer_requests(now_ms, out)
+            if self._holds(data, l2) or any(type(e) is ev.Released and e.packet.data is data
+                                            for e in out):
+                return
+        except Exception:  # noqa: BLE001 - the frame must leave, whatever else fails
+            self._to_answer = {}
         pkt = Packet(side, data, l2, 0, now_ms, self.stats.frames_in[side] - 1)
         out.extend(self._not_comparable(pkt, ev.REASON_INTERNAL_ERROR))
+
+    def _holds(self, data, l2) -> bool:
+        """Whether the frame ``data`` sits in a queue (or a reassembly
+        buffer), from where it will leave."""
+        for reasm in self._reassembly:
+            for dg in reasm.pending.values():
+                if any(f.data is data for f in dg.fragments):
+                    return True
+        parsed = parse(data, l2) if len(data) >= l2 else (None,)
+        conn = self._conns.get(parsed[1]) if parsed[0] is not None else None
+        if conn is None:
+            return False
+        return any(pkt.data is data or (pkt.fragments and any(f.data is data for f in pkt.fragments))
+                   for queue in (conn.p, conn.s, conn.p_later, conn.s_later) for pkt in queue)
 
     def _salvage(self, now_ms, reason, out, start: int = 0) -> None:
         """The last resort when flushing fails: every primary frame still

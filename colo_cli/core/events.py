@@ -38,7 +38,6 @@ class ReleaseReason(enum.StrEnum):
     TABLE_FULL = "table-full"        # its connection was evicted from a full table
     MEMORY_FULL = "memory-full"      # the total queued bytes hit the bound
     SECONDARY_ABSENT = "secondary-absent"  # flushed when the secondary was given up
-    INTERNAL_ERROR = "internal-error"  # flushed after the comparator failed on its connection
     END = "end"                      # still queued at the end of input / shutdown
 
 
@@ -85,7 +84,6 @@ RELEASE_QUEUE_FULL = ReleaseReason.QUEUE_FULL
 RELEASE_TABLE_FULL = ReleaseReason.TABLE_FULL
 RELEASE_MEMORY_FULL = ReleaseReason.MEMORY_FULL
 RELEASE_SECONDARY_ABSENT = ReleaseReason.SECONDARY_ABSENT
-RELEASE_INTERNAL_ERROR = ReleaseReason.INTERNAL_ERROR
 RELEASE_END = ReleaseReason.END
 CAUSE_MISCOMPARE = CheckpointCause.MISCOMPARE
 CAUSE_TIMEOUT = CheckpointCause.TIMEOUT
