@@ -220,11 +220,22 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
 
     if primary == "-" and secondary == "-":
         raise click.UsageError("only one of PRIMARY and SECONDARY can be '-' (stdin)")
-    for opt, path in (("--out", out_path), ("--diverged", diverged_path),
-                      ("--evidence", evidence_path)):
+    outputs = [(opt, path) for opt, path in (("--out", out_path), ("--diverged", diverged_path),
+                                             ("--evidence", evidence_path)) if path]
+    for i, (opt, path) in enumerate(outputs):
+        if path == "-":
+            if opt != "--out":
+                raise click.UsageError(f"{opt} cannot be '-': only --out writes to stdout")
+            if as_json:
+                raise click.UsageError("--json and --out - would both write to stdout")
+            continue
         for given in (primary, secondary):
-            if path and given != "-" and _same_file(path, given):
+            if given != "-" and _same_file(path, given):
                 raise click.UsageError(f"{opt} {path} is an input capture: it would be overwritten")
+        for other_opt, other in outputs[:i]:
+            if other != "-" and _same_file(path, other):
+                raise click.UsageError(f"{other_opt} and {opt} are the same file ({path}): "
+                                       "one would overwrite the other")
     config = _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
                      no_timeout, normalize_seq, ignore)
     if learn_noise:
@@ -257,13 +268,23 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
                                 on_progress=progress, on_miscompare=on_miscompare)
         except CaptureError as e:
             raise Trouble(str(e)) from None
-    status = EXIT_DIVERGE if result.diverged else EXIT_SAME
+    verdict = result.verdict
+    if verdict == "incomparable":
+        # never a quiet "match": the exit status and stderr say it, even with -q
+        status = EXIT_DIVERGE if result.compared_primary else EXIT_TROUBLE
+        click.echo(_one_line(
+            f"colo-compare: only {result.compared_primary:,} of {result.primary.frames:,} primary "
+            "frames could be compared: not a match (see the report's note)"), err=True)
+    else:
+        status = EXIT_DIVERGE if verdict == "diverge" else EXIT_SAME
     if not quiet:
         with stdout_guard():
             if as_json:
                 click.echo(json.dumps(replay_json(result), indent=1))
             else:
-                print_replay_report(make_console(color=color), result, hexdump_limit)
+                # with --out -, stdout carries the pcap: the report goes to stderr
+                console = make_console(sys.stderr if out_path == "-" else None, color=color)
+                print_replay_report(console, result, hexdump_limit)
     else:
         for w in result.primary.warnings + result.secondary.warnings:
             click.echo(_one_line(f"colo-compare: warning: {w}"), err=True)
@@ -324,12 +345,36 @@ def _same_file(a: str, b: str) -> bool:
 
 @contextlib.contextmanager
 def _open_output(path):
+    """An output file that appears whole or not at all: written to a
+    temporary file beside it and renamed into place once the command has
+    succeeded; removed on an error or Ctrl-C (a partial pcap that looks
+    valid is worse than none).  ``-`` is stdout."""
+    if path == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    import tempfile
+    directory = os.path.dirname(os.path.abspath(path))
     try:
-        f = open(path, "wb")
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part",
+                                   dir=directory)
     except OSError as e:
         raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
-    with f:
-        yield f
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -594,17 +639,11 @@ def stats(report, control_path, as_json, fmt, watch, top, output_path, color):
 
 
 def _write_atomically(path: str, text: str) -> None:
-    import tempfile
-    directory = os.path.dirname(os.path.abspath(path))
+    """A scraper never sees half a file (see _open_output)."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".colo-compare-", dir=directory)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with _open_output(path) as f:
+            f.write(text.encode())
     except OSError as e:
-        with contextlib.suppress(Exception):
-            os.unlink(tmp)
         raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
 
 

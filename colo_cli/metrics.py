@@ -38,14 +38,59 @@ def from_report(report, name: str) -> dict:
     if version != 1:
         raise ReportError(f"{name}: report version {version!r} is not supported "
                           f"(this colo-compare reads version 1)")
-    top = [{"flow": t["flow"], "miscompares": t["miscompares"], "timeouts": t.get("timeouts", 0),
-            "unmatched": t.get("unmatched", 0)} for t in report.get("top_divergent", [])]
+    from .core import Comparator
+    problem = _shape_problem(report["stats"], Comparator().snapshot(), "stats")
+    if problem is None and not isinstance(report.get("top_divergent", []), list):
+        problem = "top_divergent is not a list"
+    top = []
+    for i, t in enumerate(report.get("top_divergent", [])):
+        if problem is None:
+            problem = _shape_problem(t, {"flow": "", "miscompares": 0, "timeouts": 0,
+                                         "unmatched": 0}, f"top_divergent[{i}]")
+        if problem is None:
+            top.append({k: t[k] for k in ("flow", "miscompares", "timeouts", "unmatched")})
+    if problem is not None:
+        raise ReportError(f"{name}: damaged report: {problem}")
     tool = report.get("tool")
     made_by = tool.rsplit(" ", 1)[-1] if isinstance(tool, str) and tool.startswith("colo-compare ") else ""
     return {"version": STATS_VERSION, "source": "replay-report", "file": name,
             "made_by": made_by,
             "result": report.get("result"), "inputs": report.get("inputs"),
             "stats": report["stats"], "top_connections": {"by_miscompares": top, "by_hold": []}}
+
+
+def _shape_problem(value, template, path: str):
+    """What makes ``value`` unlike ``template`` (a snapshot as this version
+    writes it): a key it lacks, or a value of another kind; None if nothing.
+    A template dict with no keys (a counter by reason) takes any dict of
+    numbers."""
+    if isinstance(template, dict):
+        if not isinstance(value, dict):
+            return f"{path} is not an object"
+        if not template:
+            for k, v in value.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    return f"{path}.{k} is not a number"
+            return None
+        for k, t in template.items():
+            if k not in value:
+                return f"{path}.{k} is missing"
+            problem = _shape_problem(value[k], t, f"{path}.{k}")
+            if problem is not None:
+                return problem
+        if all(type(t) in (int, float) for t in template.values()):
+            # counters by reason beside fixed ones ("released": match, total, ...)
+            for k in value.keys() - template.keys():
+                problem = _shape_problem(value[k], 0, f"{path}.{k}")
+                if problem is not None:
+                    return problem
+        return None
+    if isinstance(template, str):
+        return None if isinstance(value, str) else f"{path} is not a string"
+    if isinstance(template, (int, float)) and not isinstance(template, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{path} is not a number"
+    return None
 
 
 # -- Prometheus text exposition ----------------------------------------------------------

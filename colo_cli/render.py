@@ -199,9 +199,10 @@ def print_hexdump(console: Console, rec, number: int, total: int) -> None:
 def print_replay_report(console: Console, result, hexdump_limit: int) -> None:
     st = result.stats
     color = console.color_system is not None
-    verdict = "DIVERGE" if result.diverged else "MATCH"
+    verdict = result.verdict.upper()
     title = Text(f"colo-compare replay: {result.primary.name} vs {result.secondary.name}: ")
-    title.append(verdict, style=("bold red" if result.diverged else "bold green") if color else "")
+    style = {"diverge": "bold red", "match": "bold green"}.get(result.verdict, "bold yellow")
+    title.append(verdict, style=style if color else "")
     console.print(title)
     for w in result.primary.warnings + result.secondary.warnings:
         console.print(Text("warning: " + w, style="yellow" if color else ""))
@@ -359,7 +360,7 @@ def replay_json(result) -> dict:
         "version": JSON_VERSION,
         "tool": f"colo-compare {__version__}",
         "command": "replay",
-        "result": "diverge" if result.diverged else "match",
+        "result": result.verdict,
         "inputs": {"primary": side(result.primary), "secondary": side(result.secondary)},
         "settings": {"compare_timeout_ms": cfg.compare_timeout_ms,
                      "expired_scan_cycle_ms": cfg.expired_scan_cycle_ms,

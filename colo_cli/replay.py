@@ -86,31 +86,104 @@ class ReplayResult:
         return bool(self.miscompares_total or self.requests_total
                     or self.unmatched_primary or self.unmatched_secondary)
 
+    @property
+    def compared_primary(self) -> int:
+        """Primary frames that were compared (not passed through unparsed)."""
+        return self.primary.frames - sum(self.stats.bypassed.values())
 
-def _relative(reader, info: SideInfo, side):
-    """(now_ns, side, ts_ns, data, cut) from one capture, time relative to
-    its first packet; fills ``info`` as it goes."""
+    @property
+    def verdict(self) -> str:
+        """``diverge``; ``incomparable`` when less than half of the primary's
+        frames could be compared at all (a match would say little: a wrong
+        --vnet-hdr-len, a link type read wrongly); else ``match``."""
+        if self.diverged:
+            return "diverge"
+        if self.primary.frames and self.compared_primary * 2 < self.primary.frames:
+            return "incomparable"
+        return "match"
+
+
+#: Steps of a capture's clock worth a warning.  Forward, time passed (a VM
+#: paused over a weekend, a quiet night): kept, as both replicas' captures
+#: share it, and cheap, since the core's timer skips the idle ticks.  A single
+#: record dated far ahead of both its neighbours is a corrupt timestamp: it is
+#: taken as the time of the frame before it.  Back, beyond JUMP_BACK_NS: a
+#: clock step; the timeline goes on from the frame before, so the spacing of
+#: what follows is kept.  Smaller backward steps (merged files, several
+#: interfaces) count as no time at all.
+JUMP_FORWARD_NS = 3600 * 10**9
+JUMP_BACK_NS = 10**9
+_MAX_JUMP_WARNINGS = 5
+
+
+def _timeline(reader, info: SideInfo, side):
+    """``(rel_ns, side, ts_ns, data, cut, offset_ns)`` from one capture, in
+    file order: ``rel_ns`` is the frame's time on the capture's own timeline,
+    relative to its first frame, never decreasing; ``offset_ns`` what the
+    clock steps left out so far add to the capture's clock (``rel_ns ==
+    ts_ns + offset_ns - first`` but for a corrupt timestamp).  Fills
+    ``info`` as it goes; warnings name the frame."""
     first = None
-    for _number, ts_ns, data, orig_len, _linktype in reader:
+    prev = 0                # rel of the frame before
+    offset = 0
+    held = None             # a frame far ahead of the one before: corrupt, or a real gap?
+    warned = [0]
+
+    def warn(text):
+        warned[0] += 1
+        if warned[0] <= _MAX_JUMP_WARNINGS:
+            info.warnings.append(f"{info.name}: {text}")
+        elif warned[0] == _MAX_JUMP_WARNINGS + 1:
+            info.warnings.append(f"{info.name}: more clock jumps (not listed)")
+
+    for number, ts_ns, data, orig_len, _linktype in reader:
         if first is None:
             first = ts_ns
             info.first_ts_ns = ts_ns
         info.last_ts_ns = ts_ns
         info.frames += 1
         info.bytes += len(data)
-        # a capture may step back in time (clock adjustments, merged files):
-        # never let its relative clock run backwards
-        rel = ts_ns - first
-        yield rel, side, ts_ns, data, orig_len > len(data)
+        rel = ts_ns + offset - first
+        if held is not None:
+            h_number, h_rel, h_ts, h_data, h_cut = held
+            held = None
+            if -JUMP_BACK_NS <= rel - prev <= JUMP_FORWARD_NS:
+                # back to where the frame before the held one was: the held
+                # one's timestamp is wrong, not the clock
+                warn(f"frame {h_number}: its timestamp is {_span(h_rel - prev)} ahead of the "
+                     "frames around it; taken as the time of the frame before")
+                yield prev, side, h_ts, h_data, h_cut, offset
+            else:
+                warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
+                prev = h_rel
+                yield h_rel, side, h_ts, h_data, h_cut, offset
+        step = rel - prev
+        if step > JUMP_FORWARD_NS and info.frames > 1:
+            held = (number, rel, ts_ns, data, orig_len > len(data))
+            continue
+        if step < -JUMP_BACK_NS:
+            warn(f"frame {number}: the clock jumps {_span(-step)} back; the timeline goes on "
+                 "from the frame before")
+            offset -= step
+            rel = prev
+        elif step < 0:
+            rel = prev
+        prev = rel
+        yield rel, side, ts_ns, data, orig_len > len(data), offset
+    if held is not None:
+        h_number, h_rel, h_ts, h_data, h_cut = held
+        warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
+        yield h_rel, side, h_ts, h_data, h_cut, offset
 
 
-def _monotonic(stream):
-    last = 0
-    for rel, side, ts_ns, data, cut in stream:
-        if rel < last:
-            rel = last
-        last = rel
-        yield rel, side, ts_ns, data, cut
+def _span(ns: int) -> str:
+    s = ns / 1e9
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("hours", 3600),
+                       ("minutes", 60)):
+        value = f"{s / size:.3g}"
+        if float(value) >= 1:
+            return f"{value} {unit[:-1] if value == '1' else unit}"
+    return f"{s:.3g} s"
 
 
 def replay(primary_reader, secondary_reader, config: Config | None = None, *,
@@ -138,11 +211,13 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     s_info = SideInfo(getattr(secondary_reader, "name", "secondary"),
                       getattr(secondary_reader, "format", ""), getattr(secondary_reader, "linktype", 1))
     result = ReplayResult(p_info, s_info, config, hold, vnet_hdr_len, comparator)
-    merged = heapq.merge(_monotonic(_relative(primary_reader, p_info, PRIMARY)),
-                         _monotonic(_relative(secondary_reader, s_info, SECONDARY)),
+    merged = heapq.merge(_timeline(primary_reader, p_info, PRIMARY),
+                         _timeline(secondary_reader, s_info, SECONDARY),
                          key=lambda item: (item[0], item[1]))
 
-    p_base_ns = None
+    # the primary's own clock at timeline 0: its first frame's time, minus
+    # what the clock jumps left out so far (see _timeline)
+    p_clock_ns = None
 
     def emit(events, now_ms, now_ns=None):
         """Account for the core's events; ``now_ns`` is the exact relative
@@ -154,17 +229,17 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
             if t is bytes:
                 # released on a match (the core's compact form)
                 if on_release is not None:
-                    on_release(p_base_ns + now_ns, e)
+                    on_release(p_clock_ns + now_ns, e)
             elif t is Released or t is Bypassed:
                 pkt = e.packet
                 if on_release is not None:
-                    on_release(p_base_ns + now_ns, pkt.data)
+                    on_release(p_clock_ns + now_ns, pkt.data)
                 if t is Released and e.reason is not RELEASE_MATCH:
                     if e.reason == RELEASE_END:
                         result.unmatched_primary += 1
                     _flow(result, pkt.key)["unmatched"] += 1
                     if on_unmatched is not None:
-                        on_unmatched(p_base_ns + now_ns, pkt.data)
+                        on_unmatched(p_clock_ns + now_ns, pkt.data)
             elif t is Miscompare:
                 result.miscompares_total += 1
                 _flow(result, e.key)["miscompares"] += 1
@@ -212,9 +287,10 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     l2 = vnet_hdr_len
     now_ms = 0.0
     count = 0
-    for rel_ns, side, _ts_ns, data, cut in merged:
-        if p_base_ns is None:
-            p_base_ns = p_info.first_ts_ns if p_info.first_ts_ns is not None else _ts_ns - rel_ns
+    for rel_ns, side, _ts_ns, data, cut, offset_ns in merged:
+        if side == PRIMARY or p_clock_ns is None:
+            p_clock_ns = (p_info.first_ts_ns - offset_ns if p_info.first_ts_ns is not None
+                          else _ts_ns - rel_ns)
         now_ms = rel_ns / 1e6
         timer = comparator.get_timer()
         if timer is not None and timer <= now_ms:
@@ -225,8 +301,8 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
         count += 1
         if on_progress is not None and not count & 0x3FFF:
             on_progress(count)
-    if p_base_ns is None:
-        p_base_ns = 0
+    if p_clock_ns is None:
+        p_clock_ns = 0
     # Let the timeouts that would have fired after the last packet fire, so
     # a trailing unmatched frame is reported as a timeout like any other.
     if config.compare_timeout_ms is not None and comparator.queued_frames:
@@ -235,8 +311,8 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     before = comparator.stats.secondary_discarded
     emit(comparator.finish(now_ms), now_ms)
     result.unmatched_secondary = comparator.stats.secondary_discarded - before
-    p_info.warnings = list(getattr(primary_reader, "warnings", []))
-    s_info.warnings = list(getattr(secondary_reader, "warnings", []))
+    p_info.warnings = list(getattr(primary_reader, "warnings", [])) + p_info.warnings
+    s_info.warnings = list(getattr(secondary_reader, "warnings", [])) + s_info.warnings
     result.notes = _notes(result, vnet_hdr_len)
     return result
 
@@ -254,7 +330,7 @@ def _notes(result: ReplayResult, vnet_hdr_len: int) -> list:
             hint = ("; if the frames start with a virtio-net header (filter-dump of a vnet "
                     "netdev), give its size with --vnet-hdr-len")
         notes.append(f"{n:,} of {total:,} primary frames could not be compared, most for "
-                     f"'{reason}' ({count:,}): a match says little{hint}")
+                     f"'{reason}' ({count:,}); only the rest were compared{hint}")
     return notes
 
 

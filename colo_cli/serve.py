@@ -472,6 +472,7 @@ class Server:
         self._timer = None
         self._timer_at = None
         self._stopping = None
+        self._forced_by = None           # a second signal while draining: exit at once
         self._events_file = None
         self._control = None
         self._hexdump_tokens = float(options.hexdumps_per_minute)
@@ -562,11 +563,13 @@ class Server:
             await asyncio.sleep(min(0.05, left))
 
     async def run(self) -> int:
-        """Serve until SIGINT/SIGTERM (or stop()); then flush and exit 0."""
+        """Serve until SIGINT/SIGTERM (or stop()); then flush and exit 0.  A
+        second signal while the flush waits for outdev exits at once, with
+        128 + the signal's number (130, 143), as uvicorn does."""
         self._stopping = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                self.loop.add_signal_handler(sig, self.stop)
+                self.loop.add_signal_handler(sig, self.stop, sig)
         tasks = []
         try:
             await self.start()
@@ -578,7 +581,7 @@ class Server:
                 waiter.result()          # raises ServeError when a client never connected
             await stopper
             await self.shutdown()
-            return 0
+            return 0 if self._forced_by is None else 128 + self._forced_by
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -591,9 +594,14 @@ class Server:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def stop(self) -> None:
-        if self._stopping is not None:
-            self._stopping.set()
+    def stop(self, sig: int | None = None) -> None:
+        if self._stopping is None:
+            return
+        if self._stopping.is_set() and sig is not None and self._forced_by is None:
+            self._forced_by = int(sig)
+            self.log(f"stopping: second {signal.Signals(sig).name}: exiting at once, "
+                     f"{len(self.outdev.out)} released frames not written to outdev")
+        self._stopping.set()
 
     async def shutdown(self) -> None:
         """Release every queued primary frame, then give outdev a moment to
@@ -604,12 +612,12 @@ class Server:
         self.handle(self.comparator.finish(now), now)
         self.outdev.flush()
         deadline = time.monotonic() + self.options.drain_timeout_s
-        while self.outdev.out.frames and time.monotonic() < deadline:
+        while self.outdev.out.frames and time.monotonic() < deadline and self._forced_by is None:
             # (a client outdev keeps reconnecting meanwhile; a server one accepts)
             await asyncio.sleep(0.01)
             self.outdev.flush()
         left = len(self.outdev.out)
-        if left:
+        if left and self._forced_by is None:
             self.log(f"stopping: {left} released frames could not be written to outdev "
                      f"within {self.options.drain_timeout_s:g} s", 0)
         self.event("stop", unwritten=left)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import socket
 import struct
 from pathlib import Path
@@ -159,6 +160,12 @@ def tcp_fields(d, frame):
     return seq, frame[l4 + 13], hlen, d["ip_end"] - l4 - hlen
 
 
+def is_clock_warning(text: str) -> bool:
+    """Captures merged from sessions years apart (zeek's ssh.pcap) or with
+    clock steps: named, and harmless to the comparison."""
+    return bool(re.search(r": frame \d+: (the clock jumps|its timestamp is)|more clock jumps", text))
+
+
 def first_linktype(entry):
     lt = entry["linktype"]
     return lt[0] if isinstance(lt, list) else lt
@@ -209,9 +216,17 @@ def test_capture_against_itself(cli, entry):
         assert "not Ethernet" in lines[0]
         return
     # Ethernet (at least its first interface), readable at least in part
+    doc = r.doc
+    bypassed = sum(doc["stats"]["bypassed"].values())
+    if bypassed * 2 > doc["inputs"]["primary"]["frames"]:
+        # mostly frames nobody can compare (LLC, STP, malformed): not called a
+        # match; exit 2 when not a single frame could be compared
+        compared = doc["inputs"]["primary"]["frames"] - bypassed
+        assert (r.rc, doc["result"]) == (1 if compared else 2, "incomparable"), r
+        assert r.err.startswith("colo-compare: only ") and r.err.count("\n") == 1, r
+        return
     assert r.rc == 0, r
     assert r.err == ""
-    doc = r.doc
     assert doc["result"] == "match"
     assert doc["miscompares_total"] == 0 and doc["miscompares"] == []
     assert doc["unmatched"] == {"primary": 0, "secondary": 0}
@@ -227,11 +242,11 @@ def test_capture_against_itself(cli, entry):
         assert side["warnings"][0].endswith(f"compared the {entry['packets']} {noun} before it")
     elif all_ethernet(entry):
         assert side["frames"] == entry["packets"]
-        assert side["warnings"] == []
+        assert [w for w in side["warnings"] if not is_clock_warning(w)] == []
     else:
         # pcapng with non-Ethernet interfaces too: their packets are skipped, and said so
         assert side["frames"] <= entry["packets"]
-        assert all("not Ethernet" in w for w in side["warnings"])
+        assert all("not Ethernet" in w or is_clock_warning(w) for w in side["warnings"])
         assert len(side["warnings"]) > 0 or side["frames"] == entry["packets"]
     # the human report renders too
     r = cli("replay", path, path)
@@ -473,7 +488,7 @@ def test_pcapng_little_vs_big_endian(cli, test):
         assert doc["inputs"]["primary"]["frames"] == doc["inputs"]["secondary"]["frames"] == 6
         assert doc["stats"]["released"] == {"match": 6, "total": 6}
         for side in ("primary", "secondary"):
-            warnings = doc["inputs"][side]["warnings"]
+            warnings = [w for w in doc["inputs"][side]["warnings"] if not is_clock_warning(w)]
             assert len(warnings) == 2
             assert all("skipped 1 packet" in w and "NULL (0), not Ethernet" in w for w in warnings)
     assert doc["unmatched"] == {"primary": 0, "secondary": 0}
@@ -538,9 +553,13 @@ def test_fragmented_capture_against_itself(cli, path):
     fragments, complete = fragment_census(corpus(path))
     assert fragments > 0
     r = cli("replay", "--json", corpus(path), corpus(path))
-    assert r.rc == 0, r
     doc = r.doc
-    assert doc["result"] == "match"
+    if path == "zeek/ipv4/fragmented-1.pcap":
+        # nothing in it can be reassembled (below), so nothing is compared
+        assert (r.rc, doc["result"]) == (2, "incomparable"), r
+    else:
+        assert r.rc == 0, r
+        assert doc["result"] == "match"
     st = doc["stats"]
     assert st["fragments"]["in"] == {"primary": fragments, "secondary": fragments}
     assert st["fragments"]["reassembled"] == {"primary": complete, "secondary": complete}

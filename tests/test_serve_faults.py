@@ -190,3 +190,27 @@ def test_debug_shows_the_traceback_of_an_internal_error(env):
     srv.wait_stderr("Traceback (most recent call last)")
     wait_until(lambda: "RuntimeError: injected fault" in srv.stderr().split("Traceback", 1)[1])
     assert json.loads(json.dumps(srv.stats()["bypassed"])) == {"internal-error": 1}
+
+
+def test_a_second_signal_while_draining_exits_at_once(env):
+    """The first SIGTERM flushes and waits for outdev (here: never there, up
+    to --drain-timeout 60); the second exits at once with 128 + 15."""
+    import signal
+    from serve_helpers import connect, free_port
+    from test_serve import unix_ep
+    p_ep, s_ep = (unix_ep(env.workdir, n)[0] for n in ("p.sock", "s.sock"))
+    o_ep = f"tcp:127.0.0.1:{free_port()}"          # nobody listens: released frames wait
+    srv = env.start(["--primary-in", p_ep, "--secondary-in", s_ep, "--outdev", o_ep,
+                     "--connect-timeout", "0", "--drain-timeout", "60"])
+    p, s = env.track(connect(p_ep)), env.track(connect(s_ep))
+    frames = flows(50, 1)
+    for f in frames:
+        p.sendall(rec(f))
+        s.sendall(rec(f))
+    srv.wait_stats(lambda st: st["released"]["match"] == 50)
+    srv.signal(signal.SIGTERM)
+    srv.wait_stderr("stopping: flushing queued frames to outdev")
+    srv.signal(signal.SIGTERM)
+    assert srv.wait(10) == 143                   # not after the 60 s drain
+    srv.wait_stderr("stopping: second SIGTERM: exiting at once, 50 released frames not "
+                    "written to outdev")

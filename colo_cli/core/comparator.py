@@ -28,6 +28,7 @@ reset, and a checkpoint is requested.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import struct
 from collections import deque
 from dataclasses import dataclass
@@ -1157,8 +1158,14 @@ class Comparator:
         # real checkpoint the secondary VM sends those again, but a capture
         # cannot (nor can a secondary nobody checkpointed), and the twins
         # would then miscompare or time out for nothing.
+        # What the secondary sent ahead is kept, unless it is itself past the
+        # timeout: then no primary twin came in time, and keeping it would
+        # only have the next scan ask again (for ever, if none ever comes).
+        timeout = self.config.compare_timeout_ms
+        keep_ahead = timeout is None or not any(
+            now_ms - pkt.arrival_ms > timeout for pkt in itertools.chain(conn.s, conn.s_later))
         released, discarded = self._flush_connection(conn, now_ms, ev.RELEASE_CHECKPOINT, out,
-                                                     keep_ahead=True)
+                                                     keep_ahead=keep_ahead)
         self.stats.checkpoints += 1
         out.append(ev.CheckpointDone(released, discarded, now_ms, conn.key))
 
