@@ -98,6 +98,12 @@ def comparator_options(f):
                      show_default=True, metavar="N",
                      help="Connections tracked at once; the least recently active one is "
                           "evicted (its frames released) to make room."),
+        click.option("--max-queued-mib", type=click.IntRange(min=1), default=256,
+                     show_default=True, metavar="MIB",
+                     help="Memory for queued frames, both sides: their bytes plus 256 bytes "
+                          "each of bookkeeping (TCP payload waiting to be compared counts "
+                          "twice in RSS).  Past it, the connections holding the oldest frames "
+                          "are flushed (released) and a checkpoint requested."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -105,11 +111,12 @@ def comparator_options(f):
 
 
 def _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
-            no_timeout=False, normalize_seq=False, ignore=()):
+            max_queued_mib, no_timeout=False, normalize_seq=False, ignore=()):
     from .core import Config
     return Config(compare_timeout_ms=None if no_timeout else compare_timeout_ms,
                   expired_scan_cycle_ms=expired_scan_cycle_ms,
                   max_queue_size=max_queue_size, max_connections=max_connections,
+                  max_queued_bytes=max_queued_mib * 1024 * 1024,
                   normalize_seq=normalize_seq, ignore=tuple(ignore))
 
 
@@ -189,7 +196,7 @@ color_option = click.option("--color", type=click.Choice(["auto", "always", "nev
 @color_option
 @click.pass_context
 def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, max_queue_size,
-           max_connections, normalize_seq, ignore, learn_noise, no_timeout, hold, vnet_hdr_len, as_json, out_path,
+           max_connections, max_queued_mib, normalize_seq, ignore, learn_noise, no_timeout, hold, vnet_hdr_len, as_json, out_path,
            diverged_path, evidence_path, hexdump_limit, quiet, color):
     """Compare two captures offline, making the decisions colo-compare would
     make live.
@@ -237,6 +244,7 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
                 raise click.UsageError(f"{other_opt} and {opt} are the same file ({path}): "
                                        "one would overwrite the other")
     config = _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
+                     max_queued_mib,
                      no_timeout, normalize_seq, ignore)
     if learn_noise:
         if "-" in (primary, secondary):
@@ -463,7 +471,8 @@ ENDPOINT = EndpointType()
 @click.option("-v", "--verbose", is_flag=True, help="Also report connections and settings.")
 @click.option("-q", "--quiet", is_flag=True, help="Report only errors.")
 def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
-          expired_scan_cycle_ms, max_queue_size, max_connections, vnet_hdr_support, normalize_seq,
+          expired_scan_cycle_ms, max_queue_size, max_connections, max_queued_mib, vnet_hdr_support,
+          normalize_seq,
           ignore, checkpoint_policy, control_path, events_path, hexdump, hexdump_rate,
           outdev_buffer_mib, connect_timeout, drain_timeout, verbose, quiet):
     """Compare live, in place of QEMU's -object colo-compare.
@@ -504,6 +513,7 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
             raise click.UsageError(f"{name} and {seen[where]} are the same endpoint ({ep})")
         seen[where] = name
     config = _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
+                     max_queued_mib,
                      normalize_seq=normalize_seq, ignore=ignore)
     options = ServeOptions(primary_in=primary_in, secondary_in=secondary_in, outdev=outdev,
                            notify_dev=notify_dev, config=config,

@@ -92,9 +92,16 @@ class ServeOptions:
 
 # -- output queue ------------------------------------------------------------------
 
+#: What holding one frame in an OutQueue costs beyond its bytes (the bytes
+#: object's header, its deque slot, malloc's rounding): counted against the
+#: queue's limit, so that tiny frames cannot multiply the memory it names.
+OUT_FRAME_OVERHEAD = 64
+
+
 class OutQueue:
     """Frames waiting for a socket, in order.  ``head_sent`` bytes of the
-    first frame have gone out on the current connection."""
+    first frame have gone out on the current connection.  ``limit`` bounds
+    the frames' bytes plus OUT_FRAME_OVERHEAD each."""
 
     __slots__ = ("frames", "head_sent", "bytes", "limit", "high_water", "dropped",
                  "dropped_bytes")
@@ -112,7 +119,7 @@ class OutQueue:
         return len(self.frames)
 
     def push(self, data: bytes) -> bool:
-        if self.bytes + len(data) > self.limit:
+        if self.bytes + len(data) + (len(self.frames) + 1) * OUT_FRAME_OVERHEAD > self.limit:
             self.dropped += 1
             self.dropped_bytes += len(data)
             return False
@@ -127,7 +134,8 @@ class OutQueue:
         path appends directly): the newest ones beyond it are dropped, as
         ``push`` would have refused them.  Returns what was dropped."""
         dropped = []
-        while self.bytes > self.limit and len(self.frames) > (1 if self.head_sent else 0):
+        while (self.bytes + len(self.frames) * OUT_FRAME_OVERHEAD > self.limit
+               and len(self.frames) > (1 if self.head_sent else 0)):
             data = self.frames.pop()
             self.bytes -= len(data)
             self.dropped += 1

@@ -288,11 +288,24 @@ def test_full_table_prefers_forgetting_an_idle_connection():
 
 
 def test_memory_bound_flushes_oldest_connection():
+    from colo_cli.core.comparator import QUEUED_FRAME_OVERHEAD as cost
     frames = [udp_frame(b"m" * 500, sport=n) for n in range(4)]
-    c, events = run([(P, f, i) for i, f in enumerate(frames)], max_queued_bytes=1200)
+    # room for two frames and what holding them costs, not three
+    limit = 2 * (len(frames[0]) + cost) + 100
+    c, events = run([(P, f, i) for i, f in enumerate(frames)], max_queued_bytes=limit)
     assert releases(events) == [(frames[0], "memory-full"), (frames[1], "memory-full")]
     assert requests(events) == ["memory-full", "memory-full"]   # one per overflowing arrival
-    assert c.queued_bytes <= 1200
+    assert c.queued_bytes + c.queued_frames * cost <= limit and c.queued_frames == 2
+
+
+def test_tiny_frames_cannot_multiply_the_memory_bound():
+    """47-byte frames: before, a 1 MiB bound let 20,000 of them (and 5 MiB
+    of their bookkeeping) queue; what holding each costs now counts too."""
+    from colo_cli.core.comparator import QUEUED_FRAME_OVERHEAD as cost
+    c, _ = run([(P, udp_frame(b"%d" % i, sport=i % 50), i) for i in range(20_000)],
+               max_queued_bytes=1 << 20, max_queue_size=10**6)
+    assert c.queued_bytes + c.queued_frames * cost <= 1 << 20
+    assert c.queued_frames < 4000 and c.stats.checkpoint_requests["memory-full"] > 0
 
 
 def test_idle_connections_are_forgotten():

@@ -180,7 +180,7 @@ def assert_bounded(c, config):
     assert c.queued_bytes <= config.max_queued_bytes
     for conn in c.table:
         assert len(conn.p) <= config.max_queue_size and len(conn.s) <= config.max_queue_size
-    assert len(c._arrivals) <= 2 * c.queued_frames + 4096 + 1
+    assert len(c._arrivals) <= c.queued_frames + (c.queued_frames >> 2) + 1024 + 1
 
 
 # -- the invariants ---------------------------------------------------------------
