@@ -692,6 +692,13 @@ class Server:
             self.event("input_error", link=link.name, error="zero-length record skipped",
                        count=new_zero)
         now = self.now_ms()
+        if self._timer_at is not None and now >= self._timer_at:
+            # a scan is due and the loop has not run its timer yet (a busy
+            # loop serves ready sockets first): scan before these frames, or
+            # frames past the timeout would wait for the next read, or be
+            # released by it, later than the core decided they should leave
+            self._timer.cancel()
+            self._on_timer()
         receive = self.comparator.receive
         header = self.header_len
         handle = self.handle
