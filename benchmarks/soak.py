@@ -8,11 +8,16 @@ minutes, with its memory watched.
 Traffic: identical UDP and TCP on many flows, at a steady rate, with faults
 mixed in: divergences (the secondary sends other bytes), malformed frames on
 both sides, zero-length records, flows that only the primary uses (they time
-out), and a secondary that sends a hostile length prefix and has to
-reconnect.  Every primary frame carries a serial number, so at the end the
-outdev stream is checked: every primary frame out exactly once (released,
-flushed or passed through), per-flow order kept.  serve's resident memory is
-sampled every second; after a warm-up it must stay flat.
+out), a secondary that sends a hostile length prefix and has to
+reconnect, and secondary outages: every ``--outage-every`` seconds the
+secondary falls silent (connected, sending nothing) or disconnects, by
+turns, for ``--outage`` seconds, while the primary goes on.  Every primary
+frame carries a serial number and its send time, so at the end the outdev
+stream is checked: every primary frame out exactly once (released, flushed
+or passed through), per-flow order kept, and no frame held longer than
+``compare_timeout + 2 x expired_scan_cycle`` (by serve's own hold-time
+counters; the client's send-to-outdev time is reported beside it).  serve's
+resident memory is sampled every second; after a warm-up it must stay flat.
 
 Exit status 0 when everything holds, 1 otherwise; the summary says why.
 """
@@ -38,6 +43,10 @@ from colo_cli.core.framing import FrameDecoder, encode  # noqa: E402
 from colo_cli.testing import ether, tcp_frame, udp_frame  # noqa: E402
 
 MAGIC = b"SOAK"
+TAG = struct.Struct(">QIQ")        # serial, flow, send time (monotonic ns)
+COMPARE_TIMEOUT_MS, SCAN_CYCLE_MS = 500, 100
+#: what a silent or vanished secondary may cost a primary frame (issue 13)
+HOLD_BOUND_MS = COMPARE_TIMEOUT_MS + 2 * SCAN_CYCLE_MS
 
 
 def rss_kib(pid: int) -> int | None:
@@ -82,6 +91,7 @@ class Reader(threading.Thread):
         self.last_per_flow: dict[int, int] = {}
         self.reordered = 0
         self.frames = 0
+        self.max_latency_ns = 0        # send -> read back from outdev
         self.stop = False
 
     def run(self):
@@ -95,12 +105,15 @@ class Reader(threading.Thread):
                 return
             if not data:
                 return
+            now_ns = time.monotonic_ns()
             for wire, _ in self.decoder.feed(data):
                 self.frames += 1
                 at = wire.find(MAGIC)
                 if at < 0:
                     continue
-                serial, flow = struct.unpack_from(">QI", wire, at + 4)
+                serial, flow, sent_ns = TAG.unpack_from(wire, at + 4)
+                if now_ns - sent_ns > self.max_latency_ns:
+                    self.max_latency_ns = now_ns - sent_ns
                 if serial >= len(self.seen):
                     self.seen.extend(bytes(max(serial + 1, 2 * len(self.seen)) - len(self.seen)))
                 n = self.seen[serial]
@@ -129,6 +142,10 @@ def counted_faults(st: dict, faults: dict) -> dict:
         "malformed": (st["bypassed"].get("unknown-ethertype", 0),
                       faults["malformed"] == st["bypassed"].get("unknown-ethertype", 0)),
     }
+    # a disconnect longer than the compare timeout is one period of comparing
+    # stopped (the hostile-length reconnects are immediate: none)
+    absent = st.get("secondary_absent_periods", 0)
+    rows["secondary_disconnected"] = (absent, faults["secondary_disconnected"] == absent)
     out = {k: {"injected": faults[k], "counted": n, "ok": ok} for k, (n, ok) in rows.items()}
     # A diverging datagram is a miscompare.  A datagram with no twin is one
     # too when the flow's next datagram comes before the compare timeout
@@ -140,12 +157,25 @@ def counted_faults(st: dict, faults: dict) -> dict:
     return out
 
 
-def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
+def outage_at(t_s: float, every_s: float, length_s: float) -> str | None:
+    """Which secondary outage is on at ``t_s`` seconds into the run: from
+    ``every_s`` on, every ``every_s`` seconds, for ``length_s``, silent and
+    disconnected by turns."""
+    if every_s <= 0 or t_s < every_s:
+        return None
+    k = int(t_s // every_s)
+    if t_s - k * every_s >= length_s:
+        return None
+    return "secondary_silent" if k % 2 else "secondary_disconnected"
+
+
+def soak(duration_s: float, rate: int, flows: int, workdir: str, log,
+         outage_every_s: float = 30.0, outage_s: float = 10.0) -> dict:
     paths = {n: os.path.join(workdir, n) for n in ("p", "s", "o", "ctl")}
     argv = [sys.executable, "-m", "colo_cli", "serve",
             "--primary-in", f"unix:{paths['p']},server", "--secondary-in", f"unix:{paths['s']},server",
-            "--outdev", f"unix:{paths['o']},server", "--compare-timeout", "500",
-            "--expired-scan-cycle", "100", "--quiet", "--control", paths["ctl"]]
+            "--outdev", f"unix:{paths['o']},server", "--compare-timeout", str(COMPARE_TIMEOUT_MS),
+            "--expired-scan-cycle", str(SCAN_CYCLE_MS), "--quiet", "--control", paths["ctl"]]
     err = open(os.path.join(workdir, "serve.err"), "wb")
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=err, stderr=err)
     try:
@@ -159,7 +189,9 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
         sent_primary = 0          # every serial number 1..serial is a primary frame
         sent_secondary = 0
         faults = {"divergence": 0, "malformed": 0, "zero_length": 0, "primary_only": 0,
-                  "hostile_length": 0}
+                  "hostile_length": 0, "secondary_silent": 0, "secondary_disconnected": 0}
+        outage = None             # the outage on now, if any
+        hostile_due = False
         samples = []
         start = time.monotonic()
         next_sample = start
@@ -168,11 +200,21 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
         while time.monotonic() - start < duration_s:
             if proc.poll() is not None:
                 raise RuntimeError(f"serve exited with {proc.returncode}")
+            now_outage = outage_at(time.monotonic() - start, outage_every_s, outage_s)
+            if now_outage != outage:
+                if now_outage is not None:
+                    faults[now_outage] += 1
+                    if now_outage == "secondary_disconnected":
+                        sec.close()
+                if outage == "secondary_disconnected":
+                    sec = connect(paths["s"])
+                outage = now_outage
             p_buf, s_buf = [], []
+            sent_ns = time.monotonic_ns()
             for _ in range(batch):
                 serial += 1
                 flow = serial % flows
-                tag = MAGIC + struct.pack(">QI", serial, flow)
+                tag = MAGIC + TAG.pack(serial, flow, sent_ns)
                 if flow % 4 == 0:
                     seq = tcp_seq.get(flow, 1000)
                     frame = tcp_frame(tag + b"t" * 64, seq=seq, ack=7, sport=10000 + flow, dport=80)
@@ -191,11 +233,13 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
                 else:
                     s_buf.append(encode(frame))
             tick += 1
-            if tick % 50 == 0:
+            if tick % 50 == 0 and outage is None:
                 # malformed frames (passed through from the primary, dropped
-                # from the secondary) and a zero-length record
+                # from the secondary) and a zero-length record; not during an
+                # outage, where every primary frame passes as secondary-absent
+                # whatever it is, so that each shows in its own counter
                 serial += 1
-                junk = ether(MAGIC + struct.pack(">QI", serial, flows + 1) + b"\0" * 8, 0x88B5)
+                junk = ether(MAGIC + TAG.pack(serial, flows + 1, sent_ns), 0x88B5)
                 p_buf.append(encode(junk))
                 s_buf.append(encode(junk))
                 sent_primary += 1
@@ -203,9 +247,13 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
                 faults["malformed"] += 1
                 faults["zero_length"] += 1
             pri.sendall(b"".join(p_buf))
-            sec.sendall(b"".join(s_buf))
-            sent_secondary += len(s_buf)
+            if outage is None:
+                sec.sendall(b"".join(s_buf))
+                sent_secondary += len(s_buf)
             if tick % 500 == 0:
+                hostile_due = True       # (after the outage, if one is on)
+            if hostile_due and outage is None:
+                hostile_due = False
                 # the secondary sends a hostile length and is cut off; it
                 # reconnects (frames it sent meanwhile are lost with the
                 # connection, so their primaries time out and are released)
@@ -232,6 +280,7 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
         seen = bytes(reader.seen[1:sent_primary + 1].ljust(sent_primary, b"\0"))
         missing = seen.count(0)
         duplicated = sent_primary - missing - seen.count(1)
+        hold_max_ms = st["hold_ms"]["max_ms"]
         rss = [kib for _, kib in samples if kib]
         warm = rss[len(rss) // 4:] if len(rss) >= 8 else rss
         growth = (max(warm) - min(warm)) / min(warm) if warm else 0.0
@@ -244,9 +293,13 @@ def soak(duration_s: float, rate: int, flows: int, workdir: str, log) -> dict:
                   "rss_growth_after_warmup": round(growth, 3), "samples": len(samples),
                   "counted": counted, "secondary_unread": secondary_unread,
                   "checkpoint_requests": dict(st["checkpoint_requests"]),
-                  "miscompares": dict(st["miscompares"])}
+                  "miscompares": dict(st["miscompares"]),
+                  "released": dict(st["released"]), "bypassed": dict(st["bypassed"]),
+                  "hold_max_ms": hold_max_ms, "hold_bound_ms": HOLD_BOUND_MS,
+                  "client_latency_max_ms": round(reader.max_latency_ns / 1e6, 1)}
         result["ok"] = (not missing and not duplicated and not reader.reordered
                         and result["serve_alive"] and growth < 0.25
+                        and hold_max_ms <= HOLD_BOUND_MS
                         and all(c["ok"] for c in counted.values()))
         return result
     finally:
@@ -268,10 +321,16 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=180.0, help="seconds of traffic (default 180)")
     ap.add_argument("--rate", type=int, default=20000, help="primary frames per second (default 20000)")
     ap.add_argument("--flows", type=int, default=2000, help="flows (default 2000)")
+    ap.add_argument("--outage-every", type=float, default=30.0, metavar="S",
+                    help="a secondary outage every S seconds, silent and disconnected by turns "
+                         "(default 30; 0: none)")
+    ap.add_argument("--outage", type=float, default=10.0, metavar="S",
+                    help="how long each secondary outage lasts (default 10)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="colo-soak-", dir="/tmp") as d:
-        result = soak(args.duration, args.rate, args.flows, d, log=print)
+        result = soak(args.duration, args.rate, args.flows, d, log=print,
+                      outage_every_s=args.outage_every, outage_s=args.outage)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -285,6 +344,10 @@ def main(argv=None) -> int:
             + f"; secondary frames never read (cut-off connections): {result['secondary_unread']:,}")
         print(f"checkpoint requests by cause {result['checkpoint_requests']}, "
               f"miscompares {result['miscompares']}")
+        print(f"released {result['released']}, bypassed {result['bypassed']}")
+        print(f"longest hold {result['hold_max_ms']:.1f} ms (serve's counters; bound "
+              f"{result['hold_bound_ms']} ms); longest send-to-outdev time seen by the client "
+              f"{result['client_latency_max_ms']:.1f} ms")
         print(f"serve RSS KiB first {result['rss_kib']['first']}, last {result['rss_kib']['last']}, "
               f"max {result['rss_kib']['max']}; growth after warm-up "
               f"{result['rss_growth_after_warmup'] * 100:.1f} %")

@@ -112,6 +112,39 @@ def test_a_capture_spanning_decades_replays_in_a_handful_of_scans(tmp_path, monk
     assert scans <= 3 * len(recs)
 
 
+def test_a_secondary_capture_that_ends_early_costs_each_flow_the_timeout_not_a_scan(
+        tmp_path, monkeypatch):
+    """The secondary's capture stops a third of the way in (its VM died):
+    the primary's frames on 2,000 flows after that leave by a timeout, each
+    within compare_timeout + 2 x expired_scan_cycle of its arrival, as serve
+    would release them, in a handful of scans (before: one connection per
+    scan, so the last flow waited 2,000 scans)."""
+    from colo_cli.core import Config
+    from colo_cli.testing import udp_frame
+    ms = 10**6
+    frames = [(t * 2 * ms, udp_frame(b"flow %d frame %d" % (t % 2000, t // 2000),
+                                     sport=1024 + t % 2000)) for t in range(6000)]
+    p_path = write(tmp_path / "p.pcap", frames)
+    s_path = write(tmp_path / "s.pcap", frames[:2000])
+    config = Config(compare_timeout_ms=500, expired_scan_cycle_ms=100)
+    result, out, scans = counted_replay(monkeypatch, p_path, s_path, config=config)
+    assert sorted(out) == sorted(d for _, d in frames)          # each once
+    snap = result.stats.snapshot()
+    assert snap["released"]["match"] == 2000
+    assert snap["released"]["checkpoint"] == 4000
+    # one per flow each time it timed out (a flow's frames come 4 s apart)
+    assert snap["checkpoint_requests"] == {"timeout": 4000}
+    assert snap["hold_ms"]["max_ms"] <= 500 + 2 * 100
+    # the 4,000 frames arrive over 8 s: about one scan per cycle, not per flow
+    assert scans <= 8000 / 100 + 20
+    # per flow, in the order the primary sent them
+    position = {d: i for i, (_, d) in enumerate(frames)}
+    by_flow = {}
+    for d in out:
+        by_flow.setdefault(d[34:36], []).append(position[d])
+    assert all(v == sorted(v) for v in by_flow.values())
+
+
 # -- results that are not a match ------------------------------------------------------
 
 def test_nothing_comparable_is_not_a_match(cli):

@@ -22,11 +22,19 @@ from serve_helpers import OutReader, ServeProc, connect, unix_ep, wait_until  # 
 
 
 def test_short_soak_loses_nothing_and_memory_stays_flat():
+    # outages of 1.5 s (three compare timeouts) at 2.5 s (silent) and 5 s
+    # (disconnected)
     with tempfile.TemporaryDirectory(prefix="colo-soak-", dir="/tmp") as d:
-        result = soak.soak(duration_s=6, rate=10000, flows=1000, workdir=d, log=print)
+        result = soak.soak(duration_s=7, rate=10000, flows=1000, workdir=d, log=print,
+                           outage_every_s=2.5, outage_s=1.5)
     assert result["missing"] == 0 and result["duplicated"] == 0 and result["reordered"] == 0
     assert result["serve_alive"]
     assert all(n > 0 for n in result["faults"].values()), result["faults"]
+    assert result["faults"]["secondary_silent"] == result["faults"]["secondary_disconnected"] == 1
+    # a silent or vanished secondary costs a primary frame at most the bound
+    assert result["hold_max_ms"] <= soak.HOLD_BOUND_MS
+    assert result["released"].get("checkpoint", 0) > 0          # the silent spell timed out
+    assert result["bypassed"].get("secondary-absent", 0) > 0    # the disconnect passed them
     # and every fault shows in serve's own stats
     assert all(c["ok"] for c in result["counted"].values()), result["counted"]
     assert result["rss_growth_after_warmup"] < 0.25, result["rss_kib"]
