@@ -522,7 +522,27 @@ class EndpointType(click.ParamType):
 ENDPOINT = EndpointType()
 
 
+class ListenType(click.ParamType):
+    """HOST:PORT to listen on (metrics_http.parse_listen)."""
+    name = "HOST:PORT"
+
+    def convert(self, value, param, ctx):
+        from .metrics_http import parse_listen
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_listen(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def _config_option(f):
+    from .config import config_option
+    return config_option(f)
+
+
 @cli.command(context_settings=CONTEXT)
+@_config_option
 @click.option("--primary-in", required=True, type=ENDPOINT, metavar="EP",
               help="Where the primary's output arrives (QEMU primary_in).")
 @click.option("--secondary-in", required=True, type=ENDPOINT, metavar="EP",
@@ -568,13 +588,17 @@ ENDPOINT = EndpointType()
               metavar="SECONDS",
               help="On SIGINT/SIGTERM, how long to wait for outdev to take the frames "
                    "released at shutdown.")
+@click.option("--metrics-listen", type=ListenType(), metavar="HOST:PORT",
+              help="Serve /metrics over HTTP in the Prometheus text format on HOST:PORT "
+                   "(127.0.0.1:9464, [::1]:9464, or :9464 for every interface), for a "
+                   "Prometheus server to scrape.")
 @click.option("-v", "--verbose", is_flag=True, help="Also report connections and settings.")
 @click.option("-q", "--quiet", is_flag=True, help="Report only errors.")
 def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
           expired_scan_cycle_ms, max_queue_size, max_connections, max_queued_mib, vnet_hdr_support,
           normalize_seq,
           ignore, checkpoint_policy, control_path, events_path, hexdump, hexdump_rate,
-          outdev_buffer_mib, connect_timeout, drain_timeout, verbose, quiet):
+          outdev_buffer_mib, connect_timeout, drain_timeout, metrics_listen, verbose, quiet):
     """Compare live, in place of QEMU's -object colo-compare.
 
     Frames arrive on --primary-in and --secondary-in in QEMU's socket
@@ -593,6 +617,11 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
     Runs until SIGINT or SIGTERM, then releases every queued primary frame
     to outdev and exits 0.  Exit status 2: bad options, or an endpoint that
     cannot listen or never connects.
+
+    Every option can come from a TOML file (--config FILE), the command line
+    winning.  Under systemd (Type=notify) serve says when it is ready, when
+    it stops, and keeps the watchdog fed; contrib/colo-compare@.service runs
+    one instance per protected NIC.
 
     \b
     Example (the roles of QEMU's COLO wiring):
@@ -624,7 +653,8 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
                            outdev_buffer_bytes=outdev_buffer_mib * 1024 * 1024,
                            connect_timeout_s=connect_timeout, drain_timeout_s=drain_timeout,
                            verbose=-1 if quiet else (1 if verbose else 0),
-                           debug=bool((click.get_current_context().obj or {}).get("debug")))
+                           debug=bool((click.get_current_context().obj or {}).get("debug")),
+                           metrics_listen=metrics_listen)
     _tune_gc()
     try:
         rc = run_serve(options)

@@ -21,9 +21,11 @@ them itself, on its fast path).
 The direction is only known for Linux cooked captures, whose packet type is
 "sent by us" (4, ``OUTGOING``) or one of "to us", "broadcast", "multicast",
 "to another host" (0-3, ``INCOMING``).  ``tcpdump -i any`` on a replica sees
-both what it sends and what it receives, and loopback traffic twice (once
-each way): ``replay`` compares the outgoing packets only unless told
-otherwise (``--direction``).
+both what it sends and what it receives: ``replay`` compares the outgoing
+packets only unless told otherwise (``--direction``).  Traffic on the
+loopback device is captured once, marked received (libpcap drops the
+outgoing copy, which it would see again coming in): it never left the host,
+and is left out with the received packets.
 
 Nothing here raises on bad input: a frame too short for its link header
 gets an ``l3`` beyond its end, which the core counts as a short frame; an

@@ -235,9 +235,9 @@ def test_a_pcap_primary_gives_pcap_outputs_and_a_pcapng_one_pcapng(cli, tmp_path
 
 @pytest.mark.parametrize("linktype", [113, 276])
 def test_linux_cooked_outgoing_only_by_default(cli, tmp_path, linktype):
-    """tcpdump -i any on a replica: what it sent (outgoing), what it
-    received, and loopback traffic twice.  Only the outgoing packets are its
-    output; the rest is left out, counted and named."""
+    """tcpdump -i any on a replica: what it sent (outgoing) and what it
+    received.  Only the outgoing packets are its output; the rest is left
+    out, counted and named."""
     sent = traffic(tag=b"-a")
     received = [udp_frame(b"request %d" % i, sport=4001, dport=53, src="10.0.0.2", dst="10.0.0.1")
                 for i in range(3)]
