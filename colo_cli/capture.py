@@ -1099,7 +1099,9 @@ class LikeInputWriter:
     """Frames written the way their capture holds them: a pcap under the
     capture's link type for a pcap; for a pcapng (whose interfaces may have
     several link types), a pcapng with one interface per link type met,
-    each frame on its own.  ``write(ts_ns, data, orig_len, linktype)``."""
+    each frame on its own.  ``write(ts_ns, data)``: a frame whose link type
+    is not the capture's first carries it as a ``linktype`` attribute
+    (``replay.LinkFrame``); plain bytes are of the first."""
 
     def __init__(self, fileobj: BinaryIO, *, format: str, linktype: int,
                  name: str = "primary") -> None:
@@ -1108,25 +1110,18 @@ class LikeInputWriter:
         if format == "pcapng":
             self._ng = PcapngWriter(fileobj)
             self._ifaces = {linktype: self._ng.add_interface(name, linktype)}
-            self._pcap = None
+            self._writer = self._ng
         else:
-            self._pcap = PcapWriter(fileobj, linktype=linktype, nano=True)
-            self._ng = None
+            # one link type: every frame is of it (a pcap cannot hold others)
+            self._writer = PcapWriter(fileobj, linktype=linktype, nano=True)
+            self.write = self._writer.write
 
     @property
     def packets(self) -> int:
-        return (self._pcap or self._ng).packets
+        return self._writer.packets
 
-    def write(self, ts_ns: int, data: bytes, orig_len: int | None = None,
-              linktype: int | None = None) -> None:
-        if linktype is None:
-            linktype = self.linktype
-        if self._pcap is not None:
-            if linktype != self.linktype:
-                raise ValueError("a pcap holds one link type (%s), not %s"
-                                 % (describe_linktype(self.linktype), describe_linktype(linktype)))
-            self._pcap.write(ts_ns, data, orig_len)
-            return
+    def write(self, ts_ns: int, data: bytes, orig_len: int | None = None) -> None:
+        linktype = self.linktype if type(data) is bytes else getattr(data, "linktype", self.linktype)
         iface = self._ifaces.get(linktype)
         if iface is None:
             iface = self._ifaces[linktype] = self._ng.add_interface(self._name, linktype)

@@ -260,7 +260,6 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
       colo-compare replay --json --no-timeout a.pcapng b.pcapng > report.json
       colo-compare replay --filter 'tcp port 80' --start 10s a.pcap.gz b.pcapng.zst
     """
-    from .bpf import FilterError
     from .capture import CaptureError, LikeInputWriter, PcapngWriter, open_capture
     from .render import make_console, print_replay_report, replay_json
     from .replay import replay as run_replay
@@ -304,10 +303,8 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
 
         def like_primary(path):
             # the primary's own format and link type (see LikeInputWriter)
-            writer = LikeInputWriter(stack.enter_context(_open_output(path)),
-                                     format=p_reader.format, linktype=_linktype(p_reader))
-            return lambda ts_ns, data: writer.write(ts_ns, data,
-                                                    linktype=getattr(data, "linktype", None))
+            return LikeInputWriter(stack.enter_context(_open_output(path)),
+                                   format=p_reader.format, linktype=_linktype(p_reader)).write
         on_release = like_primary(out_path) if out_path else None
         on_unmatched = like_primary(diverged_path) if diverged_path else None
         on_miscompare = None
@@ -321,7 +318,13 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
                                 on_release=on_release, on_unmatched=on_unmatched,
                                 on_progress=progress, on_miscompare=on_miscompare,
                                 selection=selection)
-        except (CaptureError, FilterError) as e:
+        except CaptureError as e:
+            raise Trouble(str(e)) from None
+        except Exception as e:
+            # a filter libpcap compiles for the first link type but not for
+            # a pcapng's later one (bpf imported only when there is a filter)
+            if selection.bpf is None or type(e).__name__ != "FilterError":
+                raise
             raise Trouble(str(e)) from None
     verdict = result.verdict
     if verdict == "incomparable":

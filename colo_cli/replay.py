@@ -163,13 +163,15 @@ JUMP_BACK_NS = 10**9
 _MAX_JUMP_WARNINGS = 5
 
 
-def _timeline(reader, info: SideInfo, side):
-    """``(rel_ns, side, ts_ns, data, orig_len, offset_ns, linktype)`` from
-    one capture, in file order: ``rel_ns`` is the frame's time on the
-    capture's own timeline, relative to its first frame, never decreasing;
-    ``offset_ns`` what the clock steps left out so far add to the capture's
-    clock (``rel_ns == ts_ns + offset_ns - first`` but for a corrupt
-    timestamp).  Fills ``info`` as it goes; warnings name the frame."""
+def _timeline(reader, info: SideInfo, side, selection: Selection, vnet_hdr_len: int = 0):
+    """``(rel_ns, side, ts_ns, data, cut, offset_ns, l3, ethertype)`` for
+    the frames of one capture that are compared, in file order: ``rel_ns``
+    is the frame's time on the capture's own timeline, relative to its first
+    frame, never decreasing; ``offset_ns`` what the clock steps left out so
+    far add to the capture's clock (``rel_ns == ts_ns + offset_ns - first``
+    but for a corrupt timestamp); ``l3``/``ethertype`` what the core needs
+    to read a frame that is not Ethernet (``l3`` -1 for Ethernet).  Fills
+    ``info`` as it goes; warnings name the frame."""
     first = None
     prev = 0                # rel of the frame before
     offset = 0
@@ -183,6 +185,14 @@ def _timeline(reader, info: SideInfo, side):
         elif warned[0] == _MAX_JUMP_WARNINGS + 1:
             info.warnings.append(f"{info.name}: more clock jumps (not listed)")
 
+    # An Ethernet pcap with nothing to select (the common case) costs
+    # nothing more here; otherwise each frame goes through pick().
+    pick = None
+    if (selection.start_ns is not None or selection.end_ns is not None
+            or selection.bpf is not None or getattr(reader, "format", "pcap") != "pcap"
+            or info.linktype != linklayer.ETHERNET):
+        pick = _picker(info, selection, vnet_hdr_len)
+    frames = size = 0
     count = 0
     for number, ts_ns, data, orig_len, linktype in reader:
         if first is None:
@@ -199,11 +209,21 @@ def _timeline(reader, info: SideInfo, side):
                 # one's timestamp is wrong, not the clock
                 warn(f"frame {h_number}: its timestamp is {_span(h_rel - prev)} ahead of the "
                      "frames around it; taken as the time of the frame before")
-                yield prev, side, h_ts, h_data, h_orig, offset, h_lt
+                h_rel = prev
             else:
                 warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
                 prev = h_rel
-                yield h_rel, side, h_ts, h_data, h_orig, offset, h_lt
+            item = (h_rel, side, h_ts, h_data, h_orig > len(h_data), offset, -1, 0)
+            if pick is not None:
+                item = pick(item, h_orig, h_lt)
+                if item is _STOP:
+                    return
+            if item is not None:
+                frames += 1
+                size += len(h_data)
+                info.frames = frames
+                info.bytes = size
+                yield item
         step = rel - prev
         if step > JUMP_FORWARD_NS and count > 1:
             held = (number, rel, ts_ns, data, orig_len, linktype)
@@ -216,33 +236,56 @@ def _timeline(reader, info: SideInfo, side):
         elif step < 0:
             rel = prev
         prev = rel
-        yield rel, side, ts_ns, data, orig_len, offset, linktype
+        item = (rel, side, ts_ns, data, orig_len > len(data), offset, -1, 0)
+        if pick is not None:
+            item = pick(item, orig_len, linktype)
+            if item is None:
+                continue
+            if item is _STOP:
+                return
+        frames += 1
+        size += len(data)
+        info.frames = frames
+        info.bytes = size
+        yield item
     if held is not None:
         h_number, h_rel, h_ts, h_data, h_orig, h_lt = held
         warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
-        yield h_rel, side, h_ts, h_data, h_orig, offset, h_lt
+        item = (h_rel, side, h_ts, h_data, h_orig > len(h_data), offset, -1, 0)
+        if pick is not None:
+            item = pick(item, h_orig, h_lt)
+        if item is not None and item is not _STOP:
+            info.frames = frames + 1
+            info.bytes = size + len(h_data)
+            yield item
 
 
-def _selected(timeline, info: SideInfo, selection: Selection, vnet_hdr_len: int):
-    """The frames of one capture's timeline that are compared, as
-    ``(rel_ns, side, ts_ns, data, cut, offset_ns, l3, ethertype)``: the
-    link header read (``l3`` -1 for Ethernet, which the core reads itself),
-    the selection applied, what it leaves out counted in ``info``."""
+#: pick() says: past --end, read no further
+_STOP = object()
+
+
+def _picker(info: SideInfo, selection: Selection, vnet_hdr_len: int):
+    """``pick(item, orig_len, linktype)``: the timeline item of a frame that
+    is compared, with its link header read (``l3``, ``ethertype``); None
+    for a frame the selection leaves out (counted in ``info.left_out``);
+    ``_STOP`` past ``--end``.  A frame of another link type than its
+    capture's first becomes a LinkFrame."""
     first_linktype = info.linktype
     decoders = {}
     start_ns, end_ns = selection.start_ns, selection.end_ns
     keep_direction = selection.direction
     bpf = selection.bpf
     left_out = info.left_out
-    frames = size = 0
-    for rel, side, ts_ns, data, orig_len, offset, linktype in timeline:
+
+    def pick(item, orig_len, linktype):
+        rel, side, ts_ns, data, cut, offset, _l3, _etype = item
         if end_ns is not None and rel >= end_ns:
             # the timeline never goes back: nothing later is in the window
             info.stopped_at_end = True
-            break
+            return _STOP
         if start_ns is not None and rel < start_ns:
             left_out[LEFT_OUT_WINDOW] = left_out.get(LEFT_OUT_WINDOW, 0) + 1
-            continue
+            return None
         if linktype == linklayer.ETHERNET:
             l3, ethertype, direction = -1, 0, None
         else:
@@ -252,19 +295,16 @@ def _selected(timeline, info: SideInfo, selection: Selection, vnet_hdr_len: int)
             l3, ethertype, direction = decode(data, vnet_hdr_len)
         if direction is not None and keep_direction is not None and direction != keep_direction:
             left_out[LEFT_OUT_DIRECTION] = left_out.get(LEFT_OUT_DIRECTION, 0) + 1
-            continue
+            return None
         if bpf is not None and not bpf.matches(
                 linktype, data[vnet_hdr_len:] if vnet_hdr_len else data, orig_len - vnet_hdr_len):
             left_out[LEFT_OUT_FILTER] = left_out.get(LEFT_OUT_FILTER, 0) + 1
-            continue
+            return None
         if linktype != first_linktype:
             data = LinkFrame(data)
             data.linktype = linktype
-        frames += 1
-        size += len(data)
-        info.frames = frames
-        info.bytes = size
-        yield rel, side, ts_ns, data, orig_len > len(data), offset, l3, ethertype
+        return rel, side, ts_ns, data, cut, offset, l3, ethertype
+    return pick
 
 
 def _span(ns: int) -> str:
@@ -307,10 +347,9 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
                               compression=getattr(reader, "compression", "")))
     p_info, s_info = infos
     result = ReplayResult(p_info, s_info, config, hold, vnet_hdr_len, comparator)
-    merged = heapq.merge(
-        _selected(_timeline(primary_reader, p_info, PRIMARY), p_info, selection, vnet_hdr_len),
-        _selected(_timeline(secondary_reader, s_info, SECONDARY), s_info, selection, vnet_hdr_len),
-        key=lambda item: (item[0], item[1]))
+    merged = heapq.merge(_timeline(primary_reader, p_info, PRIMARY, selection, vnet_hdr_len),
+                         _timeline(secondary_reader, s_info, SECONDARY, selection, vnet_hdr_len),
+                         key=lambda item: (item[0], item[1]))
 
     # the primary's own clock at timeline 0: its first frame's time, minus
     # what the clock jumps left out so far (see _timeline)

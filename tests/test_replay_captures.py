@@ -473,6 +473,29 @@ def test_filter_on_real_captures_selects_what_tcpdump_selects(cli, tmp_path, nam
 
 
 @needs_corpus
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
+@pytest.mark.parametrize("bpf,display", [("tcp port 80", "tcp.port == 80"),
+                                         ("udp and not port 53", "udp && !(udp.port == 53)")])
+def test_filter_agrees_with_tsharks_own_dissectors(cli, tmp_path, bpf, display):
+    """Wireshark's dissectors are another implementation altogether (a
+    display filter, not BPF); on a capture without tunnels, fragments or
+    extension headers, where the two languages mean the same, they select
+    the same frames."""
+    path = CORPUS / "zeek/wikipedia.pcap"
+    proc = subprocess.run(["tshark", "-r", str(path), "-Y", display, "-T", "fields",
+                           "-e", "frame.number"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    numbers = {int(n) for n in proc.stdout.split()}
+    with open_capture(str(path)) as r:
+        expected = collections.Counter(d for n, _ts, d, _o, _lt in r if n in numbers)
+    out = tmp_path / "out.pcap"
+    r = cli("replay", "--json", "--filter", bpf, "--out", out, path, path)
+    assert r.rc == 0, r
+    assert collections.Counter(d for _ts, d, _lt in records_of(out)) == expected
+    assert sum(expected.values()) == r.doc["inputs"]["primary"]["frames"] > 0
+
+
+@needs_corpus
 def test_filter_udp_and_not_port_53_by_an_independent_count(cli):
     """Without tcpdump: the count of UDP datagrams on neither port 53, by a
     small parser of our own over the Ethernet/IPv4 frames."""
