@@ -318,13 +318,8 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
                                 on_release=on_release, on_unmatched=on_unmatched,
                                 on_progress=progress, on_miscompare=on_miscompare,
                                 selection=selection)
-        except CaptureError as e:
-            raise Trouble(str(e)) from None
-        except Exception as e:
-            # a filter libpcap compiles for the first link type but not for
-            # a pcapng's later one (bpf imported only when there is a filter)
-            if selection.bpf is None or type(e).__name__ != "FilterError":
-                raise
+        except _input_errors(selection) as e:
+            # (a filter can fail on a pcapng's later link type, too)
             raise Trouble(str(e)) from None
     verdict = result.verdict
     if verdict == "incomparable":
@@ -368,6 +363,16 @@ def _selection(direction, filter_expr, start_ns, end_ns):
                      start_ns=start_ns, end_ns=end_ns)
 
 
+def _input_errors(selection) -> tuple:
+    """What a replay can raise about its input: a capture, and with a
+    filter (libpcap is only loaded then) the filter."""
+    from .capture import CaptureError
+    if selection is None or selection.bpf is None:
+        return (CaptureError,)
+    from .bpf import FilterError
+    return (CaptureError, FilterError)
+
+
 def _check_filter(selection, *readers) -> None:
     """Compile the filter for each capture's link type now, so that an
     expression that makes no sense there fails before the comparison."""
@@ -387,7 +392,7 @@ def _linktype(reader) -> int:
 
 
 def _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color, selection=None):
-    from .capture import CaptureError, open_capture
+    from .capture import open_capture
     from .learn import learn_json, learn_noise
     from .render import make_console, print_learned
 
@@ -399,11 +404,10 @@ def _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color, selec
             p.close()
             raise
     _tune_gc()
-    from .bpf import FilterError
     try:
         result = learn_noise(open_pair, config, hold=hold, vnet_hdr_len=vnet_hdr_len,
                              selection=selection)
-    except (CaptureError, FilterError) as e:
+    except _input_errors(selection) as e:
         raise Trouble(str(e)) from None
     with stdout_guard():
         if as_json:

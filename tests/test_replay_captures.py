@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from colo_cli.capture import PcapngWriter, PcapWriter, open_capture
 from colo_cli.cli import main
@@ -408,6 +409,37 @@ def test_without_zstandard_a_zstd_capture_is_one_line(cli, tmp_path, monkeypatch
     assert r.rc == 2 and r.out == ""
     assert r.err == (f"colo-compare: {packed}: zstd-compressed: reading it needs the Python package "
                      "'zstandard' (pip install zstandard), or decompress it first (zstd -d)\n")
+
+
+class Trickle(io.RawIOBase):
+    """A pipe that gives at most ``pieces[i]`` bytes per read, in turn."""
+
+    def __init__(self, data: bytes, pieces):
+        self.data, self.pos, self.pieces, self.i = data, 0, pieces, 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        n = min(len(buf), self.pieces[self.i % len(self.pieces)], len(self.data) - self.pos)
+        self.i += 1
+        buf[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["gzip", "zstd", "zstd-frames"]), st.sampled_from(["pcap", "pcapng"]),
+       st.lists(st.integers(1, 5000), min_size=1, max_size=8), st.integers(1, 60))
+def test_compressed_stdin_in_any_pieces_reads_the_same(how, fmt, pieces, n):
+    """However a pipe cuts the compressed bytes, the records are those of
+    the plain capture."""
+    frames = [(T0 + i * MS, udp_frame(b"%d" % i * (i % 50))) for i in range(n)]
+    raw = pcap_bytes(frames) if fmt == "pcap" else pcapng_bytes([(t, d, 1) for t, d in frames])
+    plain = list(open_capture("-", stdin=io.BytesIO(raw)))
+    with open_capture("-", stdin=Trickle(COMPRESSORS[how](raw), pieces)) as r:
+        assert list(r) == plain and r.warnings == []
+        assert r.compression == how[:4]
 
 
 @pytest.mark.parametrize("how", ["gzip", "zstd"])

@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +28,7 @@ import pytest
 
 from colo_cli.testing import udp_frame
 from serve_helpers import PY, connect, free_port, rec, unix_ep, wait_until
-from test_serve import Env, Rig, env  # noqa: F401 - env is a fixture
+from test_serve import Rig, env  # noqa: F401 - env is a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "contrib" / "colo-compare@.service"
