@@ -42,6 +42,19 @@ needs_tcpdump = pytest.mark.skipif(shutil.which("tcpdump") is None,
                                    reason="tcpdump not installed (apt-get install tcpdump)")
 
 
+def _have_libpcap() -> bool:
+    from colo_cli.bpf import FilterError, _library
+    try:
+        _library()
+        return True
+    except FilterError:
+        return False
+
+
+needs_libpcap = pytest.mark.skipif(not _have_libpcap(),
+                                   reason="libpcap not installed (apt-get install libpcap0.8)")
+
+
 # ------------------------------------------------------------------ helpers
 
 class Run:
@@ -476,6 +489,7 @@ def tcpdump_selects(path, expression, tmp_path) -> list:
     return [d for _ts, d, _lt in records_of(out)]
 
 
+@needs_libpcap
 @needs_corpus
 @needs_tcpdump
 @pytest.mark.parametrize("name,expression", [
@@ -504,6 +518,7 @@ def test_filter_on_real_captures_selects_what_tcpdump_selects(cli, tmp_path, nam
            f"{len(everything) - len(expected):,} outside --filter" in r.doc["notes"]
 
 
+@needs_libpcap
 @needs_corpus
 @pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
 @pytest.mark.parametrize("bpf,display", [("tcp port 80", "tcp.port == 80"),
@@ -527,6 +542,7 @@ def test_filter_agrees_with_tsharks_own_dissectors(cli, tmp_path, bpf, display):
     assert sum(expected.values()) == r.doc["inputs"]["primary"]["frames"] > 0
 
 
+@needs_libpcap
 @needs_corpus
 def test_filter_udp_and_not_port_53_by_an_independent_count(cli):
     """Without tcpdump: the count of UDP datagrams on neither port 53, by a
@@ -548,6 +564,7 @@ def test_filter_udp_and_not_port_53_by_an_independent_count(cli):
     assert r.doc["inputs"]["primary"]["frames"] == n == 20
 
 
+@needs_libpcap
 def test_filter_applies_alike_to_both_captures_of_any_link_type(cli, tmp_path):
     """The same expression compiled for each capture's link type: an SLL
     primary and an Ethernet secondary select the same packets."""
