@@ -10,14 +10,20 @@ and silently yield a short last record when the data is cut.
 Contract of :func:`open_capture` and :class:`CaptureReader`:
 
 * everything wrong with a file *before its first packet can be read* (cannot
-  open it, not a capture, unsupported version, header cut short, link type
-  not Ethernet) raises :class:`CaptureError` from :func:`open_capture`, with
-  a one-line message that starts with the file's display name;
+  open it, not a capture, unsupported version, header cut short, a link type
+  that is not read) raises :class:`CaptureError` from :func:`open_capture`,
+  with a one-line message that starts with the file's display name;
 * iteration never raises for any byte content: a truncated or corrupt tail
   stops the iteration cleanly and leaves a one-line warning in
   ``reader.warnings``; only an I/O error while reading raises CaptureError;
 * timestamps are integer nanoseconds (never floats), records stream out of
   a bounded buffer (one 1 MiB chunk plus at most one record or block).
+
+Compressed captures are recognised by their magic bytes, like the formats,
+and decompressed as they are read (never whole): gzip with the standard
+library, zstd (Wireshark's ``.pcapng.zst``) with the ``zstandard`` package
+when it is installed.  A compressed stream that is cut short or corrupt ends
+the capture like a damaged tail: a warning, and what was read is compared.
 
 Acceptance rules follow libpcap (``sf-pcap.c``, ``sf-pcapng.c``): pcap
 versions 2.0-2.4 and DG/UX's 543.0, with the captured/original length fields
@@ -36,16 +42,21 @@ import operator
 import os
 import struct
 import sys
+import zlib
 from typing import BinaryIO, Iterator
+
+from .linklayer import LINKTYPES_READ
 
 __all__ = [
     "CaptureError",
     "CaptureReader",
     "LINKTYPE_ETHERNET",
+    "LINKTYPES_READ",
     "LINKTYPE_NAMES",
     "MAX_BLOCK_LEN",
     "MAX_CAPLEN",
     "PcapWriter",
+    "LikeInputWriter",
     "PcapngWriter",
     "describe_linktype",
     "open_capture",
@@ -219,6 +230,10 @@ _PCAP_MAGICS = {
 _PCAPNG_SHB_MAGIC = b"\x0a\x0d\x0d\x0a"
 _PCAPNG_BOM = {b"\x4d\x3c\x2b\x1a": "<", b"\x1a\x2b\x3c\x4d": ">"}
 
+# Compressions read (decompressed as the file is read).
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
 # Common formats a capture arrives wrapped in; named in the error as a hint.
 _WRAPPER_MAGICS = {
     b"\x1f\x8b": "gzip-compressed",
@@ -356,7 +371,7 @@ class CaptureReader:
     packets: int
 
     def __init__(self, name: str, fileobj: BinaryIO, owns_file: bool,
-                 require_ethernet: bool) -> None:
+                 linktypes=LINKTYPES_READ) -> None:
         self.name = name
         self.format = ""
         self.linktype = None
@@ -366,8 +381,10 @@ class CaptureReader:
         self.packets = 0
         self._file = fileobj
         self._owns_file = owns_file
-        self._require_ethernet = require_ethernet
+        self._linktypes = linktypes
         self._src = _Source(fileobj)
+        self._unpack = None     # a compressed file's decompressor (_Decompressor)
+        self.compression = ""   # "gzip", "zstd" or ""
         self._gen: Iterator | None = None
         self._closed = False
         self._finished = False
@@ -394,7 +411,10 @@ class CaptureReader:
 
     @property
     def bytes_read(self) -> int:
-        """Bytes read from the file so far (to the chunk): for progress bars."""
+        """Bytes read from the file so far (to the chunk; compressed bytes for
+        a compressed file): for progress bars."""
+        if self._unpack is not None:
+            return self._unpack.consumed
         return self._src.base + len(self._src.buf)
 
     def close(self) -> None:
@@ -422,7 +442,13 @@ class CaptureReader:
         return CaptureError("%s: %s" % (self.name, msg))
 
     def _stop(self, what: str) -> None:
-        """Record why iteration ends early."""
+        """Record why iteration ends early.  When the decompressor ran into
+        damage, that is the reason (the cut record it leaves is a symptom)."""
+        if self._unpack is not None and self._unpack.damage:
+            if self._unpack.reported:
+                return
+            what = self._unpack.damage
+            self._unpack.reported = True
         n = self.packets
         self.warnings.append("%s: %s; compared the %s before it"
                              % (self.name, what, _plural(n, "packet")))
@@ -431,12 +457,15 @@ class CaptureReader:
         if self._finished:
             return
         self._finished = True
+        if self._unpack is not None and self._unpack.damage:
+            # the decompressed data ended cleanly between records
+            self._stop(self._unpack.damage)
         for (section, iface), (count, linktype) in self._ng_skipped.items():
             where = "interface %d" % iface
             if self._ng_section > 1:
                 where += " of section %d" % section
             self.warnings.append(
-                "%s: skipped %s on %s (link type %s, not Ethernet)"
+                "%s: skipped %s on %s (link type %s, not one colo-compare reads)"
                 % (self.name, _plural(count, "packet"), where, describe_linktype(linktype)))
 
     def _release(self) -> None:
@@ -450,11 +479,11 @@ class CaptureReader:
         return self._fail("read error after %s: %s"
                           % (_plural(self.packets, "packet"), exc.strerror or exc))
 
-    def _check_ethernet(self) -> None:
-        if (self._require_ethernet and self.linktype is not None
-                and self.linktype != LINKTYPE_ETHERNET):
-            raise self._fail("link type %s is not Ethernet; colo-compare compares Ethernet frames"
-                             % describe_linktype(self.linktype))
+    def _check_linktype(self) -> None:
+        if (self._linktypes is not None and self.linktype is not None
+                and self.linktype not in self._linktypes):
+            raise self._fail("link type %s is not one colo-compare reads (it reads %s)"
+                             % (describe_linktype(self.linktype), _describe_read()))
 
     # -- pcap -----------------------------------------------------------------
 
@@ -484,7 +513,7 @@ class CaptureReader:
         self.snaplen = snaplen
         # The upper 16 bits hold FCS-length flags (or fuzzer junk): not the type.
         self.linktype = linktype_field & 0xFFFF
-        self._check_ethernet()
+        self._check_linktype()
 
     def _pcap_records(self) -> Iterator[tuple[int, int, bytes, int, int]]:
         src = self._src
@@ -569,7 +598,7 @@ class CaptureReader:
             raise self._fail(str(exc)) from None
         except OSError as exc:
             raise self._fail("read error: %s" % (exc.strerror or exc)) from None
-        self._check_ethernet()
+        self._check_linktype()
 
     def _ng_next_block(self) -> tuple | None:
         """The next whole block as (type, buffer, start in buffer, length,
@@ -655,7 +684,7 @@ class CaptureReader:
             exp = tsresol
             mul, div = (10 ** (9 - exp), 1) if exp <= 9 else (1, 10 ** (exp - 9))
             finer_than_us = exp > 6
-        if not self._require_ethernet or linktype == LINKTYPE_ETHERNET:
+        if self._linktypes is None or linktype in self._linktypes:
             skip_key = None
         else:
             skip_key = (self._ng_section, len(self._ng_ifaces))
@@ -749,7 +778,10 @@ class CaptureReader:
             self._release()
 
 
-def _not_a_capture(first: bytes) -> str:
+def _not_a_capture(first: bytes, compression: str = "") -> str:
+    if compression:
+        return "not a pcap or pcapng file (%s-compressed; decompressed, its first bytes are %s)" % (
+            compression, first.hex())
     for magic, what in _WRAPPER_MAGICS.items():
         if first.startswith(magic):
             return "not a pcap or pcapng file (first bytes %s: looks %s; decompress it first)" % (
@@ -757,14 +789,134 @@ def _not_a_capture(first: bytes) -> str:
     return "not a pcap or pcapng file (first bytes %s)" % first.hex()
 
 
-def open_capture(path: str, *, require_ethernet: bool = True,
+def _describe_read() -> str:
+    from .linklayer import describe_read
+    return describe_read()
+
+
+# ----------------------------------------------------------- decompression
+
+class _Prefixed:
+    """A file's bytes again from the start, without seek: the part already
+    read (to sniff it), then the rest of the file.  Counts what it gives."""
+
+    def __init__(self, head: bytes, fileobj: BinaryIO) -> None:
+        self._head = head
+        self._read = getattr(fileobj, "read1", None) or fileobj.read
+        self.consumed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = CHUNK_BYTES
+        if self._head:
+            data, self._head = self._head[:n], self._head[n:]
+        else:
+            data = self._read(n)
+        self.consumed += len(data)
+        return data
+
+    read1 = read
+
+
+class _Decompressor:
+    """Decompresses as it is read, never the whole file at once.  A stream
+    that is cut short or corrupt ends (EOF) and leaves a one-line
+    ``damage``; read errors of the file itself still raise OSError."""
+
+    def __init__(self, compression: str, raw: _Prefixed) -> None:
+        self.compression = compression
+        self._raw = raw
+        self.damage = ""
+        self.reported = False
+        if compression == "gzip":
+            import gzip
+            self._gzip = gzip.GzipFile(fileobj=raw, mode="rb")
+            self._errors = (EOFError, zlib.error, gzip.BadGzipFile)
+        else:
+            import zstandard
+            self._zstd = zstandard.ZstdDecompressor()
+            self._frame = self._zstd.decompressobj()
+            self._in_frame = False          # bytes of an unfinished frame were given
+            self._pending = memoryview(b"")
+            self._errors = (zstandard.ZstdError,)
+
+    @property
+    def consumed(self) -> int:
+        return self._raw.consumed
+
+    def read1(self, n: int) -> bytes:
+        if self.damage:
+            return b""
+        try:
+            if self.compression == "gzip":
+                return self._gzip.read1(n)
+            return self._zstd_read(n)
+        except EOFError:
+            self.damage = "%s data cut short (the file ends inside the compressed stream)" % (
+                self.compression)
+        except self._errors as exc:
+            self.damage = "corrupt %s data (%s)" % (self.compression, exc)
+        return b""
+
+    read = read1
+
+    #: compressed bytes given to zstd at once.  Its output is not bounded by
+    #: the call (a block can expand 32768 times), so the input is: at most
+    #: 32 MiB out per step.
+    _ZSTD_STEP = 1024
+
+    def _zstd_read(self, n: int) -> bytes:
+        # zstandard's stream reader says nothing when a file ends inside a
+        # frame; a decompressobj per frame tells (its ``eof``), and takes
+        # concatenated and skippable frames (pzstd) one after the other.
+        while not self._pending:
+            chunk = self._raw.read(self._ZSTD_STEP)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError
+                return b""
+            outs = []
+            while chunk:
+                outs.append(self._frame.decompress(chunk))
+                self._in_frame = True
+                chunk = b""
+                if self._frame.eof:
+                    chunk = self._frame.unused_data
+                    self._frame = self._zstd.decompressobj()
+                    self._in_frame = False
+            self._pending = memoryview(b"".join(outs))
+        data = self._pending[:n].tobytes()
+        self._pending = self._pending[n:]
+        return data
+
+
+def _start_decompressing(reader: "CaptureReader", compression: str) -> None:
+    """Read the rest of ``reader``'s file through a decompressor."""
+    if compression == "zstd":
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            raise reader._fail("zstd-compressed: reading it needs the Python package 'zstandard' "
+                               "(pip install zstandard), or decompress it first (zstd -d)") from None
+    src = reader._src
+    unpack = _Decompressor(compression, _Prefixed(src.buf[src.pos:], reader._file))
+    reader._unpack = unpack
+    reader.compression = compression
+    reader._src = _Source(unpack)
+
+
+def open_capture(path: str, *, linktypes=LINKTYPES_READ,
                  stdin: BinaryIO | None = None) -> CaptureReader:
     """Open a pcap or pcapng capture (``'-'``: read ``stdin``, default
-    ``sys.stdin.buffer``).
+    ``sys.stdin.buffer``), gzip- or zstd-compressed or not.
 
-    The format comes from the first four bytes, never from the name.  With
-    ``require_ethernet`` a capture whose (first) interface is not Ethernet is
-    refused, and in pcapng packets of later non-Ethernet interfaces are
+    The format and compression come from the first bytes, never from the
+    name.  A capture whose (first) interface has a link type not in
+    ``linktypes`` (default: those colo-compare reads; None: any) is refused,
+    and in pcapng the packets of later interfaces of such a link type are
     skipped and counted in one warning per interface.
     """
     path = os.fspath(path)
@@ -781,31 +933,51 @@ def open_capture(path: str, *, require_ethernet: bool = True,
         except OSError as exc:
             raise CaptureError("%s: cannot open: %s" % (name, exc.strerror or exc)) from None
         owns_file = True
-    reader = CaptureReader(name, fileobj, owns_file, require_ethernet)
+    reader = CaptureReader(name, fileobj, owns_file, linktypes)
     try:
-        src = reader._src
         try:
-            src.fill(4)
-        except OSError as exc:
-            raise reader._fail("cannot read: %s" % (exc.strerror or exc)) from None
-        first = src.buf[src.pos:src.pos + 4]
-        if not first:
-            raise reader._fail("empty file (0 bytes), not a pcap or pcapng capture")
-        if first in _PCAP_MAGICS:
-            try:
-                reader._open_pcap(first)
-            except OSError as exc:
-                raise reader._fail("cannot read: %s" % (exc.strerror or exc)) from None
-        elif first == _PCAPNG_SHB_MAGIC:
-            reader._open_pcapng()
-        elif len(first) < 4:
-            raise reader._fail("too short to be a capture (%d bytes: %s)" % (len(first), first.hex()))
-        else:
-            raise reader._fail(_not_a_capture(first))
+            _open_format(reader)
+        except CaptureError:
+            # a header cut short by a damaged compressed stream: say so
+            if reader._unpack is not None and reader._unpack.damage:
+                raise reader._fail(reader._unpack.damage) from None
+            raise
     except BaseException:
         reader._release()
         raise
     return reader
+
+
+def _open_format(reader: CaptureReader) -> None:
+    first = _sniff(reader)
+    if first[:2] == _GZIP_MAGIC or first == _ZSTD_MAGIC:
+        _start_decompressing(reader, "gzip" if first[:2] == _GZIP_MAGIC else "zstd")
+        first = _sniff(reader)
+        if not first:
+            raise reader._fail("empty %s-compressed file, not a pcap or pcapng capture"
+                               % reader.compression)
+    elif not first:
+        raise reader._fail("empty file (0 bytes), not a pcap or pcapng capture")
+    if first in _PCAP_MAGICS:
+        try:
+            reader._open_pcap(first)
+        except OSError as exc:
+            raise reader._fail("cannot read: %s" % (exc.strerror or exc)) from None
+    elif first == _PCAPNG_SHB_MAGIC:
+        reader._open_pcapng()
+    elif len(first) < 4:
+        raise reader._fail("too short to be a capture (%d bytes: %s)" % (len(first), first.hex()))
+    else:
+        raise reader._fail(_not_a_capture(first, reader.compression))
+
+
+def _sniff(reader: CaptureReader) -> bytes:
+    src = reader._src
+    try:
+        src.fill(4)
+    except OSError as exc:
+        raise reader._fail("cannot read: %s" % (exc.strerror or exc)) from None
+    return src.buf[src.pos:src.pos + 4]
 
 
 # ---------------------------------------------------------------- writers
@@ -921,3 +1093,36 @@ class PcapngWriter:
         head = struct.pack("<IIIII", iface, ts_ns >> 32, ts_ns & 0xFFFFFFFF, len(data), orig_len)
         self._block(_BT_EPB, head + data + _pad4(len(data)) + opts)
         self.packets += 1
+
+
+class LikeInputWriter:
+    """Frames written the way their capture holds them: a pcap under the
+    capture's link type for a pcap; for a pcapng (whose interfaces may have
+    several link types), a pcapng with one interface per link type met,
+    each frame on its own.  ``write(ts_ns, data)``: a frame whose link type
+    is not the capture's first carries it as a ``linktype`` attribute
+    (``replay.LinkFrame``); plain bytes are of the first."""
+
+    def __init__(self, fileobj: BinaryIO, *, format: str, linktype: int,
+                 name: str = "primary") -> None:
+        self.linktype = linktype
+        self._name = name
+        if format == "pcapng":
+            self._ng = PcapngWriter(fileobj)
+            self._ifaces = {linktype: self._ng.add_interface(name, linktype)}
+            self._writer = self._ng
+        else:
+            # one link type: every frame is of it (a pcap cannot hold others)
+            self._writer = PcapWriter(fileobj, linktype=linktype, nano=True)
+            self.write = self._writer.write
+
+    @property
+    def packets(self) -> int:
+        return self._writer.packets
+
+    def write(self, ts_ns: int, data: bytes, orig_len: int | None = None) -> None:
+        linktype = self.linktype if type(data) is bytes else getattr(data, "linktype", self.linktype)
+        iface = self._ifaces.get(linktype)
+        if iface is None:
+            iface = self._ifaces[linktype] = self._ng.add_interface(self._name, linktype)
+        self._ng.write(iface, ts_ns, data, orig_len=orig_len)

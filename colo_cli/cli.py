@@ -133,6 +133,28 @@ class RuleType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class DurationType(click.ParamType):
+    """A time: seconds, or a number with a unit (ns, us, ms, s, m, h);
+    converted to integer nanoseconds."""
+    name = "TIME"
+    _UNITS = {"ns": 1, "us": 10**3, "µs": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9,
+              "min": 60 * 10**9, "h": 3600 * 10**9}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        import re
+        from decimal import Decimal, InvalidOperation
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zµ]*)\s*", str(value))
+        unit = m.group(2) or "s" if m else None
+        if m is None or unit not in self._UNITS:
+            self.fail(f"{value!r} is not a time (e.g. 90, 1.5s, 250ms, 2m)", param, ctx)
+        try:
+            return int(Decimal(m.group(1)) * self._UNITS[unit])
+        except (InvalidOperation, OverflowError, ValueError):
+            self.fail(f"{value!r} is not a time (e.g. 90, 1.5s, 250ms, 2m)", param, ctx)
+
+
 ignore_option = click.option(
     "--ignore", "ignore", type=RuleType(), multiple=True, metavar="RULE",
     help="Bytes that legitimately differ between the replicas (repeatable): dns.id, "
@@ -174,14 +196,28 @@ color_option = click.option("--color", type=click.Choice(["auto", "always", "nev
               metavar="BYTES",
               help="Every captured frame starts with a virtio-net header of this many bytes "
                    "(a filter-dump of a vnet netdev): kept, not compared.")
+@click.option("--direction", type=click.Choice(["out", "in", "any"]), default="out",
+              show_default=True,
+              help="Of captures that record which way a packet went (Linux cooked, as "
+                   "tcpdump -i any writes), compare what the captured host sent (out), what "
+                   "it received (in), or both (any).  Other captures are compared whole.")
+@click.option("--filter", "filter_expr", metavar="EXPR",
+              help="Compare only the frames this tcpdump/pcap-filter(7) expression matches, "
+                   "in both captures (compiled and run by libpcap), e.g. 'tcp port 80'.")
+@click.option("--start", "start_ns", type=DurationType(), metavar="TIME",
+              help="Compare only what each capture holds from TIME after its own first frame "
+                   "on (seconds, or with a unit: 250ms, 2m).")
+@click.option("--end", "end_ns", type=DurationType(), metavar="TIME",
+              help="Compare only what each capture holds before TIME after its own first frame.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON document (version 1) instead of the report.")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE.pcap",
-              help="Write every primary frame, in the order it would have left, to a pcap.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Write every primary frame, in the order it would have left, in the "
+                   "primary's format and link type (a pcap for a pcap; a pcapng for a pcapng).")
 @click.option("--diverged", "diverged_path", type=click.Path(dir_okay=False, writable=True),
-              metavar="FILE.pcap",
+              metavar="FILE",
               help="Write the primary frames that left without a match (flushed at a "
-                   "checkpoint, by a limit, or at the end) to a pcap.")
+                   "checkpoint, by a limit, or at the end), like --out.")
 @click.option("--evidence", "evidence_path", type=click.Path(dir_okay=False, writable=True),
               metavar="FILE.pcapng",
               help="Write every miscompared pair to a pcapng that opens in Wireshark: two "
@@ -196,14 +232,17 @@ color_option = click.option("--color", type=click.Choice(["auto", "always", "nev
 @color_option
 @click.pass_context
 def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, max_queue_size,
-           max_connections, max_queued_mib, normalize_seq, ignore, learn_noise, no_timeout, hold, vnet_hdr_len, as_json, out_path,
+           max_connections, max_queued_mib, normalize_seq, ignore, learn_noise, no_timeout, hold, vnet_hdr_len,
+           direction, filter_expr, start_ns, end_ns, as_json, out_path,
            diverged_path, evidence_path, hexdump_limit, quiet, color):
     """Compare two captures offline, making the decisions colo-compare would
     make live.
 
-    PRIMARY and SECONDARY are pcap or pcapng files (the format is read from
-    the file, not its name) of Ethernet frames: QEMU filter-dump or tcpdump
-    captures of what each replica sent.  '-' reads one of them from stdin.
+    PRIMARY and SECONDARY are pcap or pcapng files, gzip- or
+    zstd-compressed or not (read from the file, not its name): QEMU
+    filter-dump or tcpdump captures of what each replica sent.  '-' reads
+    one of them from stdin.  Link types: Ethernet, Linux cooked (SLL, SLL2:
+    tcpdump -i any), raw IP, BSD loopback; compared from the IP layer.
 
     Each capture's own timestamps drive the clock, relative to its first
     packet.  A checkpoint request is answered at once, on the connection
@@ -219,9 +258,9 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
     Examples:
       colo-compare replay primary.pcap secondary.pcap
       colo-compare replay --json --no-timeout a.pcapng b.pcapng > report.json
-      tcpdump -r big.pcap -w - 'tcp port 80' | colo-compare replay - other.pcap
+      colo-compare replay --filter 'tcp port 80' --start 10s a.pcap.gz b.pcapng.zst
     """
-    from .capture import CaptureError, PcapngWriter, PcapWriter, open_capture
+    from .capture import CaptureError, LikeInputWriter, PcapngWriter, open_capture
     from .render import make_console, print_replay_report, replay_json
     from .replay import replay as run_replay
 
@@ -246,10 +285,13 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
     config = _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
                      max_queued_mib,
                      no_timeout, normalize_seq, ignore)
+    if start_ns is not None and end_ns is not None and end_ns <= start_ns:
+        raise click.UsageError("--end must come after --start")
+    selection = _selection(direction, filter_expr, start_ns, end_ns)
     if learn_noise:
         if "-" in (primary, secondary):
             raise click.UsageError("--learn-noise reads the captures several times: not from stdin")
-        _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color)
+        _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color, selection)
         return
     with contextlib.ExitStack() as stack:
         try:
@@ -257,32 +299,39 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
             s_reader = stack.enter_context(open_capture(secondary))
         except CaptureError as e:
             raise Trouble(str(e)) from None
-        on_release = on_unmatched = None
-        if out_path:
-            out_writer = PcapWriter(stack.enter_context(_open_output(out_path)), nano=True)
-            on_release = out_writer.write
-        if diverged_path:
-            div_writer = PcapWriter(stack.enter_context(_open_output(diverged_path)), nano=True)
-            on_unmatched = div_writer.write
+        _check_filter(selection, p_reader, s_reader)
+
+        def like_primary(path):
+            # the primary's own format and link type (see LikeInputWriter)
+            return LikeInputWriter(stack.enter_context(_open_output(path)),
+                                   format=p_reader.format, linktype=_linktype(p_reader)).write
+        on_release = like_primary(out_path) if out_path else None
+        on_unmatched = like_primary(diverged_path) if diverged_path else None
         on_miscompare = None
         if evidence_path:
             on_miscompare = _evidence_writer(stack.enter_context(_open_output(evidence_path)),
-                                             PcapngWriter)
+                                             PcapngWriter, _linktype(p_reader), _linktype(s_reader))
         progress = stack.enter_context(_progress(p_reader, quiet or as_json))
         _tune_gc()
         try:
             result = run_replay(p_reader, s_reader, config, hold=hold, vnet_hdr_len=vnet_hdr_len,
                                 on_release=on_release, on_unmatched=on_unmatched,
-                                on_progress=progress, on_miscompare=on_miscompare)
-        except CaptureError as e:
+                                on_progress=progress, on_miscompare=on_miscompare,
+                                selection=selection)
+        except _input_errors(selection) as e:
+            # (a filter can fail on a pcapng's later link type, too)
             raise Trouble(str(e)) from None
     verdict = result.verdict
     if verdict == "incomparable":
         # never a quiet "match": the exit status and stderr say it, even with -q
         status = EXIT_DIVERGE if result.compared_primary else EXIT_TROUBLE
-        click.echo(_one_line(
-            f"colo-compare: only {result.compared_primary:,} of {result.primary.frames:,} primary "
-            "frames could be compared: not a match (see the report's note)"), err=True)
+        if result.primary.frames:
+            text = (f"only {result.compared_primary:,} of {result.primary.frames:,} primary "
+                    "frames could be compared: not a match (see the report's note)")
+        else:
+            text = ("no primary frame was selected for comparison: not a match "
+                    "(see the report's note)")
+        click.echo(_one_line(f"colo-compare: {text}"), err=True)
     else:
         status = EXIT_DIVERGE if verdict == "diverge" else EXIT_SAME
     if not quiet:
@@ -299,8 +348,51 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
     ctx.exit(status)
 
 
-def _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color):
-    from .capture import CaptureError, open_capture
+def _selection(direction, filter_expr, start_ns, end_ns):
+    """The replay.Selection of the command line; a filter libpcap cannot
+    compile (or no libpcap) is a usage error, before anything is read."""
+    from .replay import Selection
+    bpf = None
+    if filter_expr is not None:
+        from .bpf import BpfFilter, FilterError
+        try:
+            bpf = BpfFilter(filter_expr)
+        except FilterError as e:
+            raise Trouble(str(e)) from None
+    return Selection(direction=None if direction == "any" else direction, bpf=bpf,
+                     start_ns=start_ns, end_ns=end_ns)
+
+
+def _input_errors(selection) -> tuple:
+    """What a replay can raise about its input: a capture, and with a
+    filter (libpcap is only loaded then) the filter."""
+    from .capture import CaptureError
+    if selection is None or selection.bpf is None:
+        return (CaptureError,)
+    from .bpf import FilterError
+    return (CaptureError, FilterError)
+
+
+def _check_filter(selection, *readers) -> None:
+    """Compile the filter for each capture's link type now, so that an
+    expression that makes no sense there fails before the comparison."""
+    if selection.bpf is None:
+        return
+    from .bpf import FilterError
+    for reader in readers:
+        try:
+            selection.bpf.compile(_linktype(reader))
+        except FilterError as e:
+            raise click.UsageError(str(e)) from None
+
+
+def _linktype(reader) -> int:
+    """A capture's (first) link type; Ethernet for a pcapng with no interface."""
+    return 1 if reader.linktype is None else reader.linktype
+
+
+def _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color, selection=None):
+    from .capture import open_capture
     from .learn import learn_json, learn_noise
     from .render import make_console, print_learned
 
@@ -313,8 +405,9 @@ def _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color):
             raise
     _tune_gc()
     try:
-        result = learn_noise(open_pair, config, hold=hold, vnet_hdr_len=vnet_hdr_len)
-    except CaptureError as e:
+        result = learn_noise(open_pair, config, hold=hold, vnet_hdr_len=vnet_hdr_len,
+                             selection=selection)
+    except _input_errors(selection) as e:
         raise Trouble(str(e)) from None
     with stdout_guard():
         if as_json:
@@ -323,23 +416,37 @@ def _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color):
             print_learned(make_console(color=color), result, primary, secondary)
 
 
-def _evidence_writer(fileobj, writer_class):
+def _evidence_writer(fileobj, writer_class, p_linktype=1, s_linktype=1):
     """on_miscompare for --evidence: each pair on its side's interface, with a
-    comment saying what differs and where."""
+    comment saying what differs and where.  Each side has an interface per
+    link type its frames have (one, unless a pcapng mixes them)."""
     from .render import evidence_comment, evidence_frames
     writer = writer_class(fileobj)
-    interfaces = (writer.add_interface("primary", description="the primary replica's output"),
-                  writer.add_interface("secondary", description="the secondary replica's output"))
+    descriptions = {"primary": "the primary replica's output",
+                    "secondary": "the secondary replica's output"}
+    interfaces = {}
+
+    def interface(side, linktype):
+        iface = interfaces.get((side, linktype))
+        if iface is None:
+            iface = interfaces[side, linktype] = writer.add_interface(
+                side, linktype, description=descriptions[side])
+        return iface
+    interface("primary", p_linktype)
+    interface("secondary", s_linktype)
 
     def on_miscompare(number, record, p_ts_ns, s_ts_ns):
         e = record.event
-        for iface, side, pkt, offset, ts in ((interfaces[0], "primary", e.primary, e.primary_offset, p_ts_ns),
-                                            (interfaces[1], "secondary", e.secondary, e.secondary_offset, s_ts_ns)):
+        for side, pkt, offset, ts, linktype in (
+                ("primary", e.primary, e.primary_offset, p_ts_ns, p_linktype),
+                ("secondary", e.secondary, e.secondary_offset, s_ts_ns, s_linktype)):
             if pkt is None:
                 continue
             comment = evidence_comment(number, record, side, pkt, offset)
-            for frame in evidence_frames(pkt):
-                writer.write(iface, ts or 0, frame, comment=comment)
+            # a frame of another link type than its capture's first says so itself
+            linktypes = [getattr(f.data, "linktype", linktype) for f in (pkt.fragments or (pkt,))]
+            for frame, lt in zip(evidence_frames(pkt), linktypes):
+                writer.write(interface(side, lt), ts or 0, frame, comment=comment)
                 comment = None      # once per pair side
     return on_miscompare
 
@@ -422,7 +529,27 @@ class EndpointType(click.ParamType):
 ENDPOINT = EndpointType()
 
 
+class ListenType(click.ParamType):
+    """HOST:PORT to listen on (metrics_http.parse_listen)."""
+    name = "HOST:PORT"
+
+    def convert(self, value, param, ctx):
+        from .metrics_http import parse_listen
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_listen(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def _config_option(f):
+    from .config import config_option
+    return config_option(f)
+
+
 @cli.command(context_settings=CONTEXT)
+@_config_option
 @click.option("--primary-in", required=True, type=ENDPOINT, metavar="EP",
               help="Where the primary's output arrives (QEMU primary_in).")
 @click.option("--secondary-in", required=True, type=ENDPOINT, metavar="EP",
@@ -468,13 +595,17 @@ ENDPOINT = EndpointType()
               metavar="SECONDS",
               help="On SIGINT/SIGTERM, how long to wait for outdev to take the frames "
                    "released at shutdown.")
+@click.option("--metrics-listen", type=ListenType(), metavar="HOST:PORT",
+              help="Serve /metrics over HTTP in the Prometheus text format on HOST:PORT "
+                   "(127.0.0.1:9464, [::1]:9464, or :9464 for every interface), for a "
+                   "Prometheus server to scrape.")
 @click.option("-v", "--verbose", is_flag=True, help="Also report connections and settings.")
 @click.option("-q", "--quiet", is_flag=True, help="Report only errors.")
 def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
           expired_scan_cycle_ms, max_queue_size, max_connections, max_queued_mib, vnet_hdr_support,
           normalize_seq,
           ignore, checkpoint_policy, control_path, events_path, hexdump, hexdump_rate,
-          outdev_buffer_mib, connect_timeout, drain_timeout, verbose, quiet):
+          outdev_buffer_mib, connect_timeout, drain_timeout, metrics_listen, verbose, quiet):
     """Compare live, in place of QEMU's -object colo-compare.
 
     Frames arrive on --primary-in and --secondary-in in QEMU's socket
@@ -493,6 +624,11 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
     Runs until SIGINT or SIGTERM, then releases every queued primary frame
     to outdev and exits 0.  Exit status 2: bad options, or an endpoint that
     cannot listen or never connects.
+
+    Every option can come from a TOML file (--config FILE), the command line
+    winning.  Under systemd (Type=notify) serve says when it is ready, when
+    it stops, and keeps the watchdog fed; contrib/colo-compare@.service runs
+    one instance per protected NIC.
 
     \b
     Example (the roles of QEMU's COLO wiring):
@@ -524,7 +660,8 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
                            outdev_buffer_bytes=outdev_buffer_mib * 1024 * 1024,
                            connect_timeout_s=connect_timeout, drain_timeout_s=drain_timeout,
                            verbose=-1 if quiet else (1 if verbose else 0),
-                           debug=bool((click.get_current_context().obj or {}).get("debug")))
+                           debug=bool((click.get_current_context().obj or {}).get("debug")),
+                           metrics_listen=metrics_listen)
     _tune_gc()
     try:
         rc = run_serve(options)

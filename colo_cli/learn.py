@@ -54,9 +54,11 @@ class LearnResult:
         return " ".join(options + [f"--ignore '{r}'" for r in rules])
 
 
-def learn_noise(open_pair, config, *, hold: bool = False, vnet_hdr_len: int = 0) -> LearnResult:
+def learn_noise(open_pair, config, *, hold: bool = False, vnet_hdr_len: int = 0,
+                selection=None) -> LearnResult:
     """``open_pair()`` opens the two captures afresh (they are read several
-    times) and returns (primary reader, secondary reader)."""
+    times) and returns (primary reader, secondary reader); ``selection``
+    (``replay.Selection``) chooses the frames compared, every time."""
     given = list(config.ignore)
     result = LearnResult(given=given)
 
@@ -76,7 +78,8 @@ def learn_noise(open_pair, config, *, hold: bool = False, vnet_hdr_len: int = 0)
         p, s = open_pair()
         try:
             res = replay(p, s, replace(config, ignore=tuple(rules), normalize_seq=normalize),
-                         hold=hold, vnet_hdr_len=vnet_hdr_len, detail_limit=0, on_miscompare=seen)
+                         hold=hold, vnet_hdr_len=vnet_hdr_len, detail_limit=0, on_miscompare=seen,
+                         selection=selection)
         finally:
             p.close()
             s.close()

@@ -5,6 +5,15 @@ scraper of that format).
 The document is the same whether it comes from a running ``serve`` (its
 control socket) or from a saved ``replay --json`` report, so scripts and
 dashboards need one parser.
+
+The Prometheus text has one implementation, :func:`prometheus`, used by
+``stats --format prometheus`` and by ``serve --metrics-listen`` alike.  As
+Prometheus' instrumentation practices ask, a labelled counter exists from
+the start for every label value that can occur (released, bypassed and
+dropped by reason, miscompares by protocol and cause, checkpoint requests
+by cause, evictions by reason), at zero until something happens, so rates
+and alerts see it before the first event; and serve exports the time it
+started (``colo_compare_start_time_seconds``) rather than an uptime.
 """
 
 from __future__ import annotations
@@ -17,6 +26,37 @@ STATS_VERSION = 1
 #: Prometheus histogram bounds for hold times, in ms: powers of two, which are
 #: exact bucket edges of the core's log histogram, so the counts are exact.
 HOLD_BOUNDS_MS = [2.0 ** k for k in range(-3, 15)]   # 0.125 ms .. 16.4 s
+
+
+#: Why connections are evicted (the core's ``connections_evicted`` keys).
+EVICTION_REASONS = ("idle", "table-full", "secondary-absent")
+#: Protocols a miscompare is counted under (``packet.KIND_NAMES``; fragments
+#: are compared as the datagram they make up).
+MISCOMPARE_PROTOCOLS = ("tcp", "udp", "icmp", "ip", "arp")
+
+
+def _known_labels() -> dict:
+    """Every label value each labelled family can have, for the zeros."""
+    from .core import events, packet, reassembly
+    frame_reasons = sorted({v for k, v in vars(packet).items() if k.startswith("REASON_")}
+                           | {v for k, v in vars(reassembly).items() if k.startswith("FAIL_")}
+                           | {events.REASON_INTERNAL_ERROR, events.REASON_SECONDARY_ABSENT})
+    return {
+        "released": [r.value for r in events.ReleaseReason],
+        "bypassed": frame_reasons,
+        "dropped": ["secondary:" + r for r in frame_reasons] + ["primary:outdev-overflow"],
+        "miscompares": [f"{p}:{c.value}" for p in MISCOMPARE_PROTOCOLS
+                        for c in events.MiscompareCause],
+        "checkpoint_requests": [c.value for c in events.CheckpointCause],
+        "evicted": list(EVICTION_REASONS),
+    }
+
+
+def _with_zeros(counts: dict, known: list) -> dict:
+    """``counts`` with every known key, the missing ones at 0, known first."""
+    out = {k: 0 for k in known}
+    out.update(counts)
+    return out
 
 
 class ReportError(ValueError):
@@ -139,6 +179,7 @@ def _num(v) -> str:
 def prometheus(doc: dict) -> str:
     """The stats document in Prometheus text format (version 0.0.4)."""
     st = doc["stats"]
+    known = _known_labels()
     e = _Exposition()
     p = "colo_compare_"
     e.gauge(p + "info", "colo-compare instance information (always 1)",
@@ -151,15 +192,15 @@ def prometheus(doc: dict) -> str:
         e.counter(p + "bytes_in_total", "Ethernet frame bytes received, by side (length words and vnet headers not counted).", st["bytes_in"][side], side=side)
     e.family(p + "released_total", "counter",
              "Primary frames released, by reason (match, or flushed by a checkpoint, a limit or the end).")
-    for reason, n in st["released"].items():
+    for reason, n in _with_zeros(st["released"], known["released"]).items():
         if reason != "total":
             e.sample(p + "released_total", n, reason=reason)
     e.counter(p + "released_bytes_total", "Ethernet frame bytes of the primary frames released.", st["released_bytes"])
     e.family(p + "bypassed_total", "counter", "Primary frames passed through uncompared, by reason.")
-    for reason, n in st["bypassed"].items():
+    for reason, n in _with_zeros(st["bypassed"], known["bypassed"]).items():
         e.sample(p + "bypassed_total", n, reason=reason)
     e.family(p + "dropped_total", "counter", "Frames dropped, by side and reason.")
-    for key, n in st["dropped"].items():
+    for key, n in _with_zeros(st["dropped"], known["dropped"]).items():
         side, _, reason = key.partition(":")
         e.sample(p + "dropped_total", n, side=side, reason=reason)
     sec = st["secondary"]
@@ -168,11 +209,11 @@ def prometheus(doc: dict) -> str:
     for outcome in ("matched", "absorbed", "discarded"):
         e.sample(p + "secondary_frames_total", sec[outcome], outcome=outcome)
     e.family(p + "miscompares_total", "counter", "Miscompares, by protocol and cause.")
-    for key, n in st["miscompares"].items():
+    for key, n in _with_zeros(st["miscompares"], known["miscompares"]).items():
         proto, _, cause = key.partition(":")
         e.sample(p + "miscompares_total", n, protocol=proto, cause=cause)
     e.family(p + "checkpoint_requests_total", "counter", "Checkpoint requests, by cause.")
-    for cause, n in st["checkpoint_requests"].items():
+    for cause, n in _with_zeros(st["checkpoint_requests"], known["checkpoint_requests"]).items():
         e.sample(p + "checkpoint_requests_total", n, cause=cause)
     serve = st.get("serve")
     e.family(p + "checkpoints_total", "counter", "Checkpoints performed (by who asked, for serve).")
@@ -184,7 +225,7 @@ def prometheus(doc: dict) -> str:
     conns = st["connections"]
     e.counter(p + "connections_created_total", "Connections created.", conns["created"])
     e.family(p + "connections_evicted_total", "counter", "Connections evicted, by reason.")
-    for reason, n in conns["evicted"].items():
+    for reason, n in _with_zeros(conns["evicted"], known["evicted"]).items():
         e.sample(p + "connections_evicted_total", n, reason=reason)
     if "now" in conns:
         e.gauge(p + "connections", "Connections in the table now.", conns["now"])
@@ -206,7 +247,8 @@ def prometheus(doc: dict) -> str:
     e.sample(name + "_sum", hold.sum / 1000)
     e.sample(name + "_count", hold.count)
     if serve:
-        e.gauge(p + "uptime_seconds", "Seconds since serve started.", serve["uptime_s"])
+        e.gauge(p + "start_time_seconds", "When serve started, in seconds since the Unix epoch.",
+                serve["started"])
         e.family(p + "link_connected", "gauge", "Whether each endpoint has a peer (1) or not (0).")
         for link, d in serve["links"].items():
             e.sample(p + "link_connected", d["connected"], link=link)

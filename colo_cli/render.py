@@ -355,7 +355,9 @@ def replay_json(result) -> dict:
     def side(info):
         return {"file": info.name, "format": info.format, "frames": info.frames,
                 "bytes": info.bytes, "duration_ms": round(info.duration_ms, 6),
-                "warnings": info.warnings}
+                "warnings": info.warnings, "linktype": info.linktype,
+                "compression": info.compression or None, "left_out": info.left_out,
+                "not_read_past_end": info.stopped_at_end}
     return {
         "version": JSON_VERSION,
         "tool": f"colo-compare {__version__}",

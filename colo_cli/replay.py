@@ -13,6 +13,16 @@ that connection are found and reported separately; other connections are
 left alone: the core's ``CheckpointMode.LOCAL``.  ``hold=True`` instead holds
 everything until the end (``CheckpointMode.EXTERNAL``, with nobody to
 checkpoint).
+
+Captures of every link type ``linklayer`` reads are compared from the
+network layer: the link header is read here and the core told where the
+network header starts.  A :class:`Selection` says which frames are compared
+at all, the same for both captures: the direction (Linux cooked captures
+record it), a libpcap filter, a time window on each capture's own timeline.
+What it leaves out is counted per side and reason, never given to the core.
+A record whose link type is not its capture's first (pcapng interfaces of
+several link types) travels as a :class:`LinkFrame`, bytes that carry their
+link type, so every output can write it under its own.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+from . import linklayer
 from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointMode, CheckpointRequested,
                    Comparator, Config, InternalError, Miscompare, Released)
 from .core.events import RELEASE_END, RELEASE_MATCH
@@ -31,16 +42,49 @@ from .core.packet import format_key
 DEFAULT_DETAIL_LIMIT = 1000
 
 
+#: Why a captured frame was not given to the comparator (``SideInfo.left_out``).
+LEFT_OUT_DIRECTION = "direction"
+LEFT_OUT_FILTER = "filter"
+LEFT_OUT_WINDOW = "window"
+
+
+@dataclass
+class Selection:
+    """Which captured frames are compared; the same for both captures.
+
+    ``direction``: ``"out"`` (the default) compares only what the captured
+    host sent, where the capture says (Linux cooked captures, ``tcpdump -i
+    any``: packet type "outgoing"); ``"in"`` only what it received; ``None``
+    both.  Frames whose link type records no direction are always kept.
+    ``bpf``: a ``bpf.BpfFilter`` (tcpdump expression); ``start_ns`` /
+    ``end_ns``: a window on each capture's own timeline, relative to its
+    first frame (``end_ns`` excluded)."""
+    direction: str | None = linklayer.OUTGOING
+    bpf: object = None
+    start_ns: int | None = None
+    end_ns: int | None = None
+
+
+class LinkFrame(bytes):
+    """A frame whose link type is not its capture's first: bytes with a
+    ``linktype`` attribute, made only for such frames."""
+
+
 @dataclass
 class SideInfo:
     name: str
     format: str = ""
     linktype: int = 1
-    frames: int = 0
+    frames: int = 0          # frames given to the comparator
     bytes: int = 0
     first_ts_ns: int | None = None
     last_ts_ns: int | None = None
     warnings: list = field(default_factory=list)
+    compression: str = ""
+    #: frames not compared, by reason (LEFT_OUT_*)
+    left_out: dict = field(default_factory=dict)
+    #: the capture was not read past --end (its timeline only goes forward)
+    stopped_at_end: bool = False
 
     @property
     def duration_ms(self) -> float:
@@ -100,6 +144,9 @@ class ReplayResult:
             return "diverge"
         if self.primary.frames and self.compared_primary * 2 < self.primary.frames:
             return "incomparable"
+        if not self.primary.frames and self.primary.left_out:
+            # the capture had frames, and the selection left out every one
+            return "incomparable"
         return "match"
 
 
@@ -116,12 +163,14 @@ JUMP_BACK_NS = 10**9
 _MAX_JUMP_WARNINGS = 5
 
 
-def _timeline(reader, info: SideInfo, side):
-    """``(rel_ns, side, ts_ns, data, cut, offset_ns)`` from one capture, in
-    file order: ``rel_ns`` is the frame's time on the capture's own timeline,
-    relative to its first frame, never decreasing; ``offset_ns`` what the
-    clock steps left out so far add to the capture's clock (``rel_ns ==
-    ts_ns + offset_ns - first`` but for a corrupt timestamp).  Fills
+def _timeline(reader, info: SideInfo, side, selection: Selection, vnet_hdr_len: int = 0):
+    """``(rel_ns, side, ts_ns, data, cut, offset_ns, l3, ethertype)`` for
+    the frames of one capture that are compared, in file order: ``rel_ns``
+    is the frame's time on the capture's own timeline, relative to its first
+    frame, never decreasing; ``offset_ns`` what the clock steps left out so
+    far add to the capture's clock (``rel_ns == ts_ns + offset_ns - first``
+    but for a corrupt timestamp); ``l3``/``ethertype`` what the core needs
+    to read a frame that is not Ethernet (``l3`` -1 for Ethernet).  Fills
     ``info`` as it goes; warnings name the frame."""
     first = None
     prev = 0                # rel of the frame before
@@ -136,30 +185,48 @@ def _timeline(reader, info: SideInfo, side):
         elif warned[0] == _MAX_JUMP_WARNINGS + 1:
             info.warnings.append(f"{info.name}: more clock jumps (not listed)")
 
-    for number, ts_ns, data, orig_len, _linktype in reader:
+    # An Ethernet pcap with nothing to select (the common case) costs
+    # nothing more here; otherwise each frame goes through pick().
+    pick = None
+    if (selection.start_ns is not None or selection.end_ns is not None
+            or selection.bpf is not None or getattr(reader, "format", "pcap") != "pcap"
+            or info.linktype != linklayer.ETHERNET):
+        pick = _picker(info, selection, vnet_hdr_len)
+    frames = size = 0
+    count = 0
+    for number, ts_ns, data, orig_len, linktype in reader:
         if first is None:
             first = ts_ns
             info.first_ts_ns = ts_ns
         info.last_ts_ns = ts_ns
-        info.frames += 1
-        info.bytes += len(data)
+        count += 1
         rel = ts_ns + offset - first
         if held is not None:
-            h_number, h_rel, h_ts, h_data, h_cut = held
+            h_number, h_rel, h_ts, h_data, h_orig, h_lt = held
             held = None
             if -JUMP_BACK_NS <= rel - prev <= JUMP_FORWARD_NS:
                 # back to where the frame before the held one was: the held
                 # one's timestamp is wrong, not the clock
                 warn(f"frame {h_number}: its timestamp is {_span(h_rel - prev)} ahead of the "
                      "frames around it; taken as the time of the frame before")
-                yield prev, side, h_ts, h_data, h_cut, offset
+                h_rel = prev
             else:
                 warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
                 prev = h_rel
-                yield h_rel, side, h_ts, h_data, h_cut, offset
+            item = (h_rel, side, h_ts, h_data, h_orig > len(h_data), offset, -1, 0)
+            if pick is not None:
+                item = pick(item, h_orig, h_lt)
+                if item is _STOP:
+                    return
+            if item is not None:
+                frames += 1
+                size += len(h_data)
+                info.frames = frames
+                info.bytes = size
+                yield item
         step = rel - prev
-        if step > JUMP_FORWARD_NS and info.frames > 1:
-            held = (number, rel, ts_ns, data, orig_len > len(data))
+        if step > JUMP_FORWARD_NS and count > 1:
+            held = (number, rel, ts_ns, data, orig_len, linktype)
             continue
         if step < -JUMP_BACK_NS:
             warn(f"frame {number}: the clock jumps {_span(-step)} back; the timeline goes on "
@@ -169,11 +236,75 @@ def _timeline(reader, info: SideInfo, side):
         elif step < 0:
             rel = prev
         prev = rel
-        yield rel, side, ts_ns, data, orig_len > len(data), offset
+        item = (rel, side, ts_ns, data, orig_len > len(data), offset, -1, 0)
+        if pick is not None:
+            item = pick(item, orig_len, linktype)
+            if item is None:
+                continue
+            if item is _STOP:
+                return
+        frames += 1
+        size += len(data)
+        info.frames = frames
+        info.bytes = size
+        yield item
     if held is not None:
-        h_number, h_rel, h_ts, h_data, h_cut = held
+        h_number, h_rel, h_ts, h_data, h_orig, h_lt = held
         warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
-        yield h_rel, side, h_ts, h_data, h_cut, offset
+        item = (h_rel, side, h_ts, h_data, h_orig > len(h_data), offset, -1, 0)
+        if pick is not None:
+            item = pick(item, h_orig, h_lt)
+        if item is not None and item is not _STOP:
+            info.frames = frames + 1
+            info.bytes = size + len(h_data)
+            yield item
+
+
+#: pick() says: past --end, read no further
+_STOP = object()
+
+
+def _picker(info: SideInfo, selection: Selection, vnet_hdr_len: int):
+    """``pick(item, orig_len, linktype)``: the timeline item of a frame that
+    is compared, with its link header read (``l3``, ``ethertype``); None
+    for a frame the selection leaves out (counted in ``info.left_out``);
+    ``_STOP`` past ``--end``.  A frame of another link type than its
+    capture's first becomes a LinkFrame."""
+    first_linktype = info.linktype
+    decoders = {}
+    start_ns, end_ns = selection.start_ns, selection.end_ns
+    keep_direction = selection.direction
+    bpf = selection.bpf
+    left_out = info.left_out
+
+    def pick(item, orig_len, linktype):
+        rel, side, ts_ns, data, cut, offset, _l3, _etype = item
+        if end_ns is not None and rel >= end_ns:
+            # the timeline never goes back: nothing later is in the window
+            info.stopped_at_end = True
+            return _STOP
+        if start_ns is not None and rel < start_ns:
+            left_out[LEFT_OUT_WINDOW] = left_out.get(LEFT_OUT_WINDOW, 0) + 1
+            return None
+        if linktype == linklayer.ETHERNET:
+            l3, ethertype, direction = -1, 0, None
+        else:
+            decode = decoders.get(linktype)
+            if decode is None:
+                decode = decoders[linktype] = linklayer.decoder(linktype)
+            l3, ethertype, direction = decode(data, vnet_hdr_len)
+        if direction is not None and keep_direction is not None and direction != keep_direction:
+            left_out[LEFT_OUT_DIRECTION] = left_out.get(LEFT_OUT_DIRECTION, 0) + 1
+            return None
+        if bpf is not None and not bpf.matches(
+                linktype, data[vnet_hdr_len:] if vnet_hdr_len else data, orig_len - vnet_hdr_len):
+            left_out[LEFT_OUT_FILTER] = left_out.get(LEFT_OUT_FILTER, 0) + 1
+            return None
+        if linktype != first_linktype:
+            data = LinkFrame(data)
+            data.linktype = linktype
+        return rel, side, ts_ns, data, cut, offset, l3, ethertype
+    return pick
 
 
 def _span(ns: int) -> str:
@@ -190,8 +321,9 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
            hold: bool = False, vnet_hdr_len: int = 0,
            detail_limit: int = DEFAULT_DETAIL_LIMIT,
            on_release=None, on_unmatched=None, on_progress=None,
-           on_miscompare=None) -> ReplayResult:
-    """Compare two captures.
+           on_miscompare=None, selection: Selection | None = None) -> ReplayResult:
+    """Compare two captures (the frames ``selection`` selects; default: all
+    but the incoming ones of captures that record a direction).
 
     ``on_release(ts_ns, data)`` is called for every primary frame in the
     order it would have left (matched, bypassed, flushed), with the time it
@@ -204,15 +336,19 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     of its two frames.
     """
     config = config or Config()
+    selection = selection or Selection()
     comparator = Comparator(config, compact=True,
                             mode=CheckpointMode.EXTERNAL if hold else CheckpointMode.LOCAL)
-    p_info = SideInfo(getattr(primary_reader, "name", "primary"),
-                      getattr(primary_reader, "format", ""), getattr(primary_reader, "linktype", 1))
-    s_info = SideInfo(getattr(secondary_reader, "name", "secondary"),
-                      getattr(secondary_reader, "format", ""), getattr(secondary_reader, "linktype", 1))
+    infos = []
+    for reader, default in ((primary_reader, "primary"), (secondary_reader, "secondary")):
+        linktype = getattr(reader, "linktype", None)
+        infos.append(SideInfo(getattr(reader, "name", default), getattr(reader, "format", ""),
+                              linklayer.ETHERNET if linktype is None else linktype,
+                              compression=getattr(reader, "compression", "")))
+    p_info, s_info = infos
     result = ReplayResult(p_info, s_info, config, hold, vnet_hdr_len, comparator)
-    merged = heapq.merge(_timeline(primary_reader, p_info, PRIMARY),
-                         _timeline(secondary_reader, s_info, SECONDARY),
+    merged = heapq.merge(_timeline(primary_reader, p_info, PRIMARY, selection, vnet_hdr_len),
+                         _timeline(secondary_reader, s_info, SECONDARY, selection, vnet_hdr_len),
                          key=lambda item: (item[0], item[1]))
 
     # the primary's own clock at timeline 0: its first frame's time, minus
@@ -226,7 +362,7 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
             now_ns = round(now_ms * 1e6)
         for e in events:
             t = type(e)
-            if t is bytes:
+            if t is bytes or t is LinkFrame:
                 # released on a match (the core's compact form)
                 if on_release is not None:
                     on_release(p_clock_ns + now_ns, e)
@@ -287,7 +423,7 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     l2 = vnet_hdr_len
     now_ms = 0.0
     count = 0
-    for rel_ns, side, _ts_ns, data, cut, offset_ns in merged:
+    for rel_ns, side, _ts_ns, data, cut, offset_ns, l3, ethertype in merged:
         if side == PRIMARY or p_clock_ns is None:
             p_clock_ns = (p_info.first_ts_ns - offset_ns if p_info.first_ts_ns is not None
                           else _ts_ns - rel_ns)
@@ -295,7 +431,7 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
         timer = comparator.get_timer()
         if timer is not None and timer <= now_ms:
             run_scans(now_ms)
-        events = receive(side, data, now_ms, l2, vnet_hdr_len, cut)
+        events = receive(side, data, now_ms, l2, vnet_hdr_len, cut, l3, ethertype)
         if events:
             emit(events, now_ms, rel_ns)
         count += 1
@@ -313,13 +449,16 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     result.unmatched_secondary = comparator.stats.secondary_discarded - before
     p_info.warnings = list(getattr(primary_reader, "warnings", [])) + p_info.warnings
     s_info.warnings = list(getattr(secondary_reader, "warnings", [])) + s_info.warnings
-    result.notes = _notes(result, vnet_hdr_len)
+    result.notes = _notes(result, vnet_hdr_len, selection)
     return result
 
 
-def _notes(result: ReplayResult, vnet_hdr_len: int) -> list:
+def _notes(result: ReplayResult, vnet_hdr_len: int, selection: Selection | None = None) -> list:
     """Hints when the outcome says more about the input than the replicas."""
     notes = []
+    for info in (result.primary, result.secondary):
+        if info.left_out or info.stopped_at_end:
+            notes.append(_left_out_note(info, selection or Selection()))
     bypassed = result.stats.bypassed
     total = result.primary.frames
     n = sum(bypassed.values())
@@ -346,3 +485,26 @@ def _flow(result: ReplayResult, key) -> dict:
     if entry is None:
         entry = result.per_flow[key] = {"miscompares": 0, "timeouts": 0, "unmatched": 0}
     return entry
+
+
+def _left_out_note(info: SideInfo, selection: Selection) -> str:
+    """'a.pcap: 12 frames not compared: 10 not outgoing (--direction out),
+    2 outside --filter; not read after --end'."""
+    parts = []
+    n = info.left_out.get(LEFT_OUT_DIRECTION, 0)
+    if n:
+        way = "outgoing" if selection.direction == linklayer.OUTGOING else "incoming"
+        parts.append(f"{n:,} not {way} (--direction {selection.direction})")
+    n = info.left_out.get(LEFT_OUT_FILTER, 0)
+    if n:
+        parts.append(f"{n:,} outside --filter")
+    n = info.left_out.get(LEFT_OUT_WINDOW, 0)
+    if n:
+        parts.append(f"{n:,} before --start")
+    total = sum(info.left_out.values())
+    text = f"{info.name}: {total:,} {'frame' if total == 1 else 'frames'} not compared"
+    if parts:
+        text += ": " + ", ".join(parts)
+    if info.stopped_at_end:
+        text += "; not read past --end"
+    return text

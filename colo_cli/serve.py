@@ -21,6 +21,10 @@ Never block, never lose, never reorder:
 * a hostile length prefix closes that connection only; the next connection is
   read by a fresh decoder (QEMU kills the input for good, observed j1b, or
   stays desynchronised across reconnects, observed j5).
+
+In production: ``--metrics-listen`` serves ``/metrics`` for Prometheus
+(``metrics_http``), and under systemd readiness, stopping and the watchdog
+are notified and log lines carry no timestamp of their own (``systemd``).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from .core.framing import (MSG_CHECKPOINT, MSG_DO_CHECKPOINT, MSG_GET_XEN_INIT,
                            MSG_PROXY_INIT, FrameDecoder, NotifyDecoder, encode_notify)
 from .core.packet import format_key
 from .endpoints import Endpoint
+from .systemd import Notifier, log_stamper
 
 POLICY_RELEASE = "release"   # checkpoint at once, locally: the primary wins
 POLICY_HOLD = "hold"         # hold until COLO_CHECKPOINT or a control "checkpoint"
@@ -82,6 +87,7 @@ class ServeOptions:
     drain_timeout_s: float = 5.0
     verbose: int = 0                             # -1 quiet, 0 normal, 1 verbose
     debug: bool = False                          # tracebacks of internal errors
+    metrics_listen: tuple[str, int] | None = None   # (host, port) of /metrics; "" every interface
 
     @property
     def policy(self) -> str:
@@ -483,6 +489,9 @@ class Server:
         self._forced_by = None           # a second signal while draining: exit at once
         self._events_file = None
         self._control = None
+        self._metrics = None
+        self._notifier = Notifier()
+        self._stamp = log_stamper(self.stderr)
         self._hexdump_tokens = float(options.hexdumps_per_minute)
         self._hexdump_refill = time.monotonic()
         # counters the core does not keep
@@ -506,7 +515,7 @@ class Server:
     def log(self, msg: str, level: int = 0) -> None:
         """level 0: always (unless --quiet); 1: with --verbose."""
         if level <= self.options.verbose:
-            print(f"colo-compare: {msg}", file=self.stderr, flush=True)
+            print(f"{self._stamp()}colo-compare: {msg}", file=self.stderr, flush=True)
 
     def event(self, kind: str, **fields) -> None:
         f = self._events_file
@@ -532,6 +541,15 @@ class Server:
             from .control import ControlServer
             self._control = ControlServer(self, o.control_path)
             await self._control.start()
+        if o.metrics_listen is not None:
+            from .metrics_http import MetricsServer
+            host, port = o.metrics_listen
+            self._metrics = MetricsServer(self.metrics_text, host, port)
+            try:
+                await self._metrics.start()
+            except OSError as e:
+                where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                raise ServeError(f"--metrics-listen {where}: cannot listen: {_reason(e)}") from None
         for link in self.links:
             if link.endpoint.server:
                 link.open_server()
@@ -581,9 +599,14 @@ class Server:
         tasks = []
         try:
             await self.start()
+            o = self.options
+            self._notifier.notify("READY=1", f"STATUS=comparing: primary-in {o.primary_in}, "
+                                             f"secondary-in {o.secondary_in}, outdev {o.outdev}")
             waiter = self.loop.create_task(self.wait_first_connections())
             stopper = self.loop.create_task(self._stopping.wait())
             tasks = [waiter, stopper]
+            if self._notifier.enabled and self._notifier.watchdog_interval_s:
+                tasks.append(self.loop.create_task(self._watchdog(self._notifier.watchdog_interval_s)))
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if waiter in done:
                 waiter.result()          # raises ServeError when a client never connected
@@ -611,9 +634,22 @@ class Server:
                      f"{len(self.outdev.out)} released frames not written to outdev")
         self._stopping.set()
 
+    async def _watchdog(self, interval_s: float) -> None:
+        """WATCHDOG=1 while the loop runs: a loop that is stuck stops the
+        pings, and systemd restarts serve (WatchdogSec=)."""
+        while True:
+            self._notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval_s)
+
+    def metrics_text(self) -> str:
+        """/metrics: the stats document in Prometheus text (metrics.prometheus)."""
+        from .metrics import from_serve, prometheus
+        return prometheus(from_serve({"stats": self.snapshot()}))
+
     async def shutdown(self) -> None:
         """Release every queued primary frame, then give outdev a moment to
         take them."""
+        self._notifier.notify("STOPPING=1", "STATUS=stopping: flushing queued frames to outdev")
         self.log("stopping: flushing queued frames to outdev", 1)
         self.running = False
         now = self.now_ms()
@@ -637,6 +673,9 @@ class Server:
             link.close()
         if self._control is not None:
             self._control.close()
+        if self._metrics is not None:
+            self._metrics.close()
+        self._notifier.close()
         if self._events_file not in (None, sys.stdout):
             with contextlib.suppress(OSError):
                 self._events_file.close()

@@ -72,7 +72,7 @@ def packet(data: bytes) -> None:
 
 def capture(data: bytes) -> None:
     try:
-        reader = open_capture("-", stdin=io.BytesIO(data), require_ethernet=False)
+        reader = open_capture("-", stdin=io.BytesIO(data), linktypes=None)
     except CaptureError:
         return
     total = 0

@@ -1,6 +1,7 @@
 """Capture files: exact bytes written, every format variant read, hostile and
 damaged files, and the third-party corpus in ../shared/corpus."""
 
+import gzip
 import io
 import json
 import os
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from colo_cli.capture import (MAX_BLOCK_LEN, MAX_CAPLEN, CaptureError, PcapngWriter, PcapWriter,
                               describe_linktype, open_capture)
+from colo_cli.linklayer import LINKTYPES_READ, describe_read
 from colo_cli.testing import tcp_frame, udp_frame
 
 FRAME_A = udp_frame(b"hello")
@@ -169,7 +171,7 @@ def test_pcap_writer_output_reads_in_dpkt():
 def test_pcap_writer_honest_snaplen_and_linktype():
     raw = written_pcap([(0, b"abcdef")], snaplen=4, linktype=113)
     assert struct.unpack_from("<II", raw, 16) == (4, 113)
-    got, _ = read_bytes(raw, require_ethernet=False)
+    got, _ = read_bytes(raw, linktypes=None)
     assert got == [(0, b"abcd", 6)]   # cut to the header's snaplen, original length kept
 
 
@@ -376,38 +378,61 @@ def test_pcapng_version_1_2_is_accepted_like_libpcap():
 
 # ------------------------------------------------------------------ link types
 
-def test_non_ethernet_pcap_is_refused_by_name():
-    raw = pcap_header(linktype=113) + pcap_record(1, 0, b"x" * 16)
+READ_BY_DEFAULT = "it reads " + describe_read()
+
+
+@pytest.mark.parametrize("linktype", sorted(LINKTYPES_READ))
+def test_every_link_type_read_is_accepted(linktype):
+    raw = pcap_header(linktype=linktype) + pcap_record(1, 0, b"x" * 16)
+    got, r = read_bytes(raw)
+    assert r.linktype == linktype and len(got) == 1
+
+
+def test_a_link_type_not_read_is_refused_by_name():
+    raw = pcap_header(linktype=105) + pcap_record(1, 0, b"x" * 16)
     with pytest.raises(CaptureError) as ei:
         read_bytes(raw)
     assert one_line(ei, "<stdin>") == (
-        "<stdin>: link type LINUX_SLL (113) is not Ethernet; colo-compare compares Ethernet frames")
-    got, r = read_bytes(raw, require_ethernet=False)
-    assert r.linktype == 113 and len(got) == 1
+        "<stdin>: link type IEEE802_11 (105) is not one colo-compare reads (%s)" % READ_BY_DEFAULT)
+    got, r = read_bytes(raw, linktypes=None)
+    assert r.linktype == 105 and len(got) == 1
+    # a caller may ask for fewer
+    with pytest.raises(CaptureError, match=r"LINUX_SLL \(113\) is not one"):
+        read_bytes(pcap_header(linktype=113), linktypes={1})
 
 
 def test_unknown_link_type_is_named_by_number():
     with pytest.raises(CaptureError) as ei:
         read_bytes(pcap_header(linktype=4000))
-    assert "link type 4000 is not Ethernet" in str(ei.value)
+    assert "link type 4000 is not one colo-compare reads" in str(ei.value)
     assert describe_linktype(101) == "RAW (101)" and describe_linktype(276) == "LINUX_SLL2 (276)"
 
 
-def test_pcapng_first_interface_not_ethernet_is_refused():
+def test_pcapng_first_interface_not_read_is_refused():
     with pytest.raises(CaptureError) as ei:
-        read_bytes(ng_shb() + ng_idb(linktype=101) + ng_idb() + ng_epb(1, 1, FRAME_A))
-    assert "link type RAW (101) is not Ethernet" in one_line(ei, "<stdin>")
+        read_bytes(ng_shb() + ng_idb(linktype=127) + ng_idb() + ng_epb(1, 1, FRAME_A))
+    assert "link type IEEE802_11_RADIOTAP (127) is not one colo-compare reads" in one_line(ei, "<stdin>")
 
 
-def test_pcapng_later_non_ethernet_interface_is_skipped_with_one_warning():
-    raw = (ng_shb() + ng_idb() + ng_idb(linktype=101)
+def test_pcapng_later_interface_not_read_is_skipped_with_one_warning():
+    raw = (ng_shb() + ng_idb() + ng_idb(linktype=105)
            + ng_epb(1, 1, b"r1") + ng_epb(0, 2, FRAME_A) + ng_epb(1, 3, b"r2")
            + ng_epb(1, 4, b"r3") + ng_pb(1, 5, b"r4") + ng_epb(0, 6, FRAME_B))
     got, r = read_bytes(raw)
     assert got == [(2000, FRAME_A, len(FRAME_A)), (6000, FRAME_B, len(FRAME_B))]
-    assert r.warnings == ["<stdin>: skipped 4 packets on interface 1 (link type RAW (101), not Ethernet)"]
-    got, r = read_bytes(raw, require_ethernet=False)
+    assert r.warnings == ["<stdin>: skipped 4 packets on interface 1 (link type IEEE802_11 (105), "
+                          "not one colo-compare reads)"]
+    got, r = read_bytes(raw, linktypes=None)
     assert len(got) == 6 and r.warnings == []
+
+
+def test_pcapng_interfaces_of_several_link_types_read_keep_their_own():
+    raw = (ng_shb() + ng_idb() + ng_idb(linktype=101) + ng_idb(linktype=113)
+           + ng_epb(1, 1, b"r1") + ng_epb(0, 2, FRAME_A) + ng_epb(2, 3, b"s" * 16))
+    with open_capture("-", stdin=io.BytesIO(raw)) as r:
+        assert [(n, lt, data) for n, _ts, data, _o, lt in r] == [
+            (1, 101, b"r1"), (2, 1, FRAME_A), (3, 113, b"s" * 16)]
+        assert r.linktype == 1 and r.warnings == []
 
 
 # ------------------------------------------------------------------ stdin / pipes
@@ -480,8 +505,15 @@ def test_permission_denied(tmp_path):
     (b"", "empty file (0 bytes), not a pcap or pcapng capture"),
     (b"\x7fEL", "too short to be a capture (3 bytes: 7f454c)"),
     (b"\x7fELF\x02\x01\x01" + b"\0" * 40, "not a pcap or pcapng file (first bytes 7f454c46)"),
-    (b"\x1f\x8b\x08\x00rest", "not a pcap or pcapng file (first bytes 1f8b0800: looks "
-                              "gzip-compressed; decompress it first)"),
+    (b"\x1f\x8b\x08\x00rest", "gzip data cut short (the file ends inside the compressed stream)"),
+    (gzip.compress(b"hello, world"), "not a pcap or pcapng file (gzip-compressed; decompressed, "
+                                     "its first bytes are 68656c6c)"),
+    (gzip.compress(b""), "empty gzip-compressed file, not a pcap or pcapng capture"),
+    (gzip.compress(pcap_header()[:10]), "pcap file header cut short (10 of 24 bytes)"),
+    (b"\x1f\x8b\x08\x00" + b"\xff" * 40, "corrupt gzip data (Error -3 while decompressing data: "
+                                          "invalid block type)"),
+    (b"BZh91AY&SY" + b"\0" * 20, "not a pcap or pcapng file (first bytes 425a6839: looks "
+                                 "bzip2-compressed; decompress it first)"),
     (pcap_header()[:10], "pcap file header cut short (10 of 24 bytes)"),
     (pcap_header(version=(2, 5)), "unsupported pcap version 2.5 (libpcap reads 2.0 to 2.4)"),
     (pcap_header(version=(1, 4)), "unsupported pcap version 1.4 (libpcap reads 2.0 to 2.4)"),
@@ -674,10 +706,11 @@ def test_memory_does_not_grow_with_file_size(tmp_path):
 
 # ------------------------------------------------------------------ fuzz
 
-def drain(data, require_ethernet=False):
+def drain(data, only_read=False):
     """Read bytes fully; only CaptureError may escape, and iteration ends."""
     try:
-        reader = open_capture("-", stdin=io.BytesIO(data), require_ethernet=require_ethernet)
+        reader = open_capture("-", stdin=io.BytesIO(data),
+                              linktypes=LINKTYPES_READ if only_read else None)
     except CaptureError as exc:
         assert "\n" not in str(exc) and str(exc).startswith("<stdin>: ")
         return None
@@ -738,12 +771,12 @@ def record_ends(sample):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(range(4)), st.lists(st.tuples(st.integers(0, 120), st.integers(0, 255)),
                                            min_size=1, max_size=6), st.booleans())
-def test_flipped_header_bytes_never_raise_anything_else(which, flips, require_ethernet):
+def test_flipped_header_bytes_never_raise_anything_else(which, flips, only_read):
     data = bytearray(fuzz_samples()[which])
     for pos, value in flips:   # the first 120 bytes: file/section/interface/record headers
         if pos < len(data):
             data[pos] = value
-    drain(bytes(data), require_ethernet)
+    drain(bytes(data), only_read)
 
 
 @settings(max_examples=200, deadline=None)
@@ -778,7 +811,7 @@ def first_linktype(entry):
 def test_corpus_file_reads_like_the_manifest(entry):
     path = str(CORPUS / entry["path"])
     try:
-        with open_capture(path, require_ethernet=False) as r:
+        with open_capture(path, linktypes=None) as r:
             records = list(r)
             warnings = r.warnings
     except CaptureError as exc:
@@ -805,10 +838,10 @@ def test_corpus_file_reads_like_the_manifest(entry):
 
 
 @pytest.mark.parametrize("entry", CORPUS_ENTRIES)
-def test_corpus_file_with_require_ethernet(entry):
+def test_corpus_file_with_the_link_types_read(entry):
     path = str(CORPUS / entry["path"])
     lt = first_linktype(entry)
-    if lt is None or lt == 1:
+    if lt is None or lt in LINKTYPES_READ:
         try:
             with open_capture(path) as r:
                 for _ in r:
@@ -821,8 +854,8 @@ def test_corpus_file_with_require_ethernet(entry):
     with pytest.raises(CaptureError) as ei:
         open_capture(path)
     # the manifest names link types independently of our table
-    assert str(ei.value) == ("%s: link type %s (%d) is not Ethernet; colo-compare compares Ethernet "
-                             "frames" % (path, name, lt))
+    assert str(ei.value) == ("%s: link type %s (%d) is not one colo-compare reads (%s)"
+                             % (path, name, lt, READ_BY_DEFAULT))
 
 
 def test_corpus_multi_interface_timestamps_are_not_1970(corpus):
@@ -841,25 +874,32 @@ def test_corpus_simple_packet_blocks(corpus):
 
 def test_corpus_byte_order_twins_read_the_same(corpus):
     for sub in ("basic/test001.pcapng", "difficult/test202.pcapng"):
-        le = list(open_capture(str(corpus / "pcapng-test-generator/output_le" / sub), require_ethernet=False))
-        be = list(open_capture(str(corpus / "pcapng-test-generator/output_be" / sub), require_ethernet=False))
+        le = list(open_capture(str(corpus / "pcapng-test-generator/output_le" / sub), linktypes=None))
+        be = list(open_capture(str(corpus / "pcapng-test-generator/output_be" / sub), linktypes=None))
         assert le == be and len(le) in (4, 8)
 
 
-def test_corpus_mixed_link_types_are_skipped_and_counted(corpus):
+def test_corpus_mixed_link_types(corpus):
     path = str(corpus / "pcapng-test-generator/output_le/difficult/test202.pcapng")
     with open_capture(path) as r:
         records = list(r)
-    assert len(records) == 6
+    assert [(n, lt) for n, _ts, _d, _o, lt in records] == [
+        (1, 1), (2, 1), (3, 0), (4, 1), (5, 1), (6, 1), (7, 1), (8, 0)]
+    assert r.warnings == []
+    # when only Ethernet is asked for, the others are skipped and counted;
     # frame numbers count the skipped packets too
+    with open_capture(path, linktypes={1}) as r:
+        records = list(r)
     assert [n for n, *_ in records] == [1, 2, 4, 5, 6, 7]
     assert r.warnings == [
-        path + ": skipped 1 packet on interface 1 of section 1 (link type NULL (0), not Ethernet)",
-        path + ": skipped 1 packet on interface 1 of section 3 (link type NULL (0), not Ethernet)"]
+        path + ": skipped 1 packet on interface 1 of section 1 (link type NULL (0), not one "
+               "colo-compare reads)",
+        path + ": skipped 1 packet on interface 1 of section 3 (link type NULL (0), not one "
+               "colo-compare reads)"]
 
 
 def test_corpus_pcapng_named_pcap(corpus):
     with open_capture(str(corpus / "chrissanders-packets/dns.pcap")) as r:
         assert r.format == "pcapng" and len(list(r)) == 7
-    with pytest.raises(CaptureError, match=r"link type RAW \(101\) is not Ethernet"):
-        open_capture(str(corpus / "scapy/pfcp.pcap"))
+    with open_capture(str(corpus / "scapy/pfcp.pcap")) as r:
+        assert r.format == "pcapng" and r.linktype == 101 and len(list(r)) == 200

@@ -717,20 +717,27 @@ def test_vnet_header_miscompare_offsets_are_in_the_ethernet_frame(cli, tmp_path)
 
 # -------------------------------------------------------------------- errors
 
-def _linux_sll(tmp_path):
-    return write_pcap(tmp_path / "sll.pcap", [(T0, b"\0" * 40)], linktype=113)
+def _wifi(tmp_path):
+    return write_pcap(tmp_path / "wifi.pcap", [(T0, b"\0" * 40)], linktype=105)
 
 
-def _null_pcapng(tmp_path):
-    return write_pcapng(tmp_path / "null.pcapng", [(T0, b"\x02\0\0\0" + b"\0" * 20)], linktype=0)
+def _wifi_pcapng(tmp_path):
+    return write_pcapng(tmp_path / "wifi.pcapng", [(T0, b"\0" * 40)], linktype=127)
 
 
 @pytest.mark.parametrize("case", [
-    "missing", "directory", "empty", "garbage", "gzip", "short", "linux-sll", "null-pcapng",
-    "non-ethernet-secondary", "both-stdin", "max-queue-size-0", "compare-timeout-0",
+    "missing", "directory", "empty", "garbage", "gzip", "short", "wifi", "wifi-pcapng",
+    "link-not-read-secondary", "both-stdin", "max-queue-size-0", "compare-timeout-0",
     "vnet-hdr-len-21", "hexdump-negative", "unknown-option", "missing-argument",
-    "out-unwritable", "diverged-unwritable", "out-directory"])
+    "out-unwritable", "diverged-unwritable", "out-directory", "filter-syntax",
+    "filter-not-for-this-link", "end-before-start", "bad-time", "bad-direction"])
 def test_errors_are_one_line_exit_2(cli, tmp_path, case):
+    if case.startswith("filter-"):
+        from colo_cli.bpf import FilterError, _library
+        try:
+            _library()
+        except FilterError:
+            pytest.skip("libpcap not installed (apt-get install libpcap0.8)")
     good = write_pcap(tmp_path / "good.pcap", udp_series([b"x"]))
     (tmp_path / "dir").mkdir()
     (tmp_path / "empty.pcap").write_bytes(b"")
@@ -744,12 +751,25 @@ def test_errors_are_one_line_exit_2(cli, tmp_path, case):
         "empty": (["replay", tmp_path / "empty.pcap", good], ["empty.pcap: empty file"]),
         "garbage": (["replay", tmp_path / "garbage.pcap", good],
                     ["garbage.pcap: not a pcap or pcapng file"]),
-        "gzip": (["replay", good, tmp_path / "capture.pcap.gz"], ["gzip", "decompress"]),
+        "gzip": (["replay", good, tmp_path / "capture.pcap.gz"],
+                 ["capture.pcap.gz: corrupt gzip data"]),
         "short": (["replay", tmp_path / "short.pcap", good], ["short.pcap: too short"]),
-        "linux-sll": (["replay", _linux_sll(tmp_path), good], ["LINUX_SLL (113)", "not Ethernet"]),
-        "null-pcapng": (["replay", _null_pcapng(tmp_path), good], ["NULL (0)", "not Ethernet"]),
-        "non-ethernet-secondary": (["replay", good, _linux_sll(tmp_path)],
-                                   ["sll.pcap", "LINUX_SLL (113)"]),
+        "wifi": (["replay", _wifi(tmp_path), good],
+                 ["IEEE802_11 (105)", "not one colo-compare reads", "SLL2 (276)"]),
+        "wifi-pcapng": (["replay", _wifi_pcapng(tmp_path), good],
+                        ["IEEE802_11_RADIOTAP (127)", "not one colo-compare reads"]),
+        "link-not-read-secondary": (["replay", good, _wifi(tmp_path)],
+                                    ["wifi.pcap", "IEEE802_11 (105)"]),
+        "filter-syntax": (["replay", "--filter", "tcp port", good, good],
+                          ["--filter 'tcp port'", "syntax error"]),
+        "filter-not-for-this-link": (
+            ["replay", "--filter", "ether host 52:54:00:00:00:01", good,
+             write_pcap(tmp_path / "raw.pcap", [(T0, b"\x45" + b"\0" * 19)], linktype=101)],
+            ["--filter", "ethernet addresses", "RAW (101)"]),
+        "end-before-start": (["replay", "--start", "2s", "--end", "1500ms", good, good],
+                             ["--end must come after --start"]),
+        "bad-time": (["replay", "--start", "soon", good, good], ["--start", "'soon' is not a time"]),
+        "bad-direction": (["replay", "--direction", "up", good, good], ["--direction"]),
         "both-stdin": (["replay", "-", "-"], ["only one of PRIMARY and SECONDARY can be '-'"]),
         "max-queue-size-0": (["replay", "--max-queue-size", "0", good, good], ["--max-queue-size"]),
         "compare-timeout-0": (["replay", "--compare-timeout", "0", good, good],

@@ -25,6 +25,7 @@ import pytest
 
 from colo_cli.capture import PcapWriter, open_capture
 from colo_cli.cli import main
+from colo_cli.linklayer import LINKTYPES_READ
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 if not (CORPUS / "manifest.json").is_file():
@@ -181,6 +182,29 @@ def all_ethernet(entry):
     return all(x == ETHERNET for x in lt) if isinstance(lt, list) else lt == ETHERNET
 
 
+def all_read(entry):
+    lt = entry["linktype"]
+    return all(x in LINKTYPES_READ for x in (lt if isinstance(lt, list) else [lt]))
+
+
+#: Linux packet types of "received" packets (host, broadcast, multicast,
+#: other host); 4 is "sent by us"
+RECEIVED = (0, 1, 2, 3)
+
+
+def not_outgoing(path) -> int:
+    """Records a Linux cooked capture marks as received: the packet type,
+    read here from the bytes (SLL: first 2 bytes, SLL2: byte 10)."""
+    n = 0
+    with open_capture(str(path)) as reader:
+        for _n, _ts, data, _orig, linktype in reader:
+            if linktype == 113 and len(data) >= 16:
+                n += struct.unpack_from("!H", data, 0)[0] in RECEIVED
+            elif linktype == 276 and len(data) >= 20:
+                n += data[10] in RECEIVED
+    return n
+
+
 def assert_conservation(doc):
     """Every primary frame leaves once (released or bypassed); every
     secondary frame is consumed once (matched, absorbed, discarded or dropped)."""
@@ -206,16 +230,50 @@ def test_capture_against_itself(cli, entry):
         lines = r.err.splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"colo-compare: {path}: "), r
         return
-    if lt is not None and lt != ETHERNET:
+    if lt is not None and lt not in LINKTYPES_READ:
         assert r.rc == 2, r
         assert r.out == ""
         lines = r.err.splitlines()
         assert len(lines) == 1, r
         assert lines[0].startswith(f"colo-compare: {path}: "), r
         assert f"{first_linktype_name(entry)} ({lt})" in lines[0], r
-        assert "not Ethernet" in lines[0]
+        assert "not one colo-compare reads" in lines[0]
         return
-    # Ethernet (at least its first interface), readable at least in part
+    # a link type read (at least its first interface), readable at least in part
+    doc = r.doc
+    received = not_outgoing(path)
+    side = doc["inputs"]["primary"]
+    # what a Linux cooked capture marks as received is not the replica's
+    # output: left out, the same on both sides, and said so
+    assert side["left_out"] == ({"direction": received} if received else {})
+    if received and side["frames"] == 0:
+        # nothing sent at all: not called a match
+        assert (r.rc, doc["result"]) == (2, "incomparable"), r
+        assert r.err == "colo-compare: no primary frame was selected for comparison: not a match " \
+                        "(see the report's note)\n", r
+        assert any(f"{received} frames not compared: {received} not outgoing" in n
+                   for n in doc["notes"]), doc["notes"]
+    else:
+        _assert_self_match(r, entry, received)
+    if received:
+        # every frame, with --direction any (or in: what was received)
+        r = cli("replay", "--json", "--direction", "any", path, path)
+        _assert_self_match(r, entry, 0)
+        r = cli("replay", "--json", "--direction", "in", path, path)
+        assert r.doc["inputs"]["primary"]["left_out"] == (
+            {"direction": entry["packets"] - received} if entry["packets"] > received else {})
+        assert r.doc["inputs"]["primary"]["frames"] == received
+    if doc["result"] == "match":
+        # the human report renders too
+        r = cli("replay", path, path)
+        assert r.rc == 0, r
+        assert r.out.splitlines()[0] == f"colo-compare replay: {path} vs {path}: MATCH"
+
+
+def _assert_self_match(r, entry, left_out):
+    """A capture against itself: a match, every frame of a link type read
+    compared but the ``left_out`` ones; or, when most frames are of a kind
+    nobody compares, INCOMPARABLE."""
     doc = r.doc
     bypassed = sum(doc["stats"]["bypassed"].values())
     if bypassed * 2 > doc["inputs"]["primary"]["frames"]:
@@ -236,22 +294,19 @@ def test_capture_against_itself(cli, entry):
     assert doc["inputs"]["secondary"]["frames"] == side["frames"]
     if entry["unreadable_reason"]:
         # read in part: the packets before the damage, and a warning that says so
-        assert side["frames"] == entry["packets"]
+        assert side["frames"] == entry["packets"] - left_out
         assert len(side["warnings"]) == 1
         noun = "packet" if entry["packets"] == 1 else "packets"
         assert side["warnings"][0].endswith(f"compared the {entry['packets']} {noun} before it")
-    elif all_ethernet(entry):
-        assert side["frames"] == entry["packets"]
+    elif all_read(entry):
+        assert side["frames"] == entry["packets"] - left_out
         assert [w for w in side["warnings"] if not is_clock_warning(w)] == []
     else:
-        # pcapng with non-Ethernet interfaces too: their packets are skipped, and said so
-        assert side["frames"] <= entry["packets"]
-        assert all("not Ethernet" in w or is_clock_warning(w) for w in side["warnings"])
+        # pcapng with interfaces of link types not read: their packets are skipped, and said so
+        assert side["frames"] <= entry["packets"] - left_out
+        assert all("not one colo-compare reads" in w or is_clock_warning(w)
+                   for w in side["warnings"])
         assert len(side["warnings"]) > 0 or side["frames"] == entry["packets"]
-    # the human report renders too
-    r = cli("replay", path, path)
-    assert r.rc == 0, r
-    assert r.out.splitlines()[0] == f"colo-compare replay: {path} vs {path}: MATCH"
 
 
 def test_manifest_covers_the_corpus():
@@ -483,14 +538,13 @@ def test_pcapng_little_vs_big_endian(cli, test):
         assert doc["stats"]["released"] == {"match": 4, "total": 4}
         assert doc["inputs"]["primary"]["warnings"] == doc["inputs"]["secondary"]["warnings"] == []
     else:
-        # 8 packets in three sections; the two on NULL interfaces are skipped, with a warning
+        # 8 packets in three sections, two on NULL (BSD loopback) interfaces:
+        # each compared from its IP header
         assert BY_PATH[f"pcapng-test-generator/output_le/{test}.pcapng"]["packets"] == 8
-        assert doc["inputs"]["primary"]["frames"] == doc["inputs"]["secondary"]["frames"] == 6
-        assert doc["stats"]["released"] == {"match": 6, "total": 6}
+        assert doc["inputs"]["primary"]["frames"] == doc["inputs"]["secondary"]["frames"] == 8
+        assert doc["stats"]["released"] == {"match": 8, "total": 8}
         for side in ("primary", "secondary"):
-            warnings = [w for w in doc["inputs"][side]["warnings"] if not is_clock_warning(w)]
-            assert len(warnings) == 2
-            assert all("skipped 1 packet" in w and "NULL (0), not Ethernet" in w for w in warnings)
+            assert [w for w in doc["inputs"][side]["warnings"] if not is_clock_warning(w)] == []
     assert doc["unmatched"] == {"primary": 0, "secondary": 0}
 
 

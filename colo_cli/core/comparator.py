@@ -154,12 +154,16 @@ class Comparator:
     # input
 
     def receive(self, side, data: bytes, now_ms, l2: int = 0,
-                vnet_hdr_len: int = 0, cut: bool = False) -> list:
+                vnet_hdr_len: int = 0, cut: bool = False,
+                l3: int = -1, ethertype: int = 0) -> list:
         """A frame arrived on ``side``.  ``data[l2:]`` is the Ethernet frame;
         ``vnet_hdr_len`` bytes before it are a virtio-net header (kept, not
         compared).  ``cut``: a capture recorded less of the frame than was
         sent (snaplen), so an IP length beyond the data is the capture's
-        doing, not a malformed frame.
+        doing, not a malformed frame.  ``l3 >= 0``: the frame at ``l2`` has
+        another link-layer header (a capture's Linux cooked, loopback or
+        raw-IP link), read by the adapter: the network header of EtherType
+        ``ethertype`` starts at ``data[l3:]`` (see ``packet.parse``).
 
         Returns the events.  With ``compact`` set, a frame released on a
         match appears as its ``data`` (bytes) instead of a ``Released``
@@ -171,14 +175,14 @@ class Comparator:
         """
         out: list = []
         try:
-            self._receive(side, data, now_ms, l2, vnet_hdr_len, cut, out)
+            self._receive(side, data, now_ms, l2, vnet_hdr_len, cut, l3, ethertype, out)
             if self._to_answer:
                 self._answer_requests(now_ms, out)
         except Exception as exc:  # noqa: BLE001 - one frame, not the comparator
-            self._contain(exc, side, data, now_ms, l2, out)
+            self._contain(exc, side, data, now_ms, l2, out, l3, ethertype)
         return out
 
-    def _receive(self, side, data, now_ms, l2, vnet_hdr_len, cut, out) -> None:
+    def _receive(self, side, data, now_ms, l2, vnet_hdr_len, cut, l3, ethertype, out) -> None:
         if self._epoch_ms is None:
             self._start_clock(now_ms)
         stats = self.stats
@@ -204,8 +208,8 @@ class Comparator:
         # The fast path: an untagged IPv4 UDP datagram with a 20-byte header,
         # whole and not a fragment, on a connection that is in step.  It
         # decides exactly as the general path below would (a test runs both
-        # on the same input); anything unusual falls through to it.
-        if size >= l2 + 42 and vnet_hdr_len <= MAX_VNET_HDR_LEN and self.fast_path:
+        # on the same input); anything unusual (another link) falls through.
+        if size >= l2 + 42 and vnet_hdr_len <= MAX_VNET_HDR_LEN and l3 < 0 and self.fast_path:
             etype, vihl, total, frag, proto = _fast_ipv4(data, l2 + 12)
             end = l2 + 14 + total
             if (etype == 0x0800 and vihl == 0x45 and proto == 17 and not frag & 0x3FFF
@@ -312,7 +316,7 @@ class Comparator:
                 stats.bytes_in[side] += l2 - size    # no frame bytes at all
             out.extend(self._not_comparable(pkt, REASON_BAD_VNET_HDR))
             return
-        parsed = parse(data, l2)
+        parsed = parse(data, l2, l3, ethertype)
         kind = parsed[0]
         if kind is None:
             out.extend(self._not_comparable(pkt, parsed[1]))
@@ -1226,7 +1230,7 @@ class Comparator:
     # ------------------------------------------------------------------
     # internal errors
 
-    def _contain(self, exc, side, data, now_ms, l2, out) -> None:
+    def _contain(self, exc, side, data, now_ms, l2, out, l3=-1, ethertype=0) -> None:
         """The comparator failed on a frame (a bug of ours).  What it decided
         before failing stands (those frames have left, and the requests it
         raised are answered as usual).  The frame itself leaves, unless it
@@ -1240,7 +1244,7 @@ class Comparator:
         try:
             if self._to_answer:
                 self._answer_requests(now_ms, out)
-            if self._holds(data, l2) or any(type(e) is ev.Released and e.packet.data is data
+            if self._holds(data, l2, l3, ethertype) or any(type(e) is ev.Released and e.packet.data is data
                                             for e in out):
                 return
         except Exception:  # noqa: BLE001 - the frame must leave, whatever else fails
@@ -1248,14 +1252,14 @@ class Comparator:
         pkt = Packet(side, data, l2, 0, now_ms, self.stats.frames_in[side] - 1)
         out.extend(self._not_comparable(pkt, ev.REASON_INTERNAL_ERROR))
 
-    def _holds(self, data, l2) -> bool:
+    def _holds(self, data, l2, l3=-1, ethertype=0) -> bool:
         """Whether the frame ``data`` sits in a queue (or a reassembly
         buffer), from where it will leave."""
         for reasm in self._reassembly:
             for dg in reasm.pending.values():
                 if any(f.data is data for f in dg.fragments):
                     return True
-        parsed = parse(data, l2) if len(data) >= l2 else (None,)
+        parsed = parse(data, l2, l3, ethertype) if len(data) >= l2 else (None,)
         conn = self._conns.get(parsed[1]) if parsed[0] is not None else None
         if conn is None:
             return False

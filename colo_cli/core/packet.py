@@ -1,8 +1,14 @@
 """Raw frame -> what the comparator needs to know about it.
 
 ``parse(data, l2)`` looks at the Ethernet frame that starts at offset ``l2`` of
-``data`` (the record may carry a length word and a vnet header in front) and
-returns a tuple:
+``data`` (the record may carry a length word and a vnet header in front).
+Captures of other link types (Linux cooked, raw IP, BSD loopback) have no
+Ethernet header: their adapter reads the link header and says where the
+network header starts and what it is, ``parse(data, l2, l3, ethertype)``
+with ``l3 >= 0``; from there on (VLAN tags, IP, ARP) the frame is parsed as
+an Ethernet frame's payload of that EtherType would be, so the same packet
+gets the same key and compared bytes whatever link it was captured on.
+Either way ``parse`` returns a tuple:
 
 * ``(kind, key, cmp_off, cmp_end, seq, ack, flags)`` for a comparable frame.
   ``kind`` is one of the ``KIND_*`` constants; ``key`` is the connection key
@@ -65,6 +71,7 @@ ETH_IPV4 = 0x0800
 ETH_ARP = 0x0806
 ETH_IPV6 = 0x86DD
 ETH_VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
+_TPID_BYTES = {tpid: tpid.to_bytes(2, "big") for tpid in ETH_VLAN_TPIDS}
 
 #: the largest virtio-net header (virtio_net_hdr_v1_hash); QEMU treats a
 #: longer one as "load wrong" and so do we.
@@ -110,23 +117,31 @@ _ZERO_PORTS = b"\0\0\0\0"
 _ECHO_TYPES = frozenset((0, 8, 128, 129))   # ICMP and ICMPv6 echo request/reply
 
 
-def parse(data: bytes, l2: int = 0):
-    """Classify the Ethernet frame at ``data[l2:]``.  See the module doc."""
+def parse(data: bytes, l2: int = 0, l3: int = -1, ethertype: int = 0):
+    """Classify the Ethernet frame at ``data[l2:]``; or, with ``l3 >= 0``,
+    the network-layer packet of EtherType ``ethertype`` at ``data[l3:]`` (a
+    VLAN TPID there means the tag's TCI and the inner EtherType come first,
+    as after an Ethernet header).  See the module doc."""
     end = len(data)
-    if end - l2 < 14:
-        return None, REASON_SHORT_FRAME
-    off = l2 + 12
-    etype = _u16(data, off)[0]
+    if l3 < 0:
+        if end - l2 < 14:
+            return None, REASON_SHORT_FRAME
+        etype = _u16(data, l2 + 12)[0]
+        l3 = l2 + 14
+    elif l3 > end:
+        return None, REASON_SHORT_FRAME     # cut inside its link header
+    else:
+        etype = ethertype
     tags = b""
     # 802.1Q / 802.1ad tags, stacked too.  The tags are part of the key, so
     # different VLANs are different connections; they are not compared.
+    # A tag in the key is its TPID and TCI, as the frame carries them.
     while etype in ETH_VLAN_TPIDS:
-        if end - off < 6:
+        if end - l3 < 4:
             return None, REASON_SHORT_FRAME
-        tags += data[off:off + 4]
-        off += 4
-        etype = _u16(data, off)[0]
-    l3 = off + 2
+        tags += _TPID_BYTES[etype] + data[l3:l3 + 2]
+        etype = _u16(data, l3 + 2)[0]
+        l3 += 4
     if etype == ETH_IPV4:
         return _parse_ipv4(data, l3, end, tags)
     if etype == ETH_IPV6:
@@ -419,7 +434,8 @@ class Packet:
 
     ``data`` is the record exactly as it arrived (for ``serve`` the whole wire
     record, length words included, so it can be written to outdev as is; for
-    ``replay`` the captured bytes) and the Ethernet header starts at ``l2``.
+    ``replay`` the captured bytes) and the frame, from its link-layer header
+    (Ethernet, or a capture's own), starts at ``l2``.
     ``index`` numbers the frames of one side from 0, in arrival order.
     The remaining fields are filled in by the comparator.  A reassembled
     IP datagram is a Packet too: its ``data`` is the reassembled IP payload
@@ -446,7 +462,8 @@ class Packet:
 
     @property
     def frame(self) -> bytes:
-        """The Ethernet frame alone (no length words, no vnet header)."""
+        """The frame alone, from its link-layer header (no length words, no
+        vnet header)."""
         return self.data[self.l2:]
 
     @property
