@@ -880,13 +880,15 @@ class PcapngWriter:
     """pcapng, little-endian, one section; nanosecond interfaces, per-packet
     comments.  Meant for evidence files that open in Wireshark."""
 
-    def __init__(self, fileobj: BinaryIO, *, application: str = "colo-compare") -> None:
+    def __init__(self, fileobj: BinaryIO, *, application: str = "colo-compare",
+                 comment: str | None = None) -> None:
         self._write = fileobj.write
         self._ifaces: list[int] = []  # snaplen per interface id
         self.packets = 0
         # Section length -1: not known in advance (the file is streamed).
         body = struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)
-        body += _options([(_SHB_USERAPPL, _utf8_option_value(application))])
+        opts = [(_OPT_COMMENT, _utf8_option_value(comment))] if comment is not None else []
+        body += _options(opts + [(_SHB_USERAPPL, _utf8_option_value(application))])
         self._block(_BT_SHB, body)
 
     def _block(self, btype: int, body: bytes) -> None:

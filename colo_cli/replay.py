@@ -18,7 +18,10 @@ checkpoint).
 from __future__ import annotations
 
 import heapq
+from array import array
+from bisect import bisect_right
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointMode, CheckpointRequested,
                    Comparator, Config, InternalError, Miscompare, Released)
@@ -49,12 +52,68 @@ class SideInfo:
         return (self.last_ts_ns - self.first_ts_ns) / 1e6
 
 
+class FrameNumbers:
+    """The frame number Wireshark gives each frame of one capture, from the
+    core's index (which counts the frames fed to the core from 0).
+
+    The two differ by one, and by the packets the reader skipped (on a
+    pcapng interface that is not Ethernet): only the places where that
+    difference changes are kept, so a capture read whole costs nothing and
+    memory stays small whatever its size."""
+
+    __slots__ = ("_count", "_delta", "_starts", "_deltas")
+
+    def __init__(self) -> None:
+        self._count = 0            # frames fed so far
+        self._delta = 1            # frame number - index, from _starts[-1] on
+        self._starts = array("q")  # index where the difference changes
+        self._deltas = array("q")
+
+    def add(self, number: int) -> None:
+        """The next frame fed to the core has Wireshark's ``number``."""
+        delta = number - self._count
+        if delta != self._delta:
+            self._starts.append(self._count)
+            self._deltas.append(delta)
+            self._delta = delta
+        self._count += 1
+
+    def __call__(self, index: int) -> int:
+        k = bisect_right(self._starts, index)
+        return index + (self._deltas[k - 1] if k else 1)
+
+
+def _numbers(pkt, numbering) -> tuple:
+    """The frame numbers of the frames a packet stands for (a reassembled
+    datagram: its fragments), or () when there is no packet."""
+    if pkt is None:
+        return ()
+    if pkt.fragments is not None:
+        return tuple(numbering(f.index) for f in pkt.fragments)
+    return (numbering(pkt.index),)
+
+
 @dataclass
 class MiscompareRecord:
-    """A miscompare as reported: the core's event plus where it happened."""
+    """A miscompare as reported: the core's event plus where it happened.
+
+    ``primary_frames``/``secondary_frames`` are the frame numbers of the
+    frames holding the differing byte, numbered from 1 as Wireshark numbers
+    them in that capture (``serve``: in arrival order on that input); more
+    than one for a datagram reassembled from fragments, none when that side
+    has no frame there."""
     event: Miscompare
     flow: str
     time_ms: float
+    primary_frames: tuple = ()
+    secondary_frames: tuple = ()
+
+    @cached_property
+    def explanation(self):
+        """What differs in protocol terms (``colo_cli.explain``), or None;
+        decoded once, and only for a miscompare that is reported."""
+        from .explain import explain
+        return explain(self.event)
 
 
 @dataclass
@@ -76,6 +135,9 @@ class ReplayResult:
     # that left without a match}
     per_flow: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)          # hints about the input
+    #: per side: the core's frame index -> Wireshark's frame number
+    frame_numbers: tuple = field(default_factory=lambda: (FrameNumbers(), FrameNumbers()))
+    detail_limit: int = DEFAULT_DETAIL_LIMIT
 
     @property
     def stats(self):
@@ -116,9 +178,10 @@ JUMP_BACK_NS = 10**9
 _MAX_JUMP_WARNINGS = 5
 
 
-def _timeline(reader, info: SideInfo, side):
+def _timeline(reader, info: SideInfo, side, numbers: FrameNumbers):
     """``(rel_ns, side, ts_ns, data, cut, offset_ns)`` from one capture, in
-    file order: ``rel_ns`` is the frame's time on the capture's own timeline,
+    file order (each frame's Wireshark number goes to ``numbers`` as it is
+    yielded): ``rel_ns`` is the frame's time on the capture's own timeline,
     relative to its first frame, never decreasing; ``offset_ns`` what the
     clock steps left out so far add to the capture's clock (``rel_ns ==
     ts_ns + offset_ns - first`` but for a corrupt timestamp).  Fills
@@ -152,10 +215,12 @@ def _timeline(reader, info: SideInfo, side):
                 # one's timestamp is wrong, not the clock
                 warn(f"frame {h_number}: its timestamp is {_span(h_rel - prev)} ahead of the "
                      "frames around it; taken as the time of the frame before")
+                numbers.add(h_number)
                 yield prev, side, h_ts, h_data, h_cut, offset
             else:
                 warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
                 prev = h_rel
+                numbers.add(h_number)
                 yield h_rel, side, h_ts, h_data, h_cut, offset
         step = rel - prev
         if step > JUMP_FORWARD_NS and info.frames > 1:
@@ -169,10 +234,12 @@ def _timeline(reader, info: SideInfo, side):
         elif step < 0:
             rel = prev
         prev = rel
+        numbers.add(number)
         yield rel, side, ts_ns, data, orig_len > len(data), offset
     if held is not None:
         h_number, h_rel, h_ts, h_data, h_cut = held
         warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
+        numbers.add(h_number)
         yield h_rel, side, h_ts, h_data, h_cut, offset
 
 
@@ -199,9 +266,10 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     the primary frames that left without a match.  ``vnet_hdr_len`` bytes at
     the start of every captured frame are a header to keep but not compare
     (a filter-dump of a netdev with virtio-net headers).
-    ``on_miscompare(number, record, p_ts_ns, s_ts_ns)`` is called for every
-    miscompare (not only those kept in the result), with the capture times
-    of its two frames.
+    ``on_miscompare(number, record, p_ts_ns, s_ts_ns, s_on_primary_ns)`` is
+    called for every miscompare (not only those kept in the result), with
+    the capture times of its two frames, and the secondary's time on the
+    primary's clock (the two captures' clocks are unrelated).
     """
     config = config or Config()
     comparator = Comparator(config, compact=True,
@@ -210,9 +278,11 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
                       getattr(primary_reader, "format", ""), getattr(primary_reader, "linktype", 1))
     s_info = SideInfo(getattr(secondary_reader, "name", "secondary"),
                       getattr(secondary_reader, "format", ""), getattr(secondary_reader, "linktype", 1))
-    result = ReplayResult(p_info, s_info, config, hold, vnet_hdr_len, comparator)
-    merged = heapq.merge(_timeline(primary_reader, p_info, PRIMARY),
-                         _timeline(secondary_reader, s_info, SECONDARY),
+    result = ReplayResult(p_info, s_info, config, hold, vnet_hdr_len, comparator,
+                          detail_limit=detail_limit)
+    p_numbers, s_numbers = result.frame_numbers
+    merged = heapq.merge(_timeline(primary_reader, p_info, PRIMARY, p_numbers),
+                         _timeline(secondary_reader, s_info, SECONDARY, s_numbers),
                          key=lambda item: (item[0], item[1]))
 
     # the primary's own clock at timeline 0: its first frame's time, minus
@@ -245,12 +315,13 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
                 _flow(result, e.key)["miscompares"] += 1
                 record = None
                 if len(result.miscompares) < detail_limit:
-                    record = MiscompareRecord(e, format_key(e.key), now_ms)
+                    record = _record(e, now_ms, p_numbers, s_numbers)
                     result.miscompares.append(record)
                 if on_miscompare is not None:
-                    record = record or MiscompareRecord(e, format_key(e.key), now_ms)
+                    record = record or _record(e, now_ms, p_numbers, s_numbers)
                     on_miscompare(result.miscompares_total, record,
-                                  _capture_ts(p_info, e.primary), _capture_ts(s_info, e.secondary))
+                                  _capture_ts(p_info, e.primary), _capture_ts(s_info, e.secondary),
+                                  _capture_ts(p_info, e.secondary))
             elif t is CheckpointRequested:
                 result.requests_total += 1
                 if e.cause == "timeout" and e.key is not None:
@@ -317,6 +388,11 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     return result
 
 
+def _record(e, now_ms, p_numbers, s_numbers) -> MiscompareRecord:
+    return MiscompareRecord(e, format_key(e.key), now_ms, _numbers(e.primary, p_numbers),
+                            _numbers(e.secondary, s_numbers))
+
+
 def _notes(result: ReplayResult, vnet_hdr_len: int) -> list:
     """Hints when the outcome says more about the input than the replicas."""
     notes = []
@@ -331,6 +407,11 @@ def _notes(result: ReplayResult, vnet_hdr_len: int) -> list:
                     "netdev), give its size with --vnet-hdr-len")
         notes.append(f"{n:,} of {total:,} primary frames could not be compared, most for "
                      f"'{reason}' ({count:,}); only the rest were compared{hint}")
+    for what, kept, total in (("miscompares", len(result.miscompares), result.miscompares_total),
+                              ("checkpoint requests", len(result.requests), result.requests_total)):
+        if kept < total:
+            notes.append(f"{what}: the first {kept:,} of {total:,} are listed with their "
+                         "details; all are counted")
     return notes
 
 

@@ -432,7 +432,12 @@ def test_divergence_default_policy_releases_the_primary_and_records_it(env):
         ("udp 10.0.0.1:5000 > 10.0.0.2:6000", "udp", "content", 11),   # 8 (UDP header) + 3
         ("tcp 10.0.0.1:41000 > 10.0.0.2:80", "tcp", "content", 37)]
     assert mis[1]["raw_seq"] == 5037
-    assert all(m["v"] == 1 and isinstance(m["time"], float) for m in mis)
+    assert all(m["v"] == 2 and isinstance(m["time"], float) for m in mis)
+    # each input's frames are numbered from 1, in arrival order
+    assert [(m["primary"]["frame_number"], m["secondary"]["frame_number"]) for m in mis] == [
+        (1, 1), (3, 3)]
+    assert mis[1]["primary"]["offset"] == 14 + 20 + 20 + 37
+    assert all(m["explanation"] is None for m in mis)      # no protocol to read them in
     assert [(e["cause"], e["flow"]) for e in rig.events("checkpoint_request")] == [
         ("miscompare", "udp 10.0.0.1:5000 > 10.0.0.2:6000"),
         ("miscompare", "tcp 10.0.0.1:41000 > 10.0.0.2:80")]

@@ -39,7 +39,7 @@ MAX_DIFFERENCES = 8
 #: characters of a value shown in prose (JSON has the value whole, or for
 #: bytes a snippet from the first differing byte)
 _SHOWN_MAX = 72
-_SNIPPET_BYTES = 16
+_SNIPPET_BYTES = 8
 
 
 @dataclass(frozen=True)
