@@ -69,11 +69,16 @@ def load(name: str) -> dict:
 
 @lru_cache(maxsize=None)
 def _validator(name: str):
+    """A validator of one document; the schemas refer to each other by
+    their ``$id`` (``urn:colo-compare:...``), so all of them are registered."""
     import jsonschema
+    from referencing import Registry, Resource
+    registry = Registry().with_resources(
+        (load(n)["$id"], Resource.from_contents(load(n))) for n in SCHEMAS)
     schema = load(name)
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema)
+    return cls(schema, registry=registry)
 
 
 def problems(name: str, doc) -> list[str]:
