@@ -61,22 +61,17 @@ class FrameNumbers:
     difference changes are kept, so a capture read whole costs nothing and
     memory stays small whatever its size."""
 
-    __slots__ = ("_count", "_delta", "_starts", "_deltas")
+    __slots__ = ("_starts", "_deltas")
 
     def __init__(self) -> None:
-        self._count = 0            # frames fed so far
-        self._delta = 1            # frame number - index, from _starts[-1] on
         self._starts = array("q")  # index where the difference changes
-        self._deltas = array("q")
+        self._deltas = array("q")  # frame number - index from there on (1 before any)
 
-    def add(self, number: int) -> None:
-        """The next frame fed to the core has Wireshark's ``number``."""
-        delta = number - self._count
-        if delta != self._delta:
-            self._starts.append(self._count)
-            self._deltas.append(delta)
-            self._delta = delta
-        self._count += 1
+    def mark(self, index: int, delta: int) -> None:
+        """From the frame of core ``index`` on, frame number = index + delta
+        (the caller counts, and calls only when the difference changes)."""
+        self._starts.append(index)
+        self._deltas.append(delta)
 
     def __call__(self, index: int) -> int:
         k = bisect_right(self._starts, index)
@@ -191,6 +186,10 @@ def _timeline(reader, info: SideInfo, side, numbers: FrameNumbers):
     offset = 0
     held = None             # a frame far ahead of the one before: corrupt, or a real gap?
     warned = [0]
+    # frames yielded (the core's next index) and their frame numbers' lead
+    # over it, kept here so that the common case costs one comparison
+    fed = 0
+    lead = 1
 
     def warn(text):
         warned[0] += 1
@@ -215,13 +214,15 @@ def _timeline(reader, info: SideInfo, side, numbers: FrameNumbers):
                 # one's timestamp is wrong, not the clock
                 warn(f"frame {h_number}: its timestamp is {_span(h_rel - prev)} ahead of the "
                      "frames around it; taken as the time of the frame before")
-                numbers.add(h_number)
-                yield prev, side, h_ts, h_data, h_cut, offset
+                h_rel = prev
             else:
                 warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
                 prev = h_rel
-                numbers.add(h_number)
-                yield h_rel, side, h_ts, h_data, h_cut, offset
+            if h_number - fed != lead:
+                lead = h_number - fed
+                numbers.mark(fed, lead)
+            fed += 1
+            yield h_rel, side, h_ts, h_data, h_cut, offset
         step = rel - prev
         if step > JUMP_FORWARD_NS and info.frames > 1:
             held = (number, rel, ts_ns, data, orig_len > len(data))
@@ -234,12 +235,16 @@ def _timeline(reader, info: SideInfo, side, numbers: FrameNumbers):
         elif step < 0:
             rel = prev
         prev = rel
-        numbers.add(number)
+        if number - fed != lead:
+            lead = number - fed
+            numbers.mark(fed, lead)
+        fed += 1
         yield rel, side, ts_ns, data, orig_len > len(data), offset
     if held is not None:
         h_number, h_rel, h_ts, h_data, h_cut = held
         warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
-        numbers.add(h_number)
+        if h_number - fed != lead:
+            numbers.mark(fed, h_number - fed)
         yield h_rel, side, h_ts, h_data, h_cut, offset
 
 

@@ -555,6 +555,14 @@ class Server:
         self.log(f"serving: primary-in {o.primary_in}, secondary-in {o.secondary_in}, "
                  f"outdev {o.outdev}" + (f", notify-dev {o.notify_dev}" if o.notify_dev else "")
                  + f"; checkpoint policy {o.policy}", 1)
+        if o.events_path or o.hexdump != 0:
+            # what a miscompare's line and hexdump need, imported now: at the
+            # first miscompare it would delay the checkpoint request that
+            # follows by a tenth of a second (dpkt and rich load slowly)
+            from . import explain, frames  # noqa: F401
+            from .explain import icmp, tcp, udp  # noqa: F401
+            if o.hexdump != 0:
+                from . import render  # noqa: F401
         self.event("start", tool=schema.tool(), policy=o.policy,
                    endpoints={l.name: str(l.endpoint) for l in self.links})
 
@@ -838,13 +846,13 @@ class Server:
         return {"released": done.released, "discarded": done.discarded}
 
     def _on_miscompare(self, e) -> None:
-        from .render import frame_json, payload_marks
-        from .replay import MiscompareRecord
         o = self.options
         wanted = o.hexdump is None or self.miscompares_seen < o.hexdump
         self.miscompares_seen += 1
         if self._events_file is None and not wanted:
             return          # nobody looks: not even the explanation is decoded
+        from .frames import frame_json, payload_marks
+        from .replay import MiscompareRecord
         # frames are numbered from 1 in arrival order on each input
         record = MiscompareRecord(e, format_key(e.key), self.now_ms() - self.started_ms,
                                   _serve_numbers(e.primary), _serve_numbers(e.secondary))

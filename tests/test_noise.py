@@ -372,3 +372,24 @@ def test_evidence_file_opens_with_dpkt_with_interfaces_and_comments(noisy_pair, 
     assert "content differs in udp 10.0.0.1:53 > 10.0.0.2:40000" in comments[0]
     assert "first differing byte at offset 40 of this frame" in comments[0]
     assert any("tcp" in c and "stream offset" in c for c in comments)
+
+
+def test_learn_noise_suggests_a_field_rule_when_one_field_explains_the_differences(tmp_path, capsys):
+    """TTLs that count down differently are one field (dns.ttl), not a byte
+    range that happens to cover this sample's TTL bytes."""
+    p = [udp_frame(dns_l4(answers=2, ttls=(300 - i, 60))[8:], sport=53, dport=41000 + i)
+         for i in range(3)]
+    s = [udp_frame(dns_l4(answers=2, ttls=(290 - i, 59 - i))[8:], sport=53, dport=41000 + i)
+         for i in range(3)]
+    write(tmp_path / "p.pcap", p)
+    write(tmp_path / "s.pcap", s)
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", str(tmp_path / "p.pcap"), str(tmp_path / "s.pcap"), "--learn-noise",
+              "--json", "--no-timeout"])
+    doc = json.loads(capsys.readouterr().out)
+    assert exc.value.code == 0
+    assert [r["rule"] for r in doc["rules"]] == ["dns.ttl"]
+    assert doc["rules"][0]["explains_miscompares"] == 3
+    assert doc["rules"][0]["example"] == ("udp 10.0.0.1:53 > 10.0.0.2:41000: DNS answer 1 "
+                                          "example.org A: TTL 300 vs 290 (and 1 more field)")
+    assert doc["checkpoint_requests"] == {"before": 3, "after": 0}
