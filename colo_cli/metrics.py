@@ -24,6 +24,8 @@ class ReportError(ValueError):
     """Not a report this version understands (one-line message)."""
 
 
+_RESULTS = ("match", "diverge", "incomparable")
+
 #: the most connections the control socket lists
 TOP_MAX = 1000
 
@@ -96,7 +98,10 @@ def from_report(report, name: str) -> dict:
     _hold_seconds(stats)
     doc = {"version": STATS_VERSION, "tool": {"name": schema.TOOL_NAME, "version": made_by},
            "source": "replay-report", "file": name,
-           "result": report.get("result"), "inputs": report.get("inputs"),
+           # taken as they are when they are what a report holds; a damaged
+           # report's are left out (null), its counters are what is shown
+           "result": report.get("result") if report.get("result") in _RESULTS else None,
+           "inputs": report.get("inputs") if isinstance(report.get("inputs"), dict) else None,
            "stats": stats, "top_connections": {"by_miscompares": top, "by_hold": []},
            "top_connections_truncated": {"by_miscompares": bool(report.get("top_divergent_truncated")),
                                          "by_hold": False}}

@@ -1,14 +1,14 @@
 """Every JSON document the tests produce is checked against its schema.
 
-colo_cli.schema.audit validates each document it is given when
-COLO_COMPARE_SCHEMA_AUDIT names a file, and appends the outcome there; it is
-set here, before colo_cli is imported, so the documents of in-process runs
-and of subprocesses (serve's event log, CLI runs) are all audited.  At the
-end of the session, a document that did not validate fails the run, with
-the reasons (test_schemas.py checks that the audit itself works).
+colo_cli.schema.audit records each document it is given when
+COLO_COMPARE_SCHEMA_AUDIT names a file; it is set here, before colo_cli is
+imported, so the documents of in-process runs and of subprocesses (serve's
+event log, CLI runs) are all recorded.  At the end of the session every one
+is validated (schema.check_audit_log), and a document that is not valid
+fails the run, with the reasons (test_schemas.py checks that the audit
+itself works).
 """
 
-import json
 import os
 import tempfile
 
@@ -17,28 +17,9 @@ os.close(_AUDIT_FD)
 os.environ["COLO_COMPARE_SCHEMA_AUDIT"] = AUDIT_PATH
 
 
-def audit_results() -> tuple[dict, list]:
-    """(documents validated, by kind; failures)."""
-    validated: dict = {}
-    failures = []
-    try:
-        with open(AUDIT_PATH, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if entry.get("ok"):
-                    validated[entry["document"]] = validated.get(entry["document"], 0) + 1
-                else:
-                    failures.append(entry)
-    except OSError:
-        pass
-    return validated, failures
-
-
 def pytest_sessionfinish(session, exitstatus):
-    validated, failures = audit_results()
+    from colo_cli.schema import check_audit_log
+    validated, failures = check_audit_log(AUDIT_PATH)
     session.config._schema_audit = (validated, failures)
     if failures and session.exitstatus == 0:
         session.exitstatus = 1
@@ -51,9 +32,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if failures:
         terminalreporter.write_line(f"{len(failures)} JSON documents do NOT match their schema:",
                                     red=True)
-        for entry in failures[:20]:
-            terminalreporter.write_line(f"  {entry['document']}: {'; '.join(entry['problems'])}")
-            terminalreporter.write_line(f"    {entry['doc'][:300]}")
+        for kind, problems, start in failures[:20]:
+            terminalreporter.write_line(f"  {kind}: {'; '.join(problems)}")
+            terminalreporter.write_line(f"    {start}")
     try:
         os.unlink(AUDIT_PATH)
     except OSError:

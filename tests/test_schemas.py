@@ -43,16 +43,20 @@ def test_the_package_data_lists_the_schemas():
         sorted(schema.SCHEMAS.values())
 
 
-def test_the_audit_records_a_document_that_does_not_validate(tmp_path, monkeypatch):
+def test_the_audit_records_documents_and_finds_those_that_are_not_valid(tmp_path, monkeypatch):
     log = tmp_path / "audit.jsonl"
     monkeypatch.setattr(schema, "_AUDIT_PATH", str(log))
     schema.audit("event", {"v": 2, "time": 1.0, "event": "stop", "unwritten": 0})
+    schema.audit("event", {"v": 2, "time": 2.0, "event": "stop", "unwritten": 0})   # the same
     schema.audit("event", {"v": 2, "time": 1.0, "event": "stop"})           # unwritten missing
     schema.audit("event", {"v": 2, "time": 1.0, "event": "nonsense"})
-    entries = [json.loads(line) for line in log.read_text().splitlines()]
-    assert entries[0] == {"document": "event", "ok": True}
-    assert "'unwritten' is a required property" in entries[1]["problems"][0]
-    assert "nonsense" in entries[2]["problems"][0]
+    schema.audit("report", {"not": object()})                               # not JSON at all
+    validated, failures = schema.check_audit_log(str(log))
+    assert validated == {"event": 3}
+    kinds = [(kind, problems[0]) for kind, problems, _start in failures]
+    assert kinds[0] == ("event", "(top): 'unwritten' is a required property")
+    assert kinds[1][0] == "event" and "nonsense" in kinds[1][1]
+    assert kinds[2][0] == "report" and "TypeError" in kinds[2][1]
 
 
 def test_the_audit_is_on_for_the_test_suite():
