@@ -135,10 +135,11 @@ class RuleType(click.ParamType):
 
 ignore_option = click.option(
     "--ignore", "ignore", type=RuleType(), multiple=True, metavar="RULE",
-    help="Bytes that legitimately differ between the replicas (repeatable): dns.id, "
-         "http.date, udp.checksum, icmp.checksum, udp:PORT:START-END (bytes of the UDP "
-         "payload), icmp:START-END (bytes of ICMP messages), tcp:PORT:/REGEX/ (bytes of TCP "
-         "payloads).  Named in every report.")
+    help="What legitimately differs between the replicas (repeatable).  Fields: dns.id, "
+         "dns.ttl, ntp.timestamps, http.header:NAME, http.date; bytes: udp.checksum, "
+         "icmp.checksum, udp:PORT:START-END (of the UDP payload), icmp:START-END (of ICMP "
+         "messages), tcp:PORT:/REGEX/ (in the TCP stream).  TCP rules apply to the "
+         "reassembled stream.  Named in every report.")
 
 
 normalize_option = click.option(

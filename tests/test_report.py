@@ -5,7 +5,6 @@ and timeline, the options every command shares, and shell completion of
 file arguments."""
 
 import io
-import json
 import os
 import struct
 import subprocess
@@ -293,3 +292,35 @@ def test_file_arguments_complete_as_file_names(words, cword):
     # click answers "file" and the shell's own file completion does the rest
     out = _complete(words, cword, ROOT)
     assert out.splitlines() == ["file,exa"], out
+
+
+# -- frame numbers through the timeline ---------------------------------------------------------
+
+class FakeReader:
+    """Records as a capture reader yields them: (number, ts_ns, data, orig_len, linktype)."""
+    def __init__(self, records):
+        self.records = records
+
+    def __iter__(self):
+        return iter(self.records)
+
+
+def test_frame_numbers_survive_skipped_packets_and_held_timestamps():
+    from colo_cli.replay import FrameNumbers, SideInfo, _timeline
+    s = 10**9
+    frame = udp_frame(b"x")
+    # numbers 2, 3, 7, 8, 9 (the reader skipped 1 and 4-6); frame 8's timestamp
+    # is a year ahead of its neighbours: held, then taken as the time before
+    records = [(2, 1 * s, frame, 60, 1), (3, 2 * s, frame, 60, 1), (7, 3 * s, frame, 60, 1),
+               (8, 3 * s + 365 * 86400 * s, frame, 60, 1), (9, 4 * s, frame, 60, 1)]
+    numbers = FrameNumbers()
+    info = SideInfo("fake")
+    out = list(_timeline(FakeReader(records), info, 0, numbers))
+    assert [rel for rel, *_ in out] == [0, s, 2 * s, 2 * s, 3 * s]
+    assert [numbers(i) for i in range(5)] == [2, 3, 7, 8, 9]
+    assert any("frame 8: its timestamp is" in w for w in info.warnings)
+    # a capture read whole: nothing recorded, numbers are index + 1
+    plain = FrameNumbers()
+    list(_timeline(FakeReader([(n, n * s, frame, 60, 1) for n in range(1, 1001)]),
+                   SideInfo("plain"), 0, plain))
+    assert plain(0) == 1 and plain(999) == 1000 and len(plain._starts) == 0

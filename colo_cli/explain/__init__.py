@@ -32,7 +32,7 @@ Theory of operation
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 #: differences listed per explanation; the rest are counted
 MAX_DIFFERENCES = 8
