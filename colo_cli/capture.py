@@ -247,6 +247,10 @@ _BT_IDB = 1
 _BT_PB = 2  # obsolete Packet Block
 _BT_SPB = 3
 _BT_EPB = 6
+#: Blocks that carry no packet for us but that Wireshark shows as frames of
+#: their own (custom blocks, either copy flag, and systemd journal export
+#: blocks): they take a frame number, so ours stay Wireshark's.
+_BT_FRAME_NUMBERED = frozenset((0x00000BAD, 0x40000BAD, 0x00000009))
 _BLOCK_NAMES = {
     _BT_SHB: "Section Header Block",
     _BT_IDB: "Interface Description Block",
@@ -397,6 +401,7 @@ class CaptureReader:
         self._ng_structs = _STRUCTS["<"]
         self._ng_section = 0
         self._ng_ifaces: list[tuple] = []
+        self._ng_numbered = 0   # frame-numbered blocks read before the first IDB
         self._ng_skipped: dict[tuple[int, int], list[int]] = {}
 
     # -- public -----------------------------------------------------------
@@ -594,6 +599,8 @@ class CaptureReader:
                 elif btype in (_BT_EPB, _BT_PB, _BT_SPB):
                     raise _Damage("%s at offset %d comes before any Interface Description Block"
                                   % (_block_name(btype), offset))
+                elif btype in _BT_FRAME_NUMBERED:
+                    self._ng_numbered += 1
         except _Damage as exc:
             raise self._fail(str(exc)) from None
         except OSError as exc:
@@ -705,7 +712,9 @@ class CaptureReader:
         next_block = self._ng_next_block
         max_caplen = MAX_CAPLEN
         count = 0
-        number = 0          # Wireshark's frame number: skipped packets count too
+        # Wireshark's frame number: skipped packets count too, and so do the
+        # blocks it shows as frames (those before the first IDB included)
+        number = self._ng_numbered
         offset = self._src.offset()
         try:
             while True:
@@ -764,7 +773,9 @@ class CaptureReader:
                     yield number, 0, buf[at + 12:at + 12 + caplen], orig_len, iface[0]
                 elif btype == _BT_SHB or btype == _BT_IDB:
                     self._ng_meta_block(btype, buf, at, blen, offset)
-                # Anything else (NRB, ISB, DSB, custom, unknown) carries no packet.
+                elif btype in _BT_FRAME_NUMBERED:
+                    number += 1
+                # Anything else (NRB, ISB, DSB, unknown) carries no packet.
         except _Damage as exc:
             self._stop(str(exc))
         except OSError as exc:
@@ -1052,13 +1063,15 @@ class PcapngWriter:
     """pcapng, little-endian, one section; nanosecond interfaces, per-packet
     comments.  Meant for evidence files that open in Wireshark."""
 
-    def __init__(self, fileobj: BinaryIO, *, application: str = "colo-compare") -> None:
+    def __init__(self, fileobj: BinaryIO, *, application: str = "colo-compare",
+                 comment: str | None = None) -> None:
         self._write = fileobj.write
         self._ifaces: list[int] = []  # snaplen per interface id
         self.packets = 0
         # Section length -1: not known in advance (the file is streamed).
         body = struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)
-        body += _options([(_SHB_USERAPPL, _utf8_option_value(application))])
+        opts = [(_OPT_COMMENT, _utf8_option_value(comment))] if comment is not None else []
+        body += _options(opts + [(_SHB_USERAPPL, _utf8_option_value(application))])
         self._block(_BT_SHB, body)
 
     def _block(self, btype: int, body: bytes) -> None:

@@ -157,10 +157,11 @@ class DurationType(click.ParamType):
 
 ignore_option = click.option(
     "--ignore", "ignore", type=RuleType(), multiple=True, metavar="RULE",
-    help="Bytes that legitimately differ between the replicas (repeatable): dns.id, "
-         "http.date, udp.checksum, icmp.checksum, udp:PORT:START-END (bytes of the UDP "
-         "payload), icmp:START-END (bytes of ICMP messages), tcp:PORT:/REGEX/ (bytes of TCP "
-         "payloads).  Named in every report.")
+    help="What legitimately differs between the replicas (repeatable).  Fields: dns.id, "
+         "dns.ttl, ntp.timestamps, http.header:NAME, http.date; bytes: udp.checksum, "
+         "icmp.checksum, udp:PORT:START-END (of the UDP payload), icmp:START-END (of ICMP "
+         "messages), tcp:PORT:/REGEX/ (in the TCP stream).  TCP rules apply to the "
+         "reassembled stream.  Named in every report.")
 
 
 normalize_option = click.option(
@@ -175,11 +176,56 @@ color_option = click.option("--color", type=click.Choice(["auto", "always", "nev
                             help="Colour in the output: on a terminal only (auto), or always/never.")
 
 
+def _debug(ctx, _param, value):
+    if value:
+        ctx.ensure_object(dict)["debug"] = True
+
+
+#: --debug after the subcommand too (the error message says to rerun with it)
+debug_option = click.option("--debug", is_flag=True, expose_value=False, callback=_debug,
+                            is_eager=True,
+                            help="Show a full traceback when something goes wrong (also "
+                                 "accepted before the command).")
+
+
+class HexdumpCount(click.ParamType):
+    """``--hexdump N``: how many miscompares get a hexdump; ``all`` (or the
+    option alone): every one."""
+    name = "N|all"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "all":
+            return None
+        try:
+            n = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number or 'all'", param, ctx)
+        if n < 0:
+            self.fail(f"{n} is negative (0 shows none)", param, ctx)
+        return n
+
+
+def hexdump_option(default: int, what: str):
+    return click.option("--hexdump", "hexdump_limit", type=HexdumpCount(), default=str(default),
+                        is_flag=False, flag_value="all", show_default=True, metavar="[N|all]",
+                        help=f"Show hexdumps of the first N miscompares {what}, with the "
+                             "differing bytes marked and what differs in protocol terms "
+                             "(0: none; 'all' or no N: every one).")
+
+
+#: a capture or report argument: completed as a file name by the shell
+def _file_argument(name: str, metavar: str, **kw):
+    return click.argument(name, metavar=metavar, type=click.Path(readable=False, allow_dash=True),
+                          **kw)
+
+
 # -- replay -----------------------------------------------------------------------
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("primary", metavar="PRIMARY")
-@click.argument("secondary", metavar="SECONDARY")
+@_file_argument("primary", "PRIMARY")
+@_file_argument("secondary", "SECONDARY")
 @comparator_options
 @normalize_option
 @ignore_option
@@ -210,7 +256,8 @@ color_option = click.option("--color", type=click.Choice(["auto", "always", "nev
 @click.option("--end", "end_ns", type=DurationType(), metavar="TIME",
               help="Compare only what each capture holds before TIME after its own first frame.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON document (version 1) instead of the report.")
+              help="Print one JSON document (version 2, described by its JSON Schema and in "
+                   "colo-compare-replay(1)) instead of the report.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Write every primary frame, in the order it would have left, in the "
                    "primary's format and link type (a pcap for a pcap; a pcapng for a pcapng).")
@@ -223,18 +270,19 @@ color_option = click.option("--color", type=click.Choice(["auto", "always", "nev
               help="Write every miscompared pair to a pcapng that opens in Wireshark: two "
                    "interfaces, 'primary' and 'secondary', and on each frame a comment naming "
                    "the cause, the flow and the stream offset.")
-@click.option("--hexdump", "hexdump_limit", type=click.IntRange(min=0), default=3,
-              show_default=True, metavar="N",
-              help="Show side-by-side hexdumps of the first N miscompares (0: none).")
+@hexdump_option(3, "in the report")
 @click.option("-q", "--quiet", is_flag=True,
               help="Print no report; only the exit status tells (warnings about damaged "
                    "captures, and errors, still go to stderr).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also print every setting, and every miscompare in a line of its own.")
 @color_option
+@debug_option
 @click.pass_context
 def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, max_queue_size,
            max_connections, max_queued_mib, normalize_seq, ignore, learn_noise, no_timeout, hold, vnet_hdr_len,
            direction, filter_expr, start_ns, end_ns, as_json, out_path,
-           diverged_path, evidence_path, hexdump_limit, quiet, color):
+           diverged_path, evidence_path, hexdump_limit, quiet, verbose, color):
     """Compare two captures offline, making the decisions colo-compare would
     make live.
 
@@ -309,8 +357,11 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
         on_unmatched = like_primary(diverged_path) if diverged_path else None
         on_miscompare = None
         if evidence_path:
-            on_miscompare = _evidence_writer(stack.enter_context(_open_output(evidence_path)),
-                                             PcapngWriter, _linktype(p_reader), _linktype(s_reader))
+            from .render import evidence_section_comment
+            on_miscompare = _evidence_writer(
+                stack.enter_context(_open_output(evidence_path)), PcapngWriter,
+                evidence_section_comment(p_reader.name, s_reader.name, config, hold, vnet_hdr_len),
+                _linktype(p_reader), _linktype(s_reader))
         progress = stack.enter_context(_progress(p_reader, quiet or as_json))
         _tune_gc()
         try:
@@ -341,7 +392,7 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
             else:
                 # with --out -, stdout carries the pcap: the report goes to stderr
                 console = make_console(sys.stderr if out_path == "-" else None, color=color)
-                print_replay_report(console, result, hexdump_limit)
+                print_replay_report(console, result, hexdump_limit, verbose=verbose)
     else:
         for w in result.primary.warnings + result.secondary.warnings:
             click.echo(_one_line(f"colo-compare: warning: {w}"), err=True)
@@ -416,12 +467,14 @@ def _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color, selec
             print_learned(make_console(color=color), result, primary, secondary)
 
 
-def _evidence_writer(fileobj, writer_class, p_linktype=1, s_linktype=1):
+def _evidence_writer(fileobj, writer_class, comment: str, p_linktype=1, s_linktype=1):
     """on_miscompare for --evidence: each pair on its side's interface, with a
-    comment saying what differs and where.  Each side has an interface per
-    link type its frames have (one, unless a pcapng mixes them)."""
-    from .render import evidence_comment, evidence_frames
-    writer = writer_class(fileobj)
+    comment saying what differs and where; the secondary's frames re-timed
+    onto the primary's clock (its own time is in the comment).  Each side
+    has an interface per link type its frames have (one, unless a pcapng
+    mixes them)."""
+    from .render import evidence_comment, evidence_frames, payload_marks
+    writer = writer_class(fileobj, comment=comment)
     descriptions = {"primary": "the primary replica's output",
                     "secondary": "the secondary replica's output"}
     interfaces = {}
@@ -435,14 +488,17 @@ def _evidence_writer(fileobj, writer_class, p_linktype=1, s_linktype=1):
     interface("primary", p_linktype)
     interface("secondary", s_linktype)
 
-    def on_miscompare(number, record, p_ts_ns, s_ts_ns):
+    def on_miscompare(number, record, p_ts_ns, s_ts_ns, s_on_primary_ns=None):
         e = record.event
-        for side, pkt, offset, ts, linktype in (
-                ("primary", e.primary, e.primary_offset, p_ts_ns, p_linktype),
-                ("secondary", e.secondary, e.secondary_offset, s_ts_ns, s_linktype)):
+        p_mark, s_mark, _name = payload_marks(e)
+        for side, pkt, offset, mark, ts, original, linktype in (
+                ("primary", e.primary, e.primary_offset, p_mark, p_ts_ns, None, p_linktype),
+                ("secondary", e.secondary, e.secondary_offset, s_mark,
+                 s_on_primary_ns if s_on_primary_ns is not None else s_ts_ns, s_ts_ns,
+                 s_linktype)):
             if pkt is None:
                 continue
-            comment = evidence_comment(number, record, side, pkt, offset)
+            comment = evidence_comment(number, record, side, pkt, offset, mark, original)
             # a frame of another link type than its capture's first says so itself
             linktypes = [getattr(f.data, "linktype", linktype) for f in (pkt.fragments or (pkt,))]
             for frame, lt in zip(evidence_frames(pkt), linktypes):
@@ -577,8 +633,7 @@ def _config_option(f):
 @click.option("--events", "events_path", metavar="FILE",
               help="Append one JSON line per release-affecting event (miscompare, checkpoint "
                    "request, checkpoint, bypass, drop, input error) to FILE ('-': stdout).")
-@click.option("--hexdump", is_flag=True,
-              help="Print a side-by-side hexdump of each miscompare on stderr.")
+@hexdump_option(0, "on stderr")
 @click.option("--hexdump-rate", type=click.IntRange(min=1), default=10, show_default=True,
               metavar="N", help="At most N hexdumps a minute (the rest are counted).")
 @click.option("--outdev-buffer", "outdev_buffer_mib", type=click.IntRange(min=1), default=256,
@@ -601,11 +656,13 @@ def _config_option(f):
                    "Prometheus server to scrape.")
 @click.option("-v", "--verbose", is_flag=True, help="Also report connections and settings.")
 @click.option("-q", "--quiet", is_flag=True, help="Report only errors.")
+@color_option
+@debug_option
 def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
           expired_scan_cycle_ms, max_queue_size, max_connections, max_queued_mib, vnet_hdr_support,
           normalize_seq,
-          ignore, checkpoint_policy, control_path, events_path, hexdump, hexdump_rate,
-          outdev_buffer_mib, connect_timeout, drain_timeout, metrics_listen, verbose, quiet):
+          ignore, checkpoint_policy, control_path, events_path, hexdump_limit, hexdump_rate,
+          outdev_buffer_mib, connect_timeout, drain_timeout, metrics_listen, verbose, quiet, color):
     """Compare live, in place of QEMU's -object colo-compare.
 
     Frames arrive on --primary-in and --secondary-in in QEMU's socket
@@ -655,8 +712,8 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
                            notify_dev=notify_dev, config=config,
                            vnet_hdr_support=vnet_hdr_support,
                            checkpoint_policy=checkpoint_policy, control_path=control_path,
-                           events_path=events_path, hexdump=hexdump,
-                           hexdumps_per_minute=hexdump_rate,
+                           events_path=events_path, hexdump=hexdump_limit,
+                           hexdumps_per_minute=hexdump_rate, color=color,
                            outdev_buffer_bytes=outdev_buffer_mib * 1024 * 1024,
                            connect_timeout_s=connect_timeout, drain_timeout_s=drain_timeout,
                            verbose=-1 if quiet else (1 if verbose else 0),
@@ -673,7 +730,7 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
 # -- stats ------------------------------------------------------------------------
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("report", required=False, metavar="[REPORT.json]")
+@_file_argument("report", "[REPORT.json]", required=False)
 @click.option("--control", "control_path", metavar="PATH", envvar="COLO_COMPARE_CONTROL",
               help="The control socket of a running 'colo-compare serve --control PATH' "
                    "(or $COLO_COMPARE_CONTROL).")
@@ -691,8 +748,15 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
 @click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write to FILE instead of stdout, atomically (a scraper never sees half a "
                    "file): e.g. node_exporter's textfile directory with --format prometheus.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Print nothing: the exit status alone says whether serve answered (or the "
+                   "report could be read).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also show the hold-time histogram: cumulative counts by bucket bound, in "
+                   "seconds.")
 @color_option
-def stats(report, control_path, as_json, fmt, watch, top, output_path, color):
+@debug_option
+def stats(report, control_path, as_json, fmt, watch, top, output_path, quiet, verbose, color):
     """Show what a running serve is doing, or what a replay found.
 
     With --control PATH, asks a running 'colo-compare serve' for its
@@ -717,7 +781,7 @@ def stats(report, control_path, as_json, fmt, watch, top, output_path, color):
       colo-compare replay --json a.pcap b.pcap > r.json; colo-compare stats r.json
     """
     from .control import ControlError, query
-    from .metrics import ReportError, from_report, from_serve, prometheus
+    from .metrics import TOP_MAX, ReportError, from_report, from_serve, prometheus
     from .render import make_console, print_stats, stats_renderables
 
     if as_json:
@@ -730,6 +794,8 @@ def stats(report, control_path, as_json, fmt, watch, top, output_path, color):
         raise click.UsageError("--watch shows a running serve's table on the terminal")
     if watch is not None and watch <= 0:
         raise click.UsageError("--watch SECONDS must be positive")
+    if quiet and (watch is not None or output_path):
+        raise click.UsageError("-q prints nothing: not with --watch or --output")
 
     def fetch() -> dict:
         if report:
@@ -745,7 +811,9 @@ def stats(report, control_path, as_json, fmt, watch, top, output_path, color):
             except ReportError as e:
                 raise Trouble(str(e)) from None
         try:
-            return from_serve(query(control_path, {"cmd": "stats", "top": top}))
+            # one more than shown: whether the lists go on
+            return from_serve(query(control_path, {"cmd": "stats", "top": min(top + 1, TOP_MAX)}),
+                              top)
         except ControlError as e:
             raise Trouble(str(e)) from None
 
@@ -756,14 +824,16 @@ def stats(report, control_path, as_json, fmt, watch, top, output_path, color):
         from rich.live import Live
         console = make_console(color=color)
         try:
-            with Live(Group(*stats_renderables(console, fetch())), console=console,
+            with Live(Group(*stats_renderables(console, fetch(), verbose)), console=console,
                       auto_refresh=False, screen=False) as live:
                 while True:
                     _time.sleep(watch)
-                    live.update(Group(*stats_renderables(console, fetch())), refresh=True)
+                    live.update(Group(*stats_renderables(console, fetch(), verbose)), refresh=True)
         except KeyboardInterrupt:
             return
     doc = fetch()
+    if quiet:
+        return
     if fmt == "json":
         text = json.dumps(doc, indent=1) + "\n"
     elif fmt == "prometheus":
@@ -774,7 +844,7 @@ def stats(report, control_path, as_json, fmt, watch, top, output_path, color):
         if text is None:
             import io
             buf = io.StringIO()
-            print_stats(make_console(buf, color="never"), doc)
+            print_stats(make_console(buf, color="never"), doc, verbose=verbose)
             text = buf.getvalue()
         _write_atomically(output_path, text)
         return
@@ -782,7 +852,7 @@ def stats(report, control_path, as_json, fmt, watch, top, output_path, color):
         if text is not None:
             click.echo(text, nl=False)
         else:
-            print_stats(make_console(color=color), doc)
+            print_stats(make_console(color=color), doc, verbose=verbose)
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -801,6 +871,7 @@ COMPLETE_VAR = "_COLO_COMPARE_COMPLETE"
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+@debug_option
 def completion(shell):
     """Print the shell completion script for SHELL.
 

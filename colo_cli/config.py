@@ -66,6 +66,13 @@ def load(path: str, command: click.Command, ctx: click.Context | None = None) ->
                 raise ConfigError(f"{path}: {key}: expected a list of strings")
         elif isinstance(value, (list, dict)):
             raise ConfigError(f"{path}: {key}: expected one value, not a {type(value).__name__}")
+        if getattr(param, "_flag_needs_value", False) and not param.multiple:
+            # an option whose value may be left out (--hexdump [N|all]): true
+            # is the option alone, a number its value
+            if value is True:
+                value = param.flag_value
+            elif isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
         if param.is_flag:
             if not isinstance(value, bool):
                 raise ConfigError(f"{path}: {key}: expected true or false")

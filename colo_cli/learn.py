@@ -4,8 +4,11 @@ the noise rules that would remove their checkpoints.
 In the spirit of Diffy (Twitter's differential testing): what differs between
 two runs of equivalent replicas is noise, and the places where it differs
 become rules.  The captures are replayed; each miscompare that a rule would
-obviously hide (the DNS ID, an HTTP-style header, the byte range of a
-datagram) suggests that rule; the replay is repeated with the rules found so
+obviously hide suggests that rule: a field rule when the miscompare's
+explanation in protocol terms (``colo_cli.explain``) has a rule for every
+field that differs (``dns.ttl``, ``http.header:ETag``...), else the rule the
+bytes suggest (the DNS ID, an HTTP-style header line, the byte range of a
+datagram); the replay is repeated with the rules found so
 far until no new one turns up (a rule can hide one difference and uncover
 the next); then each rule is left out in turn to count the checkpoint
 requests it avoids on its own.
@@ -21,8 +24,31 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+from . import schema
 from .core.noise import parse_rule, suggest
 from .replay import replay
+
+#: entries of the "left unexplained" list in the JSON document
+UNEXPLAINED_LISTED = 20
+
+
+def suggestions_for(record) -> list[str]:
+    """The rules that would hide a miscompare: the field rules of its
+    explanation when every differing field has one, else the byte rule its
+    bytes suggest (or none)."""
+    explanation = record.explanation
+    if explanation is not None:
+        rules = []
+        for d in explanation.differences:
+            if d.rule is None:
+                rules = []
+                break
+            if d.rule not in rules:
+                rules.append(d.rule)
+        if rules and not explanation.more:
+            return rules
+    text = suggest(record.event)
+    return [text] if text is not None else []
 
 MAX_ROUNDS = 6
 
@@ -68,12 +94,14 @@ def learn_noise(open_pair, config, *, hold: bool = False, vnet_hdr_len: int = 0,
         unexplained: Counter = Counter()
 
         def seen(number, record, *_):
-            text = suggest(record.event)
-            if text is not None:
+            found = suggestions_for(record)
+            explanation = record.explanation
+            example = (f"{record.flow}: {explanation.text}" if explanation is not None else
+                       f"{record.flow}, {record.event.cause} at offset {record.event.stream_offset}")
+            for text in found:
                 suggestions[text] += 1
-                examples.setdefault(text, f"{record.flow}, {record.event.cause} at "
-                                          f"offset {record.event.stream_offset}")
-            else:
+                examples.setdefault(text, example)
+            if not found:
                 unexplained[f"{record.flow}: {record.event.cause}"] += 1
         p, s = open_pair()
         try:
@@ -128,15 +156,19 @@ def learn_noise(open_pair, config, *, hold: bool = False, vnet_hdr_len: int = 0,
 
 
 def learn_json(result: LearnResult) -> dict:
-    return {"version": 1, "command": "replay --learn-noise",
+    doc = {"version": schema.LEARN_VERSION, "tool": schema.tool(),
+           "command": "replay --learn-noise",
             "given": [r.text for r in result.given],
             "rules": [{"rule": l.text, "explains_miscompares": l.explains,
                        "checkpoints_avoided": l.avoided, "example": l.example}
                       for l in result.learned],
             "checkpoint_requests": {"before": result.requests_before, "after": result.requests_after},
             "miscompares": {"before": result.miscompares_before, "after": result.miscompares_after},
-            "unexplained": dict(result.unexplained.most_common(20)),
+            "unexplained": dict(result.unexplained.most_common(UNEXPLAINED_LISTED)),
+            "unexplained_truncated": len(result.unexplained) > UNEXPLAINED_LISTED,
             "normalize_seq": {"suggested": result.normalize_seq,
                               "checkpoints_avoided": result.normalize_avoided},
             "rounds": result.rounds,
             "ignore_options": result.command_line()}
+    schema.audit("learn", doc)
+    return doc

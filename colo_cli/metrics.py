@@ -18,14 +18,15 @@ started (``colo_compare_start_time_seconds``) rather than an uptime.
 
 from __future__ import annotations
 
-from .core.stats import Histogram
+from . import schema
+from .core.stats import HOLD_BOUNDS_S, Histogram
 
 #: version of the stats document (``colo-compare stats --json``).
-STATS_VERSION = 1
+STATS_VERSION = schema.STATS_VERSION
 
-#: Prometheus histogram bounds for hold times, in ms: powers of two, which are
-#: exact bucket edges of the core's log histogram, so the counts are exact.
-HOLD_BOUNDS_MS = [2.0 ** k for k in range(-3, 15)]   # 0.125 ms .. 16.4 s
+#: Prometheus histogram bounds for hold times, in ms (the core's, in seconds,
+#: are those of the JSON documents' ``hold_seconds``)
+HOLD_BOUNDS_MS = [b * 1000 for b in HOLD_BOUNDS_S]   # 0.125 ms .. 16.4 s
 
 
 #: Why connections are evicted (the core's ``connections_evicted`` keys).
@@ -63,11 +64,46 @@ class ReportError(ValueError):
     """Not a report this version understands (one-line message)."""
 
 
-def from_serve(reply: dict) -> dict:
-    """The stats document from a control-socket ``stats`` reply."""
+_RESULTS = ("match", "diverge", "incomparable")
+
+#: the most connections the control socket lists
+TOP_MAX = 1000
+
+
+def from_serve(reply: dict, top: int | None = None) -> dict:
+    """The stats document from a control-socket ``stats`` reply; ``tool``
+    is the serve that counted.  Asked for ``top`` + 1 connections, the lists
+    are cut to ``top`` and say whether they were."""
     stats = reply["stats"]
-    return {"version": STATS_VERSION, "source": "serve", "stats": stats,
-            "top_connections": reply.get("top_connections", {})}
+    version = stats.get("serve", {}).get("version", "")
+    doc = {"version": STATS_VERSION, "tool": {"name": schema.TOOL_NAME, "version": version},
+           "source": "serve", "stats": stats,
+           **_top(reply.get("top_connections", {}), top)}
+    _hold_seconds(stats)
+    schema.audit("stats", doc)
+    return doc
+
+
+def _top(top: dict, limit) -> dict:
+    """top_connections cut to ``limit``, and whether each list was cut (at
+    TOP_MAX, a full list may have been)."""
+    lists = {"by_miscompares": list(top.get("by_miscompares", [])),
+             "by_hold": list(top.get("by_hold", []))}
+    truncated = {}
+    for k, v in lists.items():
+        if limit is None:
+            truncated[k] = False
+            continue
+        truncated[k] = len(v) > limit or (limit >= TOP_MAX and len(v) >= TOP_MAX)
+        lists[k] = v[:limit]
+    return {"top_connections": lists, "top_connections_truncated": truncated}
+
+
+def _hold_seconds(stats: dict) -> None:
+    """A snapshot from an older serve or report has hold_ms only: the
+    cumulative buckets in seconds are derived from it."""
+    if "hold_seconds" not in stats and isinstance(stats.get("hold_ms"), dict):
+        stats["hold_seconds"] = Histogram.from_dict(stats["hold_ms"]).to_cumulative()
 
 
 def from_report(report, name: str) -> dict:
@@ -75,9 +111,9 @@ def from_report(report, name: str) -> dict:
     if not isinstance(report, dict) or "stats" not in report or report.get("command") != "replay":
         raise ReportError(f"{name}: not a colo-compare replay report (made with 'replay --json')")
     version = report.get("version")
-    if version != 1:
+    if version not in (1, 2):
         raise ReportError(f"{name}: report version {version!r} is not supported "
-                          f"(this colo-compare reads version 1)")
+                          f"(this colo-compare reads versions 1 and 2)")
     from .core import Comparator
     problem = _shape_problem(report["stats"], Comparator().snapshot(), "stats")
     if problem is None and not isinstance(report.get("top_divergent", []), list):
@@ -92,11 +128,25 @@ def from_report(report, name: str) -> dict:
     if problem is not None:
         raise ReportError(f"{name}: damaged report: {problem}")
     tool = report.get("tool")
-    made_by = tool.rsplit(" ", 1)[-1] if isinstance(tool, str) and tool.startswith("colo-compare ") else ""
-    return {"version": STATS_VERSION, "source": "replay-report", "file": name,
-            "made_by": made_by,
-            "result": report.get("result"), "inputs": report.get("inputs"),
-            "stats": report["stats"], "top_connections": {"by_miscompares": top, "by_hold": []}}
+    if isinstance(tool, dict):          # version 2
+        made_by = str(tool.get("version", ""))
+    elif isinstance(tool, str) and tool.startswith("colo-compare "):
+        made_by = tool.rsplit(" ", 1)[-1]
+    else:
+        made_by = ""
+    stats = report["stats"]
+    _hold_seconds(stats)
+    doc = {"version": STATS_VERSION, "tool": {"name": schema.TOOL_NAME, "version": made_by},
+           "source": "replay-report", "file": name,
+           # taken as they are when they are what a report holds; a damaged
+           # report's are left out (null), its counters are what is shown
+           "result": report.get("result") if report.get("result") in _RESULTS else None,
+           "inputs": report.get("inputs") if isinstance(report.get("inputs"), dict) else None,
+           "stats": stats, "top_connections": {"by_miscompares": top, "by_hold": []},
+           "top_connections_truncated": {"by_miscompares": bool(report.get("top_divergent_truncated")),
+                                         "by_hold": False}}
+    schema.audit("stats", doc)
+    return doc
 
 
 def _shape_problem(value, template, path: str):
@@ -185,7 +235,7 @@ def prometheus(doc: dict) -> str:
     e.gauge(p + "info", "colo-compare instance information (always 1)",
             1, source=doc.get("source", ""),
             # serve reports its own version; a replay report, the version that wrote it
-            version=st.get("serve", {}).get("version", "") or doc.get("made_by", ""))
+            version=(doc.get("tool") or {}).get("version", ""))
     for side in ("primary", "secondary"):
         e.counter(p + "frames_in_total", "Frames received, by side.", st["frames_in"][side], side=side)
     for side in ("primary", "secondary"):

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
+from . import schema
 from .core.packet import describe_key, format_key
+from .frames import FrameDiff, frame_diff, frame_json, payload_marks  # noqa: F401 - re-exported
 
-#: version of the JSON documents (replay report, serve events, stats).
-JSON_VERSION = 1
+#: version of the replay report (``replay --json``); see schema.py
+JSON_VERSION = schema.REPORT_VERSION
 
 _BYTES_PER_LINE = 16
 _HEADER_LINES = 4          # always show the first 64 bytes: Ethernet, IP, L4 headers
@@ -46,6 +48,9 @@ def make_console(file=None, color: str = "auto") -> Console:
         except (OSError, ValueError, AttributeError):
             pass
     console.on_broken_pipe = broken_pipe
+    # prose is wrapped at word boundaries on a terminal only: a file or a
+    # pipe gets whole lines (see prose)
+    console.wrap_prose = bool(tty)
     return console
 
 
@@ -77,91 +82,156 @@ def breakdown(counter) -> str:
 
 # -- hexdumps --------------------------------------------------------------------
 
-def _line_starts(length: int, mark: int) -> list[int]:
-    """Offsets of the 16-byte lines to show: the headers, then the lines
-    around ``mark``."""
-    lines = set(range(0, min(length, _HEADER_LINES * _BYTES_PER_LINE), _BYTES_PER_LINE))
-    if mark >= 0:
-        centre = mark - mark % _BYTES_PER_LINE
-        for k in range(-_CONTEXT_LINES, _CONTEXT_LINES + 1):
-            start = centre + k * _BYTES_PER_LINE
-            if 0 <= start < length:
-                lines.add(start)
-    return sorted(lines)
+_BYTES_PER_LINE = 16
+_HEADER_LINES = 4          # always the first 64 bytes: Ethernet, IP, L4 headers
+_MAX_REGIONS = 8           # differing regions shown per hexdump; the rest are counted
+_MAX_REGION_LINES = 4      # lines of one region shown (with a line of context either side)
+#: a side's hexdump line: "0000  " + 16 hex cells + " " + 16 ASCII columns
+_SIDE_WIDTH = 6 + 3 * _BYTES_PER_LINE + 1 + _BYTES_PER_LINE
+_SEPARATOR = " |  "
+#: the side-by-side layout needs this many columns; narrower, the two frames
+#: are stacked, primary above secondary
+SIDE_BY_SIDE_WIDTH = 2 * _SIDE_WIDTH + len(_SEPARATOR)
 
 
-def hexdump_pair(p_frame: bytes | None, s_frame: bytes | None, p_mark: int, s_mark: int,
-                 color: bool) -> list:
-    """Side-by-side hexdump lines (rich ``Text``) of two frames.
+def _hex_line(frame: bytes, start: int, marks: set, mark: int, color: bool, off_w: int):
+    """One hexdump line of ``frame`` from ``start`` (which may lie outside
+    it: blank cells): (Text, caret string or "")."""
+    text = Text()
+    carets = []
+    any_caret = False
+    if start < 0 or start >= len(frame):
+        return Text(" " * (off_w + 2 + 3 * _BYTES_PER_LINE + 1 + _BYTES_PER_LINE)), ""
+    text.append(f"{start:0{off_w}x}  ", style="dim" if color else "")
+    carets.append(" " * (off_w + 2))
+    ascii_cells = []
+    for k in range(_BYTES_PER_LINE):
+        i = start + k
+        if 0 <= i < len(frame):
+            hit = i in marks
+            style = ("bold reverse red" if i == mark else "bold red") if (hit and color) else ""
+            text.append(f"{frame[i]:02x}", style=style)
+            c = frame[i]
+            ascii_cells.append((chr(c) if 0x20 <= c < 0x7F else ".", style))
+            carets.append("^^ " if hit else "   ")
+            any_caret = any_caret or hit
+        else:
+            text.append("  ")
+            ascii_cells.append((" ", ""))
+            carets.append("   ")
+        text.append(" ")
+    text.append(" ")
+    carets.append(" ")
+    for ch, style in ascii_cells:
+        text.append(ch, style=style)
+    carets.append("".join("^" if start + k in marks else " " for k in range(_BYTES_PER_LINE)))
+    return text, ("".join(carets).rstrip() if any_caret else "")
 
-    Each side shows its own offsets: the headers, and the lines around its
-    first differing byte (``p_mark``/``s_mark``, or -1).  Bytes that differ
-    from the other side, aligned at the first difference, are highlighted;
-    without colour a caret line marks them.
-    """
-    p_frame = p_frame or b""
-    s_frame = s_frame or b""
-    p_lines = _line_starts(len(p_frame), p_mark)
-    s_lines = _line_starts(len(s_frame), s_mark)
-    rows = []
-    width = 6 + 3 * _BYTES_PER_LINE
 
-    def differs(side_frame, other_frame, mark, other_mark, i):
-        if mark < 0 or i < mark:
-            return False
-        j = other_mark + (i - mark)
-        if other_mark < 0 or j >= len(other_frame):
-            return True
-        return side_frame[i] != other_frame[j]
-
-    def render(frame, starts, idx, mark, other, other_mark, prev):
-        text = Text()
-        carets = [" "] * width
-        has_caret = False
-        if idx >= len(starts):
-            text.append(" " * width)
-            return text, "".join(carets), False, prev
-        start = starts[idx]
-        text.append(f"{start:04x}  ", style="dim" if color else "")
-        for k in range(_BYTES_PER_LINE):
-            i = start + k
-            if i < len(frame):
-                diff = differs(frame, other, mark, other_mark, i)
-                style = ("bold red" if i == mark else "red") if (diff and color) else ""
-                text.append(f"{frame[i]:02x}", style=style)
-                if diff:
-                    pos = 6 + 3 * k
-                    carets[pos] = carets[pos + 1] = "^"
-                    has_caret = True
+def _line_plan(d: FrameDiff):
+    """Blocks of (primary line start, secondary line start) pairs, the
+    headers first, then each differing region with a line of context either
+    side; and how many regions were left out."""
+    p_len, s_len = len(d.p_frame), len(d.s_frame)
+    n = _BYTES_PER_LINE
+    blocks = []
+    head = [(k, k) for k in range(0, _HEADER_LINES * n, n) if k < max(p_len, s_len)]
+    if p_len and s_len:
+        regions = d.regions[:_MAX_REGIONS]
+        left = len(d.regions) - len(regions)
+        for a, b in regions:
+            first = a - a % n - n
+            last = (b - 1) - (b - 1) % n + n
+            lines = list(range(max(first, 0), last + 1, n))
+            if len(lines) > _MAX_REGION_LINES + 2:
+                lines = lines[:_MAX_REGION_LINES + 1] + [None] + lines[-1:]
+            block = [(k, k + d.shift) if k is not None else None for k in lines]
+            if blocks and block[0] and blocks[-1][-1] and block[0][0] <= blocks[-1][-1][0] + n:
+                seen = {pair[0] for pair in blocks[-1] if pair}
+                blocks[-1] += [pair for pair in block if pair is None or pair[0] not in seen]
             else:
-                text.append("  ")
-            text.append(" ")
-        return text, "".join(carets), has_caret, start
+                blocks.append(block)
+    else:
+        # one side only: its lines around its own mark
+        left = 0
+        frame_len = p_len or s_len
+        mark = d.p_mark if p_len else d.s_mark
+        if mark >= 0:
+            centre = mark - mark % n
+            blocks.append([(k, k) for k in range(max(centre - n, 0), min(centre + 2 * n, frame_len), n)])
+    if blocks:
+        first = blocks[0][0][0]
+        head = [pair for pair in head if pair[0] < first]
+        if head and head[-1][0] + n == first and blocks[0][0][1] == first:
+            blocks[0] = head + blocks[0]
+            head = []
+    plan = ([head] if head else []) + blocks
 
-    n = max(len(p_lines), len(s_lines))
-    p_prev = s_prev = None
-    for idx in range(n):
-        p_gap = idx < len(p_lines) and p_prev is not None and p_lines[idx] != p_prev + _BYTES_PER_LINE
-        s_gap = idx < len(s_lines) and s_prev is not None and s_lines[idx] != s_prev + _BYTES_PER_LINE
-        if p_gap or s_gap:
-            rows.append(Text("  ..." + " " * (width - 5) + " |  ..."))
-        pt, pc, ph, p_prev = render(p_frame, p_lines, idx, p_mark, s_frame, s_mark, p_prev)
-        st, sc, sh, s_prev = render(s_frame, s_lines, idx, s_mark, p_frame, p_mark, s_prev)
-        row = Text()
-        row.append_text(pt)
-        row.append("|  ")
-        row.append_text(st)
-        rows.append(row)
-        if (ph or sh) and not color:
-            rows.append(Text((pc + "   " + sc).rstrip()))
-    return rows
+    def shown(pair):
+        return pair is None or 0 <= pair[0] < p_len or 0 <= pair[1] < s_len
+    plan = [kept for kept in ([pair for pair in block if shown(pair)] for block in plan) if kept]
+    return plan, left
 
 
-def miscompare_title(number: int, total: int, rec) -> str:
+def hexdump_rows(d: FrameDiff, color: bool, stacked: bool, p_desc: str, s_desc: str) -> list:
+    """The hexdump of a FrameDiff as rich ``Text`` rows: side by side, or
+    stacked (primary above secondary).  Differing bytes are highlighted
+    (in colour) or marked with carets on the line below."""
+    plan, left = _line_plan(d)
+    off_w = max(4, len(f"{max(len(d.p_frame), len(d.s_frame), 1) - 1:x}"))
+    width = off_w + 2 + 3 * _BYTES_PER_LINE + 1 + _BYTES_PER_LINE
+    p_marks = d.differing | set(range(*d.p_only))
+    s_marks = {i + d.shift for i in d.differing} | set(range(*d.s_only))
+    gap = "  ..."
+
+    def side_rows(frame, which, marks, mark):
+        rows = []
+        for bi, block in enumerate(plan):
+            if bi:
+                rows.append((Text(gap), ""))
+            for pair in block:
+                if pair is None:
+                    rows.append((Text(gap), ""))
+                    continue
+                start = pair[which]
+                if not frame:
+                    rows.append((Text(""), ""))
+                    continue
+                rows.append(_hex_line(frame, start, marks, mark, color, off_w))
+        return rows
+
+    p_rows = side_rows(d.p_frame, 0, p_marks, d.p_mark)
+    s_rows = side_rows(d.s_frame, 1, s_marks, d.s_mark)
+    out = []
+    if stacked:
+        for desc, rows in ((p_desc, p_rows), (s_desc, s_rows)):
+            out.append(Text(desc))
+            for text, carets in rows:
+                out.append(text)
+                if carets and not color:
+                    out.append(Text(carets))
+    else:
+        out.append(Text(f"{p_desc:<{width}}{_SEPARATOR}{s_desc}"))
+        for (pt, pc), (st, sc) in zip(p_rows, s_rows):
+            row = Text()
+            row.append_text(pt)
+            row.append(" " * max(0, width - len(pt.plain)))
+            row.append(_SEPARATOR)
+            row.append_text(st)
+            out.append(row)
+            if (pc or sc) and not color:
+                out.append(Text((f"{pc:<{width}}" + " " * len(_SEPARATOR) + sc).rstrip()))
+    if left:
+        out.append(Text(f"({left:,} more differing region{'s' if left != 1 else ''} not shown; "
+                        "the JSON report has both frames whole)"))
+    return out
+
+
+def miscompare_title(number: int, total: int, rec, d: FrameDiff | None = None) -> str:
     e = rec.event
-    where = _where(e)
-    return (f"Miscompare {number} of {total:,} at {fmt_ms(rec.time_ms)}: {rec.flow}: "
-            f"{_cause_text(e.cause)} {where}")
+    at = d.payload_offset if d is not None and d.checksum else None
+    return (f"Miscompare {number:,} of {total:,} at {fmt_ms(rec.time_ms)}: {rec.flow}: "
+            f"{_cause_text(e.cause)} {_where(e, at)}")
 
 
 def _cause_text(cause: str) -> str:
@@ -169,48 +239,87 @@ def _cause_text(cause: str) -> str:
             "stream-end": "one side ended the stream"}.get(cause, cause)
 
 
-def _where(e) -> str:
+def _where(e, payload_at: int | None = None) -> str:
+    """Where the difference is: a stream offset, or a datagram and a byte of
+    its L4 part (``payload_at``: the payload's first differing byte, when a
+    checksum differs before it)."""
     if e.kind == "tcp":
         off = "?" if e.stream_offset is None else f"{e.stream_offset:,}"
         return f"at stream offset {off} (seq {e.raw_seq})"
-    return f"in datagram {e.datagram_index:,} at byte {e.stream_offset} of the {e.kind} part"
+    at = e.stream_offset if payload_at is None else payload_at
+    return (f"in datagram {e.datagram_index + 1:,} of its flow at byte {at:,} of the "
+            f"{e.kind} part")
+
+
+def frame_label(side: str, numbers: tuple, length: int) -> str:
+    """``primary frame 7 (87 bytes)``; a reassembled datagram names its
+    fragments' frames."""
+    if not numbers:
+        return f"{side}: no frame holds this byte"
+    if len(numbers) == 1:
+        return f"{side} frame {numbers[0]:,} ({length:,} bytes)"
+    return (f"{side} frames {', '.join(f'{n:,}' for n in numbers)} "
+            f"(a datagram of {length:,} bytes reassembled from them)")
 
 
 def print_hexdump(console: Console, rec, number: int, total: int) -> None:
+    """A miscompare for people: what and where, the explanation in protocol
+    terms, and the hexdump of both frames."""
     e = rec.event
     color = console.color_system is not None
-    console.print(Text(miscompare_title(number, total, rec), style="bold" if color else ""))
-    p, s = e.primary, e.secondary
-    p_frame = p.data[p.l2:] if p is not None else None
-    s_frame = s.data[s.l2:] if s is not None else None
-    p_mark = e.primary_offset - p.l2 if p is not None and e.primary_offset >= 0 else -1
-    s_mark = e.secondary_offset - s.l2 if s is not None and e.secondary_offset >= 0 else -1
-    p_desc = f"primary frame #{p.index} ({len(p_frame)} bytes)" if p is not None else "primary: no frame holds this byte"
-    s_desc = f"secondary frame #{s.index} ({len(s_frame)} bytes)" if s is not None else "secondary: no frame holds this byte"
-    width = 6 + 3 * _BYTES_PER_LINE
-    console.print(Text(f"{p_desc:<{width}}|  {s_desc}"))
-    for row in hexdump_pair(p_frame, s_frame, p_mark, s_mark, color):
-        console.print(row)
+    d = frame_diff(e)
+    prose(console, miscompare_title(number, total, rec, d), style="bold" if color else "")
+    explanation = rec.explanation
+    if explanation is not None:
+        for line in explanation.texts:
+            prose(console, "  " + line)
+    if d.checksum:
+        prose(console, f"  the {d.checksum} differs because the payload does; the payload's first "
+                       f"differing byte is marked (primary frame offset 0x{d.p_mark:x})")
+    p_desc = frame_label("primary", rec.primary_frames, len(d.p_frame))
+    s_desc = frame_label("secondary", rec.secondary_frames, len(d.s_frame))
+    stacked = console.width < SIDE_BY_SIDE_WIDTH
+    for row in hexdump_rows(d, color, stacked, p_desc, s_desc):
+        console.print(row, soft_wrap=True, overflow="ignore", crop=False)
     console.print()
+
+
+def prose(console: Console, text: str, style: str = "") -> None:
+    """A line of prose, wrapped at spaces to the console's width (a terminal
+    would cut words in two); continuation lines are indented under it.  A
+    word longer than the width (an IPv6 flow) is kept whole."""
+    if not getattr(console, "wrap_prose", True):
+        console.print(Text(text, style=style), soft_wrap=True)
+        return
+    indent = " " * (len(text) - len(text.lstrip(" ")) + 4)
+    lines = textwrap.wrap(text, width=max(console.width, 20), subsequent_indent=indent,
+                          break_long_words=False, break_on_hyphens=False,
+                          drop_whitespace=True) or [""]
+    for line in lines:
+        console.print(Text(line, style=style), soft_wrap=True)
 
 
 # -- the replay report -------------------------------------------------------------
 
-def print_replay_report(console: Console, result, hexdump_limit: int) -> None:
+def print_replay_report(console: Console, result, hexdump_limit: int | None,
+                        verbose: bool = False) -> None:
+    """The report for people.  ``hexdump_limit``: hexdumps of the first N
+    miscompares (None: every one kept); ``verbose``: every setting, and
+    every kept miscompare in a line of its own."""
     st = result.stats
     color = console.color_system is not None
     verdict = result.verdict.upper()
     title = Text(f"colo-compare replay: {result.primary.name} vs {result.secondary.name}: ")
     style = {"diverge": "bold red", "match": "bold green"}.get(result.verdict, "bold yellow")
     title.append(verdict, style=style if color else "")
-    console.print(title)
+    console.print(title, soft_wrap=not getattr(console, "wrap_prose", True))
     for w in result.primary.warnings + result.secondary.warnings:
-        console.print(Text("warning: " + w, style="yellow" if color else ""))
+        prose(console, "warning: " + w, style="yellow" if color else "")
     for note in result.notes:
-        console.print(Text("note: " + note, style="yellow" if color else ""))
-    settings = describe_settings(result.config, result.hold, result.vnet_hdr_len)
+        prose(console, "note: " + note, style="yellow" if color else "")
+    settings = describe_settings(result.config, result.hold, result.vnet_hdr_len, every=verbose)
     if settings:
-        console.print(Text("settings: " + settings))
+        prose(console, "settings: " + settings)
     console.print()
 
     t = _table(console, "", "primary", "secondary")
@@ -244,9 +353,9 @@ def print_replay_report(console: Console, result, hexdump_limit: int) -> None:
     console.print(t)
     h = st.hold
     if h.count:
-        console.print(Text(f"hold time of released primary frames: p50 {fmt_ms(h.quantile(.5))}, "
-                           f"p90 {fmt_ms(h.quantile(.9))}, p99 {fmt_ms(h.quantile(.99))}, "
-                           f"max {fmt_ms(h.max)}"))
+        prose(console, f"hold time of released primary frames: p50 {fmt_ms(h.quantile(.5))}, "
+                       f"p90 {fmt_ms(h.quantile(.9))}, p99 {fmt_ms(h.quantile(.99))}, "
+                       f"max {fmt_ms(h.max)}")
     top = top_divergent(result, 10)
     if top:
         console.print()
@@ -255,35 +364,58 @@ def print_replay_report(console: Console, result, hexdump_limit: int) -> None:
         for flow, m, to, u in top:
             t.add_row(flow, fmt_count(m), fmt_count(to), fmt_count(u))
         console.print(t)
-    if result.miscompares and hexdump_limit:
+    if verbose and result.miscompares:
         console.print()
-        for i, rec in enumerate(result.miscompares[:hexdump_limit], 1):
+        t = _table(console, "#", "time", "flow", "what differs", title="Miscompares")
+        for i, rec in enumerate(result.miscompares, 1):
+            e = rec.event
+            what = rec.explanation.text if rec.explanation is not None else \
+                f"{_cause_text(e.cause)} {_where(e)}"
+            t.add_row(fmt_count(i), fmt_ms(rec.time_ms), rec.flow, what)
+        console.print(t)
+        if len(result.miscompares) < result.miscompares_total:
+            prose(console, f"(the first {len(result.miscompares):,} of "
+                           f"{result.miscompares_total:,} miscompares)")
+    shown = len(result.miscompares) if hexdump_limit is None else min(hexdump_limit,
+                                                                       len(result.miscompares))
+    if result.miscompares and shown:
+        console.print()
+        for i, rec in enumerate(result.miscompares[:shown], 1):
             print_hexdump(console, rec, i, result.miscompares_total)
-        rest = result.miscompares_total - min(hexdump_limit, len(result.miscompares))
-        if rest > 0:
-            noun = "miscompare" if rest == 1 else "miscompares"
-            console.print(Text(f"({rest:,} more {noun} not shown; see --hexdump N or --json)"))
+    rest = result.miscompares_total - shown
+    if rest > 0 and (hexdump_limit or 0) != 0:
+        noun = "miscompare" if rest == 1 else "miscompares"
+        prose(console, f"({rest:,} more {noun} not shown; see --hexdump N or --json)")
 
 
-def describe_settings(config, hold=False, vnet_hdr_len=0) -> str:
-    """What was not the default, so a report says how to reproduce it."""
+def describe_settings(config, hold=False, vnet_hdr_len=0, every: bool = False) -> str:
+    """What was not the default (``every``: every setting), so a report says
+    how to reproduce it."""
     parts = []
     if config.compare_timeout_ms is None:
         parts.append("no timeouts")
-    elif config.compare_timeout_ms != 3000:
+    elif every or config.compare_timeout_ms != 3000:
         parts.append(f"compare timeout {config.compare_timeout_ms:g} ms")
-    if config.expired_scan_cycle_ms != 1000:
+    if every or config.expired_scan_cycle_ms != 1000:
         parts.append(f"scan cycle {config.expired_scan_cycle_ms:g} ms")
-    if config.max_queue_size != 1024:
+    if every or config.max_queue_size != 1024:
         parts.append(f"max queue size {config.max_queue_size}")
+    if every or config.max_connections != 16384:
+        parts.append(f"max connections {config.max_connections}")
+    if every or config.max_queued_bytes != 256 * 1024 * 1024:
+        parts.append(f"max queued {config.max_queued_bytes / 1048576:g} MiB")
     if config.normalize_seq:
         parts.append("relative TCP sequence numbers")
     if hold:
         parts.append("held to the end")
-    if vnet_hdr_len:
+    elif every:
+        parts.append("checkpoints at once")
+    if vnet_hdr_len or every:
         parts.append(f"{vnet_hdr_len}-byte vnet headers")
     if config.ignore:
         parts.append("ignoring " + ", ".join(r.text for r in config.ignore))
+    elif every:
+        parts.append("no noise rules")
     return "; ".join(parts)
 
 
@@ -323,23 +455,17 @@ def top_divergent(result, n: int) -> list[tuple[str, int, int, int]]:
     return items[:n]
 
 
-def _frame_json(pkt, offset) -> dict | None:
-    if pkt is None:
-        return None
-    frame = pkt.data[pkt.l2:]
-    return {"index": pkt.index, "length": len(frame),
-            "offset": offset - pkt.l2 if offset >= 0 else None,
-            "frame_hex": frame.hex()}
-
-
 def miscompare_json(rec) -> dict:
     e = rec.event
+    p_mark, s_mark, _checksum = payload_marks(e)
+    explanation = rec.explanation
     return {"time_ms": round(rec.time_ms, 6), "flow": rec.flow, **_flow_fields(e.key),
             "protocol": e.kind, "cause": e.cause,
             "stream_offset": e.stream_offset, "raw_seq": e.raw_seq,
             "datagram_index": e.datagram_index,
-            "primary": _frame_json(e.primary, e.primary_offset),
-            "secondary": _frame_json(e.secondary, e.secondary_offset)}
+            "explanation": explanation.to_json() if explanation is not None else None,
+            "primary": frame_json(e.primary, e.primary_offset, rec.primary_frames, p_mark),
+            "secondary": frame_json(e.secondary, e.secondary_offset, rec.secondary_frames, s_mark)}
 
 
 def _flow_fields(key) -> dict:
@@ -358,9 +484,10 @@ def replay_json(result) -> dict:
                 "warnings": info.warnings, "linktype": info.linktype,
                 "compression": info.compression or None, "left_out": info.left_out,
                 "not_read_past_end": info.stopped_at_end}
-    return {
+    top = top_divergent(result, 21)
+    doc = {
         "version": JSON_VERSION,
-        "tool": f"colo-compare {__version__}",
+        "tool": schema.tool(),
         "command": "replay",
         "result": result.verdict,
         "inputs": {"primary": side(result.primary), "secondary": side(result.secondary)},
@@ -368,6 +495,7 @@ def replay_json(result) -> dict:
                      "expired_scan_cycle_ms": cfg.expired_scan_cycle_ms,
                      "max_queue_size": cfg.max_queue_size,
                      "max_connections": cfg.max_connections,
+                     "max_queued_mib": cfg.max_queued_bytes / 1048576,
                      "checkpoints": "hold" if result.hold else "immediate",
                      "vnet_hdr_len": result.vnet_hdr_len,
                      "normalize_seq": cfg.normalize_seq,
@@ -376,13 +504,18 @@ def replay_json(result) -> dict:
         "unmatched": {"primary": result.unmatched_primary, "secondary": result.unmatched_secondary},
         "miscompares_total": result.miscompares_total,
         "miscompares": [miscompare_json(r) for r in result.miscompares],
+        "miscompares_truncated": len(result.miscompares) < result.miscompares_total,
         "checkpoint_requests_total": result.requests_total,
         "checkpoint_requests": [{"time_ms": round(t, 6), "cause": c, "flow": f}
                                 for t, c, f in result.requests],
+        "checkpoint_requests_truncated": len(result.requests) < result.requests_total,
         "top_divergent": [{"flow": f, "miscompares": m, "timeouts": to, "unmatched": u}
-                          for f, m, to, u in top_divergent(result, 20)],
+                          for f, m, to, u in top[:20]],
+        "top_divergent_truncated": len(top) > 20,
         "notes": result.notes,
     }
+    schema.audit("report", doc)
+    return doc
 
 
 # -- colo-compare stats ------------------------------------------------------------
@@ -399,9 +532,10 @@ def _duration(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def stats_renderables(console: Console, doc: dict) -> list:
+def stats_renderables(console: Console, doc: dict, verbose: bool = False) -> list:
     """The stats view (a running serve, or a saved report) as rich
-    renderables: a summary table, links, and the top connections."""
+    renderables: a summary table, links, and the top connections
+    (``verbose``: and the hold-time histogram)."""
     from .core.stats import Histogram
     st = doc["stats"]
     serve = st.get("serve")
@@ -493,25 +627,70 @@ def stats_renderables(console: Console, doc: dict) -> list:
             t.add_row(c["flow"], fmt_ms(c["hold_max_ms"]), fmt_ms(c["hold_mean_ms"]),
                       fmt_count(c["released"]))
         parts.append(t)
+    cut = [k.replace("by_", "by ") for k, v in (doc.get("top_connections_truncated") or {}).items() if v]
+    if cut:
+        parts.append(Text(f"(the connection lists {' and '.join(cut)} go on: see --top N)"))
+    if verbose:
+        buckets = (st.get("hold_seconds") or {}).get("buckets") or {}
+        if buckets:
+            t = _table(console, "held at most (s)", "frames", title="Hold time histogram (cumulative)")
+            for le, n in buckets.items():
+                t.add_row(le, fmt_count(n))
+            parts.append(t)
     return parts
 
 
-def print_stats(console: Console, doc: dict) -> None:
-    for part in stats_renderables(console, doc):
+def print_stats(console: Console, doc: dict, verbose: bool = False) -> None:
+    for part in stats_renderables(console, doc, verbose):
         console.print(part)
         console.print()
 
 
 # -- evidence for Wireshark ----------------------------------------------------------
 
-def evidence_comment(number: int, rec, side: str, pkt, offset: int) -> str:
+def evidence_comment(number: int, rec, side: str, pkt, offset: int, payload_offset=None,
+                     original_ts_ns: int | None = None) -> str:
+    """The comment on one side's frame of a miscompare in an evidence file:
+    which miscompare, which frame of its capture, what differs (in protocol
+    terms when known) and where in this frame."""
     e = rec.event
-    text = f"miscompare {number} ({side}): {_cause_text(e.cause)} in {rec.flow} {_where(e)}"
+    numbers = rec.primary_frames if side == "primary" else rec.secondary_frames
+    where = ""
+    if numbers:
+        where = (f" frame {numbers[0]:,}" if len(numbers) == 1 else
+                 f" frames {', '.join(f'{n:,}' for n in numbers)}")
+    payload_at = None
+    if pkt is not None and offset >= 0 and payload_offset is not None \
+            and payload_offset != offset - pkt.l2:
+        payload_at = payload_offset - (pkt.cmp_off - pkt.l2)
+    text = (f"miscompare {number} ({side}{where} of its capture): {_cause_text(e.cause)} in "
+            f"{rec.flow} {_where(e, payload_at)}")
+    if rec.explanation is not None:
+        text += "; " + rec.explanation.text
     if pkt is not None and offset >= 0:
         text += f"; first differing byte at offset {offset - pkt.l2} of this frame"
+        if payload_offset is not None and payload_offset != offset - pkt.l2:
+            text += (f" (a checksum, which differs because the payload does: the payload's "
+                     f"first differing byte is at offset {payload_offset})")
     if pkt is not None and pkt.fragments is not None:
         text += f"; a datagram reassembled from {len(pkt.fragments)} fragments"
+    if original_ts_ns is not None:
+        text += (f"; re-timed onto the primary's timeline, captured at "
+                 f"{original_ts_ns // 10**9}.{original_ts_ns % 10**9:09d} on its own clock")
     return text
+
+
+def evidence_section_comment(primary: str, secondary: str, config, hold: bool,
+                             vnet_hdr_len: int) -> str:
+    """The evidence file's section comment: what was compared, how, and by
+    what, so the file can be reproduced and read alone."""
+    t = schema.tool()
+    return (f"{t['name']} {t['version']} replay: {primary} (interface 0, primary) vs "
+            f"{secondary} (interface 1, secondary); settings: "
+            + describe_settings(config, hold, vnet_hdr_len, every=True)
+            + ". Each miscompare is a pair of frames, primary then secondary; the secondary's "
+              "frames are re-timed onto the primary's timeline (the two captures' clocks are "
+              "unrelated), each with its original timestamp in its comment.")
 
 
 def evidence_frames(pkt) -> list[bytes]:

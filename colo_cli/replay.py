@@ -28,7 +28,10 @@ link type, so every output can write it under its own.
 from __future__ import annotations
 
 import heapq
+from array import array
+from bisect import bisect_right
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from . import linklayer
 from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointMode, CheckpointRequested,
@@ -93,12 +96,63 @@ class SideInfo:
         return (self.last_ts_ns - self.first_ts_ns) / 1e6
 
 
+class FrameNumbers:
+    """The frame number Wireshark gives each frame of one capture, from the
+    core's index (which counts the frames fed to the core from 0).
+
+    The two differ by one, and by the packets the reader skipped (on a
+    pcapng interface that is not Ethernet): only the places where that
+    difference changes are kept, so a capture read whole costs nothing and
+    memory stays small whatever its size."""
+
+    __slots__ = ("_starts", "_deltas")
+
+    def __init__(self) -> None:
+        self._starts = array("q")  # index where the difference changes
+        self._deltas = array("q")  # frame number - index from there on (1 before any)
+
+    def mark(self, index: int, delta: int) -> None:
+        """From the frame of core ``index`` on, frame number = index + delta
+        (the caller counts, and calls only when the difference changes)."""
+        self._starts.append(index)
+        self._deltas.append(delta)
+
+    def __call__(self, index: int) -> int:
+        k = bisect_right(self._starts, index)
+        return index + (self._deltas[k - 1] if k else 1)
+
+
+def _numbers(pkt, numbering) -> tuple:
+    """The frame numbers of the frames a packet stands for (a reassembled
+    datagram: its fragments), or () when there is no packet."""
+    if pkt is None:
+        return ()
+    if pkt.fragments is not None:
+        return tuple(numbering(f.index) for f in pkt.fragments)
+    return (numbering(pkt.index),)
+
+
 @dataclass
 class MiscompareRecord:
-    """A miscompare as reported: the core's event plus where it happened."""
+    """A miscompare as reported: the core's event plus where it happened.
+
+    ``primary_frames``/``secondary_frames`` are the frame numbers of the
+    frames holding the differing byte, numbered from 1 as Wireshark numbers
+    them in that capture (``serve``: in arrival order on that input); more
+    than one for a datagram reassembled from fragments, none when that side
+    has no frame there."""
     event: Miscompare
     flow: str
     time_ms: float
+    primary_frames: tuple = ()
+    secondary_frames: tuple = ()
+
+    @cached_property
+    def explanation(self):
+        """What differs in protocol terms (``colo_cli.explain``), or None;
+        decoded once, and only for a miscompare that is reported."""
+        from .explain import explain
+        return explain(self.event)
 
 
 @dataclass
@@ -120,6 +174,9 @@ class ReplayResult:
     # that left without a match}
     per_flow: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)          # hints about the input
+    #: per side: the core's frame index -> Wireshark's frame number
+    frame_numbers: tuple = field(default_factory=lambda: (FrameNumbers(), FrameNumbers()))
+    detail_limit: int = DEFAULT_DETAIL_LIMIT
 
     @property
     def stats(self):
@@ -163,20 +220,27 @@ JUMP_BACK_NS = 10**9
 _MAX_JUMP_WARNINGS = 5
 
 
-def _timeline(reader, info: SideInfo, side, selection: Selection, vnet_hdr_len: int = 0):
+def _timeline(reader, info: SideInfo, side, selection: Selection, numbers: FrameNumbers,
+              vnet_hdr_len: int = 0):
     """``(rel_ns, side, ts_ns, data, cut, offset_ns, l3, ethertype)`` for
-    the frames of one capture that are compared, in file order: ``rel_ns``
-    is the frame's time on the capture's own timeline, relative to its first
-    frame, never decreasing; ``offset_ns`` what the clock steps left out so
-    far add to the capture's clock (``rel_ns == ts_ns + offset_ns - first``
-    but for a corrupt timestamp); ``l3``/``ethertype`` what the core needs
-    to read a frame that is not Ethernet (``l3`` -1 for Ethernet).  Fills
+    the frames of one capture that are compared, in file order (each
+    frame's Wireshark number goes to ``numbers`` as it is yielded):
+    ``rel_ns`` is the frame's time on the capture's own timeline, relative
+    to its first frame, never decreasing; ``offset_ns`` what the clock steps
+    left out so far add to the capture's clock (``rel_ns == ts_ns +
+    offset_ns - first`` but for a corrupt timestamp); ``l3``/``ethertype``
+    what the core needs to read a frame that is not Ethernet (``l3`` -1 for
+    Ethernet).  Fills
     ``info`` as it goes; warnings name the frame."""
     first = None
     prev = 0                # rel of the frame before
     offset = 0
     held = None             # a frame far ahead of the one before: corrupt, or a real gap?
     warned = [0]
+    # the frame numbers' lead over the frames yielded so far (``frames``,
+    # the core's next index), kept here so that the common case costs one
+    # comparison
+    lead = 1
 
     def warn(text):
         warned[0] += 1
@@ -219,6 +283,9 @@ def _timeline(reader, info: SideInfo, side, selection: Selection, vnet_hdr_len: 
                 if item is _STOP:
                     return
             if item is not None:
+                if h_number - frames != lead:
+                    lead = h_number - frames
+                    numbers.mark(frames, lead)
                 frames += 1
                 size += len(h_data)
                 info.frames = frames
@@ -243,6 +310,10 @@ def _timeline(reader, info: SideInfo, side, selection: Selection, vnet_hdr_len: 
                 continue
             if item is _STOP:
                 return
+        if number - frames != lead:
+            # (the frames yielded so far are the core's next index)
+            lead = number - frames
+            numbers.mark(frames, lead)
         frames += 1
         size += len(data)
         info.frames = frames
@@ -255,6 +326,8 @@ def _timeline(reader, info: SideInfo, side, selection: Selection, vnet_hdr_len: 
         if pick is not None:
             item = pick(item, h_orig, h_lt)
         if item is not None and item is not _STOP:
+            if h_number - frames != lead:
+                numbers.mark(frames, h_number - frames)
             info.frames = frames + 1
             info.bytes = size + len(h_data)
             yield item
@@ -331,9 +404,10 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     the primary frames that left without a match.  ``vnet_hdr_len`` bytes at
     the start of every captured frame are a header to keep but not compare
     (a filter-dump of a netdev with virtio-net headers).
-    ``on_miscompare(number, record, p_ts_ns, s_ts_ns)`` is called for every
-    miscompare (not only those kept in the result), with the capture times
-    of its two frames.
+    ``on_miscompare(number, record, p_ts_ns, s_ts_ns, s_on_primary_ns)`` is
+    called for every miscompare (not only those kept in the result), with
+    the capture times of its two frames, and the secondary's time on the
+    primary's clock (the two captures' clocks are unrelated).
     """
     config = config or Config()
     selection = selection or Selection()
@@ -346,9 +420,13 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
                               linklayer.ETHERNET if linktype is None else linktype,
                               compression=getattr(reader, "compression", "")))
     p_info, s_info = infos
-    result = ReplayResult(p_info, s_info, config, hold, vnet_hdr_len, comparator)
-    merged = heapq.merge(_timeline(primary_reader, p_info, PRIMARY, selection, vnet_hdr_len),
-                         _timeline(secondary_reader, s_info, SECONDARY, selection, vnet_hdr_len),
+    result = ReplayResult(p_info, s_info, config, hold, vnet_hdr_len, comparator,
+                          detail_limit=detail_limit)
+    p_numbers, s_numbers = result.frame_numbers
+    merged = heapq.merge(_timeline(primary_reader, p_info, PRIMARY, selection, p_numbers,
+                                   vnet_hdr_len),
+                         _timeline(secondary_reader, s_info, SECONDARY, selection, s_numbers,
+                                   vnet_hdr_len),
                          key=lambda item: (item[0], item[1]))
 
     # the primary's own clock at timeline 0: its first frame's time, minus
@@ -381,12 +459,13 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
                 _flow(result, e.key)["miscompares"] += 1
                 record = None
                 if len(result.miscompares) < detail_limit:
-                    record = MiscompareRecord(e, format_key(e.key), now_ms)
+                    record = _record(e, now_ms, p_numbers, s_numbers)
                     result.miscompares.append(record)
                 if on_miscompare is not None:
-                    record = record or MiscompareRecord(e, format_key(e.key), now_ms)
+                    record = record or _record(e, now_ms, p_numbers, s_numbers)
                     on_miscompare(result.miscompares_total, record,
-                                  _capture_ts(p_info, e.primary), _capture_ts(s_info, e.secondary))
+                                  _capture_ts(p_info, e.primary), _capture_ts(s_info, e.secondary),
+                                  _capture_ts(p_info, e.secondary))
             elif t is CheckpointRequested:
                 result.requests_total += 1
                 if e.cause == "timeout" and e.key is not None:
@@ -453,6 +532,11 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     return result
 
 
+def _record(e, now_ms, p_numbers, s_numbers) -> MiscompareRecord:
+    return MiscompareRecord(e, format_key(e.key), now_ms, _numbers(e.primary, p_numbers),
+                            _numbers(e.secondary, s_numbers))
+
+
 def _notes(result: ReplayResult, vnet_hdr_len: int, selection: Selection | None = None) -> list:
     """Hints when the outcome says more about the input than the replicas."""
     notes = []
@@ -470,6 +554,11 @@ def _notes(result: ReplayResult, vnet_hdr_len: int, selection: Selection | None 
                     "netdev), give its size with --vnet-hdr-len")
         notes.append(f"{n:,} of {total:,} primary frames could not be compared, most for "
                      f"'{reason}' ({count:,}); only the rest were compared{hint}")
+    for what, kept, total in (("miscompares", len(result.miscompares), result.miscompares_total),
+                              ("checkpoint requests", len(result.requests), result.requests_total)):
+        if kept < total:
+            notes.append(f"{what}: the first {kept:,} of {total:,} are listed with their "
+                         "details; all are counted")
     return notes
 
 

@@ -44,7 +44,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from itertools import islice
 
-from . import __version__
+from . import __version__, schema
 from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointDone, CheckpointMode,
                    CheckpointRequested, Comparator, Config, Dropped, InternalError, Miscompare,
                    Released, SecondaryAbsent)
@@ -80,8 +80,11 @@ class ServeOptions:
     checkpoint_policy: str | None = None        # default: hold with notify_dev, else release
     control_path: str | None = None
     events_path: str | None = None
-    hexdump: bool = False
+    #: hexdumps of the first N miscompares on stderr (None: of every one),
+    #: at most hexdumps_per_minute
+    hexdump: int | None = 0
     hexdumps_per_minute: int = 10
+    color: str = "auto"                          # of the hexdumps: auto, always, never
     outdev_buffer_bytes: int = 256 * 1024 * 1024
     connect_timeout_s: float = 30.0              # 0: wait forever for a first connection
     drain_timeout_s: float = 5.0
@@ -503,6 +506,7 @@ class Server:
         self.notify_unknown = 0
         self.checkpoints_by = {"local": 0, "notify": 0, "control": 0}
         self.hexdumps_suppressed = 0
+        self.miscompares_seen = 0
         self.internal_errors = 0
         self._overflow_next_log = 1
         self._do_checkpoint_wanted = False
@@ -521,7 +525,9 @@ class Server:
         f = self._events_file
         if f is None:
             return
-        record = {"v": 1, "time": round(time.time(), 6), "event": kind, **fields}
+        record = {"v": schema.EVENTS_VERSION, "time": round(time.time(), 6), "event": kind,
+                  **fields}
+        schema.audit("event", record)
         try:
             f.write(json.dumps(record, separators=(",", ":")) + "\n")
         except (OSError, ValueError) as e:
@@ -567,7 +573,15 @@ class Server:
         self.log(f"serving: primary-in {o.primary_in}, secondary-in {o.secondary_in}, "
                  f"outdev {o.outdev}" + (f", notify-dev {o.notify_dev}" if o.notify_dev else "")
                  + f"; checkpoint policy {o.policy}", 1)
-        self.event("start", version=__version__, policy=o.policy,
+        if o.events_path or o.hexdump != 0:
+            # what a miscompare's line and hexdump need, imported now: at the
+            # first miscompare it would delay the checkpoint request that
+            # follows by a tenth of a second (dpkt and rich load slowly)
+            from . import explain, frames  # noqa: F401
+            from .explain import icmp, tcp, udp  # noqa: F401
+            if o.hexdump != 0:
+                from . import render  # noqa: F401
+        self.event("start", tool=schema.tool(), policy=o.policy,
                    endpoints={l.name: str(l.endpoint) for l in self.links})
 
     async def wait_first_connections(self) -> None:
@@ -878,23 +892,36 @@ class Server:
         return {"released": done.released, "discarded": done.discarded}
 
     def _on_miscompare(self, e) -> None:
-        flow = format_key(e.key)
-        fields = {"flow": flow, "protocol": e.kind, "cause": e.cause,
-                  "stream_offset": e.stream_offset}
-        if e.raw_seq is not None:
-            fields["raw_seq"] = e.raw_seq
-        if e.datagram_index is not None:
-            fields["datagram_index"] = e.datagram_index
-        for label, pkt, off in (("primary", e.primary, e.primary_offset),
-                                ("secondary", e.secondary, e.secondary_offset)):
-            if pkt is not None:
-                fields[label] = {"index": pkt.index, "length": len(pkt.frame),
-                                 "offset": off - pkt.l2 if off >= 0 else None}
-        self.event("miscompare", **fields)
-        if self.options.hexdump:
-            self._hexdump(e, flow)
+        o = self.options
+        wanted = o.hexdump is None or self.miscompares_seen < o.hexdump
+        self.miscompares_seen += 1
+        if self._events_file is None and not wanted:
+            return          # nobody looks: not even the explanation is decoded
+        from .frames import frame_json, payload_marks
+        from .replay import MiscompareRecord
+        # frames are numbered from 1 in arrival order on each input
+        record = MiscompareRecord(e, format_key(e.key), self.now_ms() - self.started_ms,
+                                  _serve_numbers(e.primary), _serve_numbers(e.secondary))
+        if self._events_file is not None:
+            fields = {"flow": record.flow, "protocol": e.kind, "cause": e.cause,
+                      "stream_offset": e.stream_offset}
+            if e.raw_seq is not None:
+                fields["raw_seq"] = e.raw_seq
+            if e.datagram_index is not None:
+                fields["datagram_index"] = e.datagram_index
+            explanation = record.explanation
+            fields["explanation"] = explanation.to_json() if explanation is not None else None
+            p_mark, s_mark, _checksum = payload_marks(e)
+            for label, pkt, off, numbers, mark in (
+                    ("primary", e.primary, e.primary_offset, record.primary_frames, p_mark),
+                    ("secondary", e.secondary, e.secondary_offset, record.secondary_frames, s_mark)):
+                if pkt is not None:
+                    fields[label] = frame_json(pkt, off, numbers, mark, with_hex=False)
+            self.event("miscompare", **fields)
+        if wanted:
+            self._hexdump(record)
 
-    def _hexdump(self, e, flow) -> None:
+    def _hexdump(self, record) -> None:
         now = time.monotonic()
         rate = self.options.hexdumps_per_minute
         self._hexdump_tokens = min(rate, self._hexdump_tokens + (now - self._hexdump_refill) * rate / 60)
@@ -904,10 +931,9 @@ class Server:
             return
         self._hexdump_tokens -= 1
         from .render import make_console, print_hexdump
-        from .replay import MiscompareRecord
-        console = make_console(self.stderr)
+        console = make_console(self.stderr, color=self.options.color)
         n = self.comparator.stats.miscompares.total()
-        print_hexdump(console, MiscompareRecord(e, flow, self.now_ms() - self.started_ms), n, n)
+        print_hexdump(console, record, n, n)
         if self.hexdumps_suppressed:
             console.print(f"({self.hexdumps_suppressed} hexdumps suppressed by the rate limit)")
             self.hexdumps_suppressed = 0
@@ -984,6 +1010,16 @@ class Server:
             "internal_errors": self.internal_errors,
         }
         return snap
+
+
+def _serve_numbers(pkt) -> tuple:
+    """serve's frame numbers: each input's frames from 1, in arrival order
+    (the core counts them from 0); a reassembled datagram's fragments."""
+    if pkt is None:
+        return ()
+    if pkt.fragments is not None:
+        return tuple(f.index + 1 for f in pkt.fragments)
+    return (pkt.index + 1,)
 
 
 def serve(options: ServeOptions, stderr=None) -> int:

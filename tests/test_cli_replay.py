@@ -270,14 +270,19 @@ def test_example_diverge_report_names_flow_offset_and_hexdump(cli):
     title = next(line for line in lines if line.startswith("Miscompare 1 of 2 "))
     assert f": {flow}: content differs at stream offset {offset} (seq {raw})" in title
     # the second divergence: the DNS answer with another record TTL; the first
-    # difference in its UDP part is the UDP checksum (byte 6), which that changes
+    # difference in its UDP part is the UDP checksum (byte 6), which that
+    # changes: the report names the payload's first differing byte instead
     udp_at = _example_dns_difference()
     assert udp_at == 6
     title2 = next(line for line in lines if line.startswith("Miscompare 2 of 2 "))
-    assert title2.endswith("udp 192.0.2.10:53 > 198.51.100.7:40001: content differs in datagram 0 "
-                           f"at byte {udp_at} of the udp part")
-    # hexdump: frame headers, offset columns, and a caret line under the byte
-    assert any(line.startswith(f"primary frame #{p_index} (") for line in lines)
+    assert title2.endswith("udp 192.0.2.10:53 > 198.51.100.7:40001: content differs in datagram 1 "
+                           "of its flow at byte 46 of the udp part")
+    at = lines.index(title2)
+    assert lines[at + 1] == "  DNS answer 1 example.org A: TTL 300 vs 299"
+    assert lines[at + 2].startswith("  the UDP checksum differs because the payload does")
+    # hexdump: frame headers (Wireshark's frame numbers, from 1), offset
+    # columns, and a caret line under the differing bytes
+    assert any(line.startswith(f"primary frame {p_index + 1} (") for line in lines)
     assert any(line.startswith("0000  52 54 00 00 00 02") for line in lines)
     assert any(set(line.strip()) == {"^", " "} for line in lines)
     assert r.err == ""
@@ -288,7 +293,7 @@ def test_example_hexdump_0_removes_the_hexdumps(cli):
     assert r.rc == 1, r
     assert "DIVERGE" in r.out.splitlines()[0]
     assert "Miscompare 1 of" not in r.out
-    assert "primary frame #" not in r.out
+    assert "primary frame " not in r.out
     assert "^^" not in r.out
     assert "0000  " not in r.out
     # the counts are still there
@@ -310,9 +315,9 @@ def test_example_diverge_json(cli):
     assert r.rc == 1, r
     assert r.err == ""
     doc = r.doc
-    assert doc["version"] == 1
+    assert doc["version"] == 2
     assert doc["command"] == "replay"
-    assert doc["tool"] == f"colo-compare {colo_cli.__version__}"
+    assert doc["tool"] == {"name": "colo-compare", "version": colo_cli.__version__}
     assert doc["result"] == "diverge"
     assert doc["inputs"]["primary"]["file"] == str(DIVERGE_P)
     assert doc["inputs"]["primary"]["frames"] == len(p_frames) == 15
@@ -324,7 +329,8 @@ def test_example_diverge_json(cli):
         "flow": flow, "protocol": "tcp", "cause": "content", "stream_offset": offset,
         "raw_seq": raw, "datagram_index": None, "src": "192.0.2.10", "dst": "198.51.100.7",
         "sport": 80, "dport": 51000, "vlan": []}
-    assert tcp["primary"]["index"] == p_index
+    assert tcp["primary"]["frame_number"] == p_index + 1
+    assert tcp["explanation"]["field"] == "headers.Date"
     assert tcp["primary"]["frame_hex"] == p_frames[p_index][1].hex()
     assert tcp["primary"]["length"] == len(p_frames[p_index][1])
     assert tcp["primary"]["offset"] == in_frame
@@ -335,6 +341,10 @@ def test_example_diverge_json(cli):
             udp["raw_seq"]) == ("udp", "content", 0, udp_at, None)
     assert udp["flow"] == "udp 192.0.2.10:53 > 198.51.100.7:40001"
     assert udp["primary"]["offset"] == udp["secondary"]["offset"] == L4 + udp_at
+    # the checksum differs because the payload does: the payload's byte
+    assert udp["primary"]["payload_offset"] == udp["secondary"]["payload_offset"] == 0x50
+    assert (udp["explanation"]["field"], udp["explanation"]["primary"],
+            udp["explanation"]["secondary"]) == ("answers[0].ttl", 300, 299)
     causes = sorted(c["cause"] for c in doc["checkpoint_requests"])
     assert causes == ["miscompare", "miscompare", "timeout"]
     assert doc["checkpoint_requests_total"] == 3
@@ -370,9 +380,11 @@ def test_json_tcp_one_byte_differs_after_syn(cli, tmp_path):
     assert m["stream_offset"] == 100 + 37
     assert m["raw_seq"] == isn + 1 + 137
     assert m["datagram_index"] is None
-    assert m["primary"] == {"index": 2, "length": len(primary[2][1]), "offset": L4 + 20 + 37,
+    assert m["primary"] == {"frame_number": 3, "length": len(primary[2][1]),
+                            "offset": L4 + 20 + 37, "payload_offset": L4 + 20 + 37,
                             "frame_hex": primary[2][1].hex()}
-    assert m["secondary"] == {"index": 2, "length": len(secondary[2][1]), "offset": L4 + 20 + 37,
+    assert m["secondary"] == {"frame_number": 3, "length": len(secondary[2][1]),
+                              "offset": L4 + 20 + 37, "payload_offset": L4 + 20 + 37,
                               "frame_hex": secondary[2][1].hex()}
     assert doc["checkpoint_requests"] == [{"time_ms": 2.0, "cause": "miscompare",
                                            "flow": "tcp 10.0.0.1:80 > 10.0.0.2:40000"}]
@@ -422,7 +434,7 @@ def test_json_udp_one_payload_byte_differs(cli, tmp_path, src, dst, l4):
     assert m["flow"] == flow
     assert (m["protocol"], m["cause"], m["datagram_index"], m["stream_offset"], m["raw_seq"]) == (
         "udp", "content", 2, 8 + 3, None)
-    assert m["primary"]["index"] == m["secondary"]["index"] == 2
+    assert m["primary"]["frame_number"] == m["secondary"]["frame_number"] == 3
     assert m["primary"]["offset"] == m["secondary"]["offset"] == l4 + 8 + 3
     assert doc["stats"]["released"] == {"match": 3, "checkpoint": 1, "total": 4}
 
@@ -775,7 +787,10 @@ def test_errors_are_one_line_exit_2(cli, tmp_path, case):
         "compare-timeout-0": (["replay", "--compare-timeout", "0", good, good],
                               ["--compare-timeout"]),
         "vnet-hdr-len-21": (["replay", "--vnet-hdr-len", "21", good, good], ["--vnet-hdr-len"]),
-        "hexdump-negative": (["replay", "--hexdump", "-1", good, good], ["--hexdump"]),
+        # (N is optional, so a negative one reads as an option)
+        "hexdump-negative": (["replay", "--hexdump", "-1", good, good], ["No such option '-1'"]),
+        "hexdump-not-a-number": (["replay", "--hexdump", "lots", good, good],
+                                 ["--hexdump", "'lots' is not a number or 'all'"]),
         "unknown-option": (["replay", "--bogus", good, good], ["--bogus"]),
         "missing-argument": (["replay", good], ["SECONDARY"]),
         "out-unwritable": (["replay", "--out", tmp_path / "regular-file" / "out.pcap", good, good],

@@ -446,8 +446,12 @@ def test_tls_protocol_violation_is_one_tcp_miscompare(cli):
         (m,) = doc["miscompares"]
         assert (m["flow"], m["protocol"], m["cause"], m["stream_offset"], m["raw_seq"],
                 m["datagram_index"]) == (flow, "tcp", "content", offset, raw, None)
-        assert (m["primary"]["index"], m["primary"]["offset"]) == (index, at)
-        assert (m["secondary"]["index"], m["secondary"]["offset"]) == (index, at)
+        assert (m["primary"]["frame_number"], m["primary"]["offset"]) == (index + 1, at)
+        assert (m["secondary"]["frame_number"], m["secondary"]["offset"]) == (index + 1, at)
+        # a real TLS stream: the record is read, its bad byte named
+        assert (m["explanation"]["protocol"], m["explanation"]["field"]) == ("tls", "record.data")
+        assert m["explanation"]["text"].startswith(
+            "TLS handshake record at stream offset 86: data differs at byte 2: ")
         assert m["primary"]["frame_hex"] == frame.hex()
         assert m["secondary"]["frame_hex"] == other.hex()
         assert [(c["cause"], c["flow"]) for c in doc["checkpoint_requests"]] == [("miscompare", flow)]
@@ -705,8 +709,8 @@ def test_one_flipped_payload_byte_is_one_miscompare(cli, tmp_path, path):
     else:
         assert (m["stream_offset"], m["raw_seq"], m["datagram_index"]) == (
             pick["udp_offset"], None, pick["datagram_index"])
-    assert (m["primary"]["index"], m["primary"]["offset"]) == (i, at)
-    assert (m["secondary"]["index"], m["secondary"]["offset"]) == (i, at)
+    assert (m["primary"]["frame_number"], m["primary"]["offset"]) == (i + 1, at)
+    assert (m["secondary"]["frame_number"], m["secondary"]["offset"]) == (i + 1, at)
     assert m["secondary"]["frame_hex"] == bytes(frame).hex()
     assert [(c["cause"], c["flow"]) for c in doc["checkpoint_requests"]] == [
         ("miscompare", pick["flow"])]

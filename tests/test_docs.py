@@ -93,6 +93,7 @@ def test_readme_has_the_two_setup_commands_and_ci_runs_them():
     assert "venv" in test and "pytest" in test and "[test]" in test
     ci = (ROOT / ".ci" / "run").read_text()
     assert "demo-command" in ci and "test-command" in ci and "qemu-system-x86" in ci
+    assert "tshark" in ci        # tests/test_frame_numbers.py: Wireshark's numbers
 
 
 def test_ci_extracts_exactly_the_readme_commands():
@@ -116,7 +117,7 @@ def test_readme_quotes_the_real_replay_output(capsys):
     from colo_cli.cli import main
     with pytest.raises(SystemExit) as exc:
         main(["replay", str(ROOT / "examples" / "diverge-primary.pcap"),
-              str(ROOT / "examples" / "diverge-secondary.pcap"), "--hexdump", "1", "--color", "never"])
+              str(ROOT / "examples" / "diverge-secondary.pcap"), "--hexdump", "2", "--color", "never"])
     assert exc.value.code == 1
     real = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
     readme = (ROOT / "README.md").read_text()

@@ -432,11 +432,55 @@ def test_divergence_default_policy_releases_the_primary_and_records_it(env):
         ("udp 10.0.0.1:5000 > 10.0.0.2:6000", "udp", "content", 11),   # 8 (UDP header) + 3
         ("tcp 10.0.0.1:41000 > 10.0.0.2:80", "tcp", "content", 37)]
     assert mis[1]["raw_seq"] == 5037
-    assert all(m["v"] == 1 and isinstance(m["time"], float) for m in mis)
+    assert all(m["v"] == 2 and isinstance(m["time"], float) for m in mis)
+    # each input's frames are numbered from 1, in arrival order
+    assert [(m["primary"]["frame_number"], m["secondary"]["frame_number"]) for m in mis] == [
+        (1, 1), (3, 3)]
+    assert mis[1]["primary"]["offset"] == 14 + 20 + 20 + 37
+    assert all(m["explanation"] is None for m in mis)      # no protocol to read them in
     assert [(e["cause"], e["flow"]) for e in rig.events("checkpoint_request")] == [
         ("miscompare", "udp 10.0.0.1:5000 > 10.0.0.2:6000"),
         ("miscompare", "tcp 10.0.0.1:41000 > 10.0.0.2:80")]
     assert [(e["released"], e["discarded"]) for e in rig.events("checkpoint")] == [(1, 1), (1, 1)]
+
+
+def _dns(ttl: int) -> bytes:
+    return (b"\x1a\x2b\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00\x07example\x03org\x00"
+            b"\x00\x01\x00\x01\xc0\x0c\x00\x01\x00\x01" + struct.pack(">I", ttl)
+            + b"\x00\x04\xc0\x00\x02\x0a")
+
+
+def test_hexdump_n_explains_the_first_n_miscompares_and_events_carry_the_explanation(env):
+    """--hexdump N means what it means in replay: the first N miscompares,
+    with what differs in protocol terms; the event log explains every one."""
+    rig = env.rig(args=["--hexdump", "1", "--color", "never"])
+    frames = []
+    for i, (p_ttl, s_ttl) in enumerate(((300, 299), (60, 61))):
+        p = rec(udp_frame(_dns(p_ttl), sport=53, dport=40000 + i))
+        s = rec(udp_frame(_dns(s_ttl), sport=53, dport=40000 + i))
+        frames.append(p)
+        rig.p.sendall(p)
+        rig.wait_read(primary=i + 1)
+        rig.s.sendall(s)
+        rig.out.wait_bytes(sum(map(len, frames)))
+    assert rig.stop() == 0
+    err = rig.srv.stderr()
+    assert err.count("Miscompare ") == 1                    # the first one only
+    assert "  DNS answer 1 example.org A: TTL 300 vs 299" in err
+    assert "primary frame 1 (" in err and "secondary frame 1 (" in err
+    assert "\x1b[" not in err                               # --color never
+    mis = rig.events("miscompare")
+    assert [m["explanation"]["text"] for m in mis] == [
+        "DNS answer 1 example.org A: TTL 300 vs 299", "DNS answer 1 example.org A: TTL 60 vs 61"]
+    assert [(m["primary"]["frame_number"], m["secondary"]["frame_number"]) for m in mis] == [
+        (1, 1), (2, 2)]
+    # the checksum differs because the TTL does: the payload's byte is named
+    assert mis[0]["primary"]["offset"] == 14 + 20 + 6
+    # (the TTL's last byte: 0x012c vs 0x012b)
+    assert mis[0]["primary"]["payload_offset"] == 14 + 20 + 8 + len(_dns(0)) - 7
+    (start,) = rig.events("start")
+    from colo_cli import __version__
+    assert start["tool"] == {"name": "colo-compare", "version": __version__} and start["v"] == 2
 
 
 # -- 4: notify_dev (Xen) ----------------------------------------------------------------------

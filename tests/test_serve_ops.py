@@ -360,7 +360,7 @@ SAMPLES = {
     "checkpoint-policy": ("hold", None),
     "control": ("/tmp/cc-ctl", None),
     "events": ("/tmp/cc-events.jsonl", None),
-    "hexdump": (True, None),
+    "hexdump": ("3", None),
     "hexdump-rate": (3, None),
     "outdev-buffer": (17, None),
     "connect-timeout": (2.5, None),
@@ -368,6 +368,8 @@ SAMPLES = {
     "metrics-listen": ("[::1]:9464", None),
     "verbose": (True, None),
     "quiet": (False, None),
+    "color": ("never", None),
+    "debug": (True, None),
 }
 
 
@@ -522,3 +524,15 @@ def test_serve_as_the_unit_runs_it(env, tmp_path):
             proc.wait(10)
     lines = err_path.read_text().splitlines()
     assert lines and all(l.startswith("colo-compare: ") for l in lines), lines
+
+
+@pytest.mark.parametrize("written,given", [("true", []), ("5", ["5"]), ('"all"', ["all"])])
+def test_an_option_whose_value_may_be_left_out_takes_true_or_a_number(tmp_path, monkeypatch,
+                                                                       written, given):
+    """``hexdump = true`` is --hexdump alone, ``hexdump = 5`` is --hexdump 5."""
+    base = ["--primary-in", "unix:/tmp/h-p.sock,server", "--secondary-in",
+            "unix:/tmp/h-s.sock,server", "--outdev", "unix:/tmp/h-o.sock,server"]
+    path = tmp_path / "h.toml"
+    path.write_text(f"hexdump = {written}\n")
+    assert (options_from(["--config", path, *base], monkeypatch)
+            == options_from([*base, "--hexdump", *given], monkeypatch))

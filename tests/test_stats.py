@@ -108,7 +108,10 @@ def test_every_counter_matches_the_traffic_sent(served, capsys):
     # the CLI's JSON is the same document, versioned
     code, text, _ = _stats_cli(capsys, "--control", ctl, "--json")
     doc = json.loads(text)
-    assert code == 0 and doc["version"] == 1 and doc["source"] == "serve"
+    assert code == 0 and doc["version"] == 2 and doc["source"] == "serve"
+    from colo_cli import __version__
+    assert doc["tool"] == {"name": "colo-compare", "version": __version__}
+    assert doc["top_connections_truncated"] == {"by_miscompares": False, "by_hold": False}
     assert doc["stats"]["released"] == st["released"]
     worst = doc["top_connections"]["by_miscompares"]
     assert [c["flow"] for c in worst] == ["udp 10.0.0.1:7 > 10.0.0.2:6000"]
@@ -204,7 +207,7 @@ def test_stats_of_a_replay_report(tmp_path, capsys):
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not JSON"),
     ('{"version": 1, "command": "serve"}', "not a colo-compare replay report"),
-    ('{"version": 2, "command": "replay", "stats": {}}', "report version 2 is not supported"),
+    ('{"version": 3, "command": "replay", "stats": {}}', "report version 3 is not supported"),
 ])
 def test_bad_reports_are_one_line_errors(tmp_path, capsys, content, message):
     path = tmp_path / "r.json"

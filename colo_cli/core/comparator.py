@@ -754,7 +754,7 @@ class Comparator:
             return False
         differing = [i for i in range(len(a)) if a[i] != b[i]]
         for rule in conn.rules:
-            if any(start <= i < end for start, end in rule.ranges for i in differing):
+            if any(start <= i < end for start, end in rule.spans(a) for i in differing):
                 self.stats.ignored[rule.text] += 1
         return True
 

@@ -64,7 +64,11 @@ from __future__ import annotations
 
 from bisect import insort
 
+from .noise import STREAM_LOOKBACK, WAIT, stream_match
 from .packet import ACK, FIN, RST, SYN
+
+#: a TCP noise rule's value is looked for up to this far past a difference
+MAX_HIDDEN = 64 * 1024
 
 _MASK = 0xFFFFFFFF
 _HALF = 0x80000000
@@ -142,14 +146,18 @@ class TcpStream:
     __slots__ = ("anchor", "base", "origin", "locked", "p_buf", "s_buf",
                  "p_pending", "s_pending", "p_end_max", "s_max_ack", "s_syn",
                  "s_rst", "p_rst", "p_rst_sent", "p_fin", "s_fin", "unknown",
-                 "p_first", "s_first", "gap_bytes", "norm", "masks", "masked", "plain")
+                 "p_first", "s_first", "gap_bytes", "norm", "masks", "p_seen", "s_seen",
+                 "plain")
 
     def __init__(self, normalize: bool = False, masks: tuple = ()) -> None:
         #: relative sequence numbers per side (--normalize-seq), or None
         self.norm = SeqNormalizer() if normalize else None
-        #: noise rules masking bytes of each segment (--ignore), or None
-        self.masks = masks or None
-        self.masked = 0          # segments a rule changed
+        #: the patterns of the TCP noise rules (--ignore), or None; applied
+        #: where the streams differ (see advance and noise.stream_match)
+        self.masks = tuple(rule.pattern for rule in masks) or None
+        #: with masks: the last verified bytes of each side, for a rule's
+        #: match to start in (noise.STREAM_LOOKBACK of them)
+        self.p_seen = self.s_seen = b""
         #: neither normalized nor masked: the comparator's fast path may take it
         self.plain = self.norm is None and self.masks is None
         self.anchor = None       # an absolute sequence number near the action
@@ -235,8 +243,6 @@ class TcpStream:
             payload = data[off:end]
             if len(payload) < end - off:
                 payload = self._cut_short(True, start, payload, end - off)
-            if self.masks is not None:
-                payload = self._mask(payload)
             self._add_data(True, start, payload)
 
     def add_secondary(self, pkt, data, off, end) -> bool:
@@ -272,16 +278,7 @@ class TcpStream:
         payload = data[off:end]
         if len(payload) < end - off:
             payload = self._cut_short(False, start, payload, end - off)
-        if self.masks is not None:
-            payload = self._mask(payload)
         return self._add_data(False, start, payload)
-
-    def _mask(self, payload):
-        from .noise import mask_segment
-        masked = mask_segment(payload, self.masks)
-        if masked is not payload:
-            self.masked += 1
-        return masked
 
     def _cut_short(self, primary: bool, start: int, payload, length: int):
         """A segment captured short of its length (snaplen): remember which
@@ -325,6 +322,7 @@ class TcpStream:
     def _lock(self, base: int) -> None:
         self.base = base
         self.anchor = base
+        self.p_seen = self.s_seen = b""
         if self.origin is None:
             self.origin = base
         self.locked = True
@@ -382,10 +380,25 @@ class TcpStream:
                 if p_buf[:n] != s_buf[:n]:
                     i = first_difference(p_buf, s_buf)
                     skip_to = self._unknown_until(self.base + i)
-                    if skip_to is None:
+                    if skip_to is not None:
+                        # not captured on one side: step over what is unknown
+                        n = min(n, skip_to - self.base)
+                    elif self.masks is None:
                         return "content", self.base + i
-                    # not captured on one side: step over what is unknown
-                    n = min(n, skip_to - self.base)
+                    else:
+                        hidden = self._hidden(i)
+                        if hidden is None:
+                            return "content", self.base + i
+                        if hidden == WAIT:
+                            if not i:
+                                return None       # a value that may go on: more bytes first
+                            n = i
+                        else:
+                            n = min(n, i + hidden)
+                if self.masks is not None:
+                    lookback = STREAM_LOOKBACK
+                    self.p_seen = (self.p_seen + p_buf[:n])[-lookback:]
+                    self.s_seen = (self.s_seen + s_buf[:n])[-lookback:]
                 del p_buf[:n]
                 del s_buf[:n]
                 self.base += n
@@ -403,12 +416,28 @@ class TcpStream:
                 gap_end = self.p_pending[0][0]
                 self.gap_bytes += gap_end - base
                 self.base = self.anchor = gap_end
+                self.p_seen = self.s_seen = b""
                 self._merge(p_buf, self.p_pending)
                 self._merge(s_buf, self.s_pending)
                 continue
             if (self.p_fin == base and s_buf) or (self.s_fin == base and p_buf):
                 return "stream-end", base
             return None
+
+    def _hidden(self, i: int):
+        """Whether the noise rules hide the difference ``i`` bytes past the
+        verification point: see noise.stream_match.  Each side's text is
+        what it verified last and what it sent since, up to MAX_HIDDEN bytes
+        past the difference (a value longer than that is cut there)."""
+        p_buf, s_buf = self.p_buf, self.s_buf
+        stop = i + MAX_HIDDEN
+        end = self.base + len(p_buf)
+        p_ended = len(p_buf) > stop or self.p_fin == end
+        s_ended = len(s_buf) > stop or self.s_fin == self.base + len(s_buf)
+        p_text = self.p_seen + p_buf[:stop]
+        s_text = self.s_seen + s_buf[:stop]
+        return stream_match(self.masks, p_text, len(self.p_seen) + i, p_ended,
+                            s_text, len(self.s_seen) + i, s_ended)
 
     def releasable(self, queue: list) -> int:
         """How many segments at the head of the (sequence-ordered) primary
@@ -483,6 +512,7 @@ class TcpStream:
         self.p_buf = bytearray()
         self.p_pending = []
         self.p_fin = None
+        self.p_seen = self.s_seen = b""
         if self.s_fin is not None and self.s_fin < new_base:
             self.s_fin = None
         self.p_first = self.s_first = None

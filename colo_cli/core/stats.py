@@ -15,6 +15,11 @@ from collections import Counter
 SNAPSHOT_VERSION = 1
 
 _SUB_BUCKETS = 8  # per power of two: about 9 % relative error on quantiles
+
+#: Upper bounds of the cumulative hold-time buckets, in seconds, as
+#: Prometheus names them (``le``): powers of two from 0.125 ms to 16.4 s,
+#: which are exact edges of the log histogram below, so the counts are exact.
+HOLD_BOUNDS_S = [2.0 ** k / 1000 for k in range(-3, 15)]
 _frexp = math.frexp
 
 
@@ -111,6 +116,15 @@ class Histogram:
             out.append(sum(n for upper, n in items if upper <= bound))
         return out
 
+    def to_cumulative(self, bounds_s=HOLD_BOUNDS_S) -> dict:
+        """Prometheus-style buckets of values in ms, bounds in seconds:
+        ``{"buckets": {"0.000125": n, ..., "+Inf": count}, "count": n,
+        "sum": seconds}``, each count the values at or below its bound."""
+        counts = self.cumulative([b * 1000 for b in bounds_s])
+        buckets = {repr(b): n for b, n in zip(bounds_s, counts)}
+        buckets["+Inf"] = self.count
+        return {"buckets": buckets, "count": self.count, "sum": round(self.sum / 1000, 9)}
+
     def to_dict(self) -> dict:
         self._fold_zero()
         return {"count": self.count, "sum_ms": round(self.sum, 6),
@@ -203,6 +217,7 @@ class Stats:
                                  "secondary": self.queue_high_water[1]},
             "queued_bytes_high_water": self.queued_bytes_high_water,
             "hold_ms": self.hold.to_dict(),
+            "hold_seconds": self.hold.to_cumulative(),
             "truncated": {"primary": self.truncated[0], "secondary": self.truncated[1]},
             "ignored": dict(sorted(self.ignored.items())),
             "fragments": {"in": {"primary": self.fragments_in[0], "secondary": self.fragments_in[1]},
