@@ -236,6 +236,123 @@ def test_outputs_appear_whole_with_the_usual_permissions(cli, tmp_path):
     assert len(records(tmp_path / "o.pcap")) == 15
 
 
+def _pcap_frames(data: bytes) -> list[bytes]:
+    import io
+    with open_capture("-", stdin=io.BytesIO(data)) as r:
+        return [d for _n, _ts, d, _o, _lt in r]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "character-device"])
+def test_an_output_that_is_not_a_regular_file_is_written_in_place(cli, tmp_path, kind):
+    """--out /dev/null (or a FIFO another program reads) is written, not
+    replaced by a renamed file: before, as root, '--out /dev/null' turned
+    the system's /dev/null into a regular file holding the pcap (and as
+    anyone else failed: /dev is not writable).  A private copy of /dev/null
+    stands in for it here."""
+    import stat
+    target = tmp_path / "out"
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:
+        try:
+            os.mknod(target, stat.S_IFCHR | 0o666, os.makedev(1, 3))     # /dev/null's numbers
+        except PermissionError:
+            pytest.skip("making a device node needs CAP_MKNOD")
+    got = tmp_path / "got.pcap"
+    reader = None
+    if kind == "fifo":
+        with open(got, "wb") as sink:
+            reader = subprocess.Popen(["cat", str(target)], stdout=sink)
+    try:
+        r = cli("replay", DIVERGE_P, DIVERGE_S, "--out", target, "-q")
+        assert r.rc == 1 and r.err == "", r
+        mode = os.lstat(target).st_mode
+        assert (stat.S_ISFIFO(mode) if kind == "fifo" else stat.S_ISCHR(mode)), oct(mode)
+        if reader is not None:
+            assert reader.wait(10) == 0
+            assert sorted(_pcap_frames(got.read_bytes())) == sorted(d for _, d in records(DIVERGE_P))
+        assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    finally:
+        if reader is not None and reader.poll() is None:
+            reader.kill()
+            reader.wait()
+
+
+def test_a_symlinked_output_replaces_its_target_not_the_link(cli, tmp_path):
+    target = tmp_path / "results" / "o.pcap"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "latest.pcap"
+    os.symlink(target, link)
+    r = cli("replay", DIVERGE_P, DIVERGE_S, "--out", link, "-q")
+    assert r.rc == 1, r
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert len(records(target)) == 15
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pcap", "results"]
+    # a link to a file not written yet is that file: two outputs on it are refused
+    os.symlink(tmp_path / "d.pcap", tmp_path / "dangling.pcap")
+    r = cli("replay", DIVERGE_P, DIVERGE_S, "--diverged", tmp_path / "d.pcap",
+            "--out", tmp_path / "dangling.pcap")
+    assert r.rc == 2 and "--out and --diverged are the same file" in r.err, r
+    assert not (tmp_path / "d.pcap").exists()
+
+
+def test_a_failed_write_is_one_line_naming_the_file(tmp_path):
+    """A full disk or a file size limit (here RLIMIT_FSIZE: the pcap is
+    5.5 KB, the limit 4 KB) is the user's trouble, not 'internal error:
+    OSError ... please report it'; nothing is left behind."""
+    import resource
+
+    from test_cli_replay import subprocess_env
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    for out in (str(tmp_path / "o.pcap"), "-"):
+        with open(tmp_path / "stdout", "wb") as stdout:
+            proc = subprocess.run([sys.executable, "-m", "colo_cli", "replay", str(DIVERGE_P),
+                                   str(DIVERGE_S), "-q", "--out", out], stdout=stdout,
+                                  stderr=subprocess.PIPE, env=subprocess_env(), timeout=60,
+                                  preexec_fn=limit)
+        name = "standard output" if out == "-" else out
+        assert (proc.returncode, proc.stderr.decode()) == (
+            2, f"colo-compare: {name}: cannot write: File too large\n")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["stdout"]
+
+
+@pytest.mark.parametrize("sig,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_mid_replay_leaves_no_partial_outputs(tmp_path, sig, status):
+    """A real signal, as Ctrl-C or kill(1) sends it, while replay reads its
+    primary from a pipe that has more to come.  Before, SIGTERM ended the
+    process on the spot and left the temporary files beside the outputs."""
+    import signal
+    import time
+
+    from test_cli_replay import subprocess_env
+    data = Path(DIVERGE_P).read_bytes()
+    (tmp_path / "kept.pcap").write_bytes(b"an earlier result")
+    proc = subprocess.Popen([sys.executable, "-m", "colo_cli", "replay", "-", str(DIVERGE_S),
+                             "--out", str(tmp_path / "kept.pcap"), "--diverged",
+                             str(tmp_path / "d.pcap"), "--evidence", str(tmp_path / "e.pcapng")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=subprocess_env())
+    try:
+        proc.stdin.write(data[:len(data) // 2])
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while len([p for p in tmp_path.iterdir() if p.name.endswith(".part")]) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.01)
+        proc.send_signal(getattr(signal, sig))
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, err) == (status, b"colo-compare: interrupted\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.pcap"]
+    assert (tmp_path / "kept.pcap").read_bytes() == b"an earlier result"
+
+
 # -- stats on damaged reports ----------------------------------------------------------
 
 def _paths(doc, prefix=()):
