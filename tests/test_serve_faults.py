@@ -104,6 +104,39 @@ def test_vanished_secondary_stops_comparing_then_resumes_when_it_is_back(env):
         "secondary_absent", "secondary_back"]
 
 
+def test_stats_shows_the_secondary_absent_and_back(env, capsys):
+    """'colo-compare stats' (the table and the Prometheus text, not only the
+    JSON) says when comparing has stopped for want of a secondary, and how
+    often it did."""
+    from colo_cli.cli import main
+    from serve_helpers import connect
+
+    def stats(*args):
+        capsys.readouterr()
+        try:
+            main(["stats", "--control", rig.srv.control_path, *args])
+        except SystemExit as e:
+            assert e.code == 0
+        return capsys.readouterr().out
+    rig = Rig(env, args=FAST)
+    assert "secondary absent" not in stats()
+    assert "colo_compare_secondary_absent 0" in stats("--format", "prometheus")
+    rig.s.close()
+    rig.srv.wait_stats(lambda st: st["serve"]["secondary_absent"], what="the secondary given up")
+    row = [l for l in stats().splitlines() if l.startswith("secondary absent")]
+    assert len(row) == 1 and row[0].split()[2:] == ["1", "now:", "comparing", "stopped,",
+                                                     "primary", "frames", "pass", "uncompared"]
+    text = stats("--format", "prometheus")
+    assert "colo_compare_secondary_absent 1" in text.splitlines()
+    assert "colo_compare_secondary_absent_periods_total 1" in text.splitlines()
+    assert "colo_compare_internal_errors_total 0" in text.splitlines()
+    rig.s = env.track(connect(rig.s_ep))
+    rig.srv.wait_stats(lambda st: not st["serve"]["secondary_absent"], what="comparing again")
+    row = [l for l in stats().splitlines() if l.startswith("secondary absent")]
+    assert len(row) == 1 and row[0].split()[2:] == ["1", "times;", "back", "now"]
+    assert "colo_compare_secondary_absent 0" in stats("--format", "prometheus").splitlines()
+
+
 def test_a_secondary_that_never_connects_does_not_hold_the_primary(env):
     """--secondary-in listening and nobody there: after the absence bound the
     primary's frames pass (before, they waited for timeouts, one flow a scan)."""
@@ -157,8 +190,37 @@ def test_an_internal_error_costs_one_frame_not_serve(env):
     assert "Traceback" not in rig.srv.stderr()
     events = [e for e in rig.events() if e["event"] == "internal_error"]
     assert len(events) == 8 and events[0]["error"] == "RuntimeError: injected fault"
+    import subprocess
+    import sys
+    shown = {fmt: subprocess.run([sys.executable, "-m", "colo_cli", "stats", "--control",
+                                  rig.srv.control_path, "--format", fmt], capture_output=True,
+                                 text=True, timeout=30).stdout.splitlines()
+             for fmt in ("table", "prometheus")}
+    assert [l.split()[2] for l in shown["table"] if l.startswith("internal errors")] == ["8"]
+    assert "colo_compare_internal_errors_total 8" in shown["prometheus"]
     rig.srv.assert_running()
     assert rig.stop() == 0
+
+
+INJECT_SCAN = """
+import colo_cli.core.comparator as _c
+def _broken(self, tick_ms, out):
+    raise RuntimeError("injected scan fault")
+_c.Comparator._scan = _broken
+"""
+
+
+def test_an_internal_error_in_a_scan_is_said_as_such(env):
+    """No frame is let go when a scan fails (it said 'the frame was let
+    go'); serve goes on scanning."""
+    rig = Rig(env, args=FAST, inject=INJECT_SCAN)
+    rig.p.sendall(rec(udp_frame(b"waits for a scan")))
+    line = rig.srv.wait_stderr("internal error", timeout=30)[0]
+    assert line == ("colo-compare: internal error in a timer scan (1 so far): RuntimeError: "
+                    "injected scan fault; the next scan tries again and comparison goes on "
+                    "(--debug shows the traceback; please report it)")
+    rig.srv.wait_stats(lambda st: st["serve"]["internal_errors"] >= 3, what="more scans")
+    rig.srv.assert_running()
 
 
 def test_debug_shows_the_traceback_of_an_internal_error(env):
