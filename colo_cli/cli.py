@@ -459,6 +459,11 @@ class _Output:
         self._f = f
         self._name = name
 
+    @property
+    def name(self) -> str:
+        """What messages call it (the writers' errors name it too)."""
+        return self._name
+
     def write(self, data) -> int:
         try:
             return self._f.write(data)

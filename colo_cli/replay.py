@@ -113,6 +113,12 @@ class ReplayResult:
 #: interfaces) count as no time at all.
 JUMP_FORWARD_NS = 3600 * 10**9
 JUMP_BACK_NS = 10**9
+#: A step forward longer than this is no time that passed but a broken
+#: clock (a pcapng if_tsoffset or a coarse if_tsresol gone wrong: 64-bit
+#: nanoseconds reach 584 years): handled as a step back is.  Kept, it would
+#: also take the timeline past what a float of milliseconds holds exactly
+#: (2**53 ms, 285,000 years), where scan ticks no longer move on.
+JUMP_BROKEN_NS = 1000 * 365 * 86400 * 10**9
 _MAX_JUMP_WARNINGS = 5
 
 
@@ -153,6 +159,12 @@ def _timeline(reader, info: SideInfo, side):
                 warn(f"frame {h_number}: its timestamp is {_span(h_rel - prev)} ahead of the "
                      "frames around it; taken as the time of the frame before")
                 yield prev, side, h_ts, h_data, h_cut, offset
+            elif h_rel - prev > JUMP_BROKEN_NS:
+                warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward, more "
+                     "than any clock can; the timeline goes on from the frame before")
+                offset -= h_rel - prev
+                rel -= h_rel - prev
+                yield prev, side, h_ts, h_data, h_cut, offset
             else:
                 warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
                 prev = h_rel
@@ -172,8 +184,13 @@ def _timeline(reader, info: SideInfo, side):
         yield rel, side, ts_ns, data, orig_len > len(data), offset
     if held is not None:
         h_number, h_rel, h_ts, h_data, h_cut = held
-        warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
-        yield h_rel, side, h_ts, h_data, h_cut, offset
+        if h_rel - prev > JUMP_BROKEN_NS:
+            warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward, more than "
+                 "any clock can; the timeline goes on from the frame before")
+            yield prev, side, h_ts, h_data, h_cut, offset - (h_rel - prev)
+        else:
+            warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
+            yield h_rel, side, h_ts, h_data, h_cut, offset
 
 
 def _span(ns: int) -> str:
@@ -268,7 +285,9 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
         last = None
         while True:
             due = comparator.get_timer()
-            if due is None or due > now_ms:
+            if due is None or due > now_ms or due == last:
+                # (the same tick again: the clock is past where float
+                # milliseconds step by a scan cycle; never spin on it)
                 return last
             events = comparator.handle_timer(due)
             last = due

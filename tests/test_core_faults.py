@@ -334,3 +334,25 @@ def test_what_a_flush_remembers_for_late_twins_stays_within_the_memory_bound():
         tracemalloc.stop()
     assert c.stats.snapshot()["checkpoint_requests"].get("memory-full", 0) >= flows - 1
     assert held <= limit + flows * 4096, f"{held / 2**20:.1f} MiB held for a {limit >> 20} MiB bound"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "core gap: Comparator.handle_timer sets _next_scan_ms = tick_ms + cycle in float "
+    "milliseconds; past 2**53 ms a cycle no longer changes the value, so get_timer() "
+    "returns the tick just handled for ever (replay now guards against it, see "
+    "replay.run_scans; the core's timer should still move on, or refuse such a clock)"))
+def test_the_timer_moves_on_whatever_the_clock_reads():
+    c = Comparator(Config(compare_timeout_ms=100, expired_scan_cycle_ms=100),
+                   mode=CheckpointMode.LOCAL)
+    c.receive(P, flow_frame(1), 0)
+    far = 2.0 ** 72                   # a pcapng if_tsoffset gone wrong, in ms
+    c.receive(P, flow_frame(2), far)
+    handled = []
+    for _ in range(20):
+        due = c.get_timer()
+        if due is None or c.queued_frames == 0:
+            break
+        assert due not in handled, f"the timer came back to {due}"
+        handled.append(due)
+        c.handle_timer(due)
+    assert c.queued_frames == 0

@@ -53,6 +53,8 @@ def counted_replay(monkeypatch, p_path, s_path, **kw):
 
     def counting(self, now_ms):
         scans[0] += 1
+        # a replay that spins on its timer fails here rather than hanging
+        assert scans[0] < 100_000, f"more than 100,000 scans (now_ms {now_ms})"
         return real(self, now_ms)
     monkeypatch.setattr(comparator_module.Comparator, "handle_timer", counting)
     out = []
@@ -99,6 +101,100 @@ def test_a_clock_jump_costs_nothing_and_loses_nothing(tmp_path, monkeypatch, sou
         # the timeline is repaired: the same decisions as without the jump
         assert result.stats.snapshot()["released"] == plain.stats.snapshot()["released"]
         assert out == plain_out
+
+
+def pcapng_with_interfaces(path, interfaces, packets):
+    """A pcapng of ``interfaces`` (tsresol, tsoffset) and ``packets`` (interface,
+    ticks, data), as a capture tool with several interfaces writes it."""
+    from test_capture import ng_epb, ng_idb, ng_shb
+    with open(path, "wb") as f:
+        f.write(ng_shb())
+        for tsresol, tsoffset in interfaces:
+            f.write(ng_idb(tsresol=tsresol, tsoffset=tsoffset))
+        for iface, ticks, data in packets:
+            f.write(ng_epb(iface, ticks, data))
+    return path
+
+
+TWO_HOURS_NS = 2 * HOUR_NS
+
+
+def _interleaved(recs, case):
+    """The primary's records spread over two interfaces, as ``case`` says:
+    (interfaces, packets, repaired: the same decisions as the plain pcap,
+    warned: the frame numbers a warning names)."""
+    half = len(recs) // 2
+    if case == "us and ns, alternating":
+        return ([(6, None), (9, None)],
+                [(i % 2, ts if i % 2 else ts // 1000, d) for i, (ts, d) in enumerate(recs)],
+                True, [])
+    if case == "second clock 2 hours ahead":
+        return ([(9, None), (9, None)],
+                [(i % 2, ts + TWO_HOURS_NS * (i % 2), d) for i, (ts, d) in enumerate(recs)],
+                False, list(range(2, len(recs) + 1, 2)))
+    if case == "second clock 2 hours behind":
+        return ([(9, None), (9, None)],
+                [(i % 2, ts - TWO_HOURS_NS * (i % 2), d) for i, (ts, d) in enumerate(recs)],
+                False, None)
+    if case == "second half: if_tsoffset 2**62 s":
+        return ([(9, None), (9, 2**62)],
+                [(0 if i < half else 1, ts, d) for i, (ts, d) in enumerate(recs)],
+                True, [half + 1])
+    if case == "second half: whole seconds near 2**63":
+        # (whole seconds: the spacing of the second half is not the plain one's)
+        return ([(9, None), (0, None)],
+                [(0, ts, d) if i < half else (1, 2**63 + i, d) for i, (ts, d) in enumerate(recs)],
+                False, [half + 1])
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["us and ns, alternating", "second clock 2 hours ahead",
+                                  "second clock 2 hours behind", "second half: if_tsoffset 2**62 s",
+                                  "second half: whole seconds near 2**63"])
+def test_clock_jumps_across_the_interfaces_of_a_pcapng(tmp_path, monkeypatch, case):
+    """Each interface of a pcapng has its own clock (resolution, offset).
+    Whatever they say, replay finishes in about the scans of the plain
+    capture, every primary frame out once.  A forward step past 2**53 ms
+    (a broken if_tsoffset, a resolution of whole seconds) made replay spin
+    for ever: its scan ticks no longer moved on in float milliseconds."""
+    recs = records(DIVERGE_P)
+    interfaces, packets, repaired, warned = _interleaved(recs, case)
+    p_path = pcapng_with_interfaces(tmp_path / "p.pcapng", interfaces, packets)
+    plain, plain_out, plain_scans = counted_replay(monkeypatch, DIVERGE_P, DIVERGE_S)
+    result, out, scans = counted_replay(monkeypatch, p_path, DIVERGE_S)
+    assert sorted(out) == sorted(d for _, d in recs)
+    assert scans <= plain_scans + len(recs) + 2
+    if repaired:
+        assert result.stats.snapshot()["released"] == plain.stats.snapshot()["released"]
+        assert out == plain_out
+    if warned is not None:
+        named = [int(w.split(": frame ")[1].split(":")[0]) for w in result.primary.warnings
+                 if ": frame " in w]
+        assert named == warned[:5]
+    if case.startswith("second half"):
+        (warning,) = result.primary.warnings
+        assert warning.endswith("forward, more than any clock can; the timeline goes on from "
+                                "the frame before")
+
+
+@pytest.mark.parametrize("shift_ns, says", [
+    (-2 * 10**9 * 10**9, "dated before 1970"), (200 * YEAR_NS, "dated past 2106")])
+def test_a_time_the_output_cannot_hold_is_one_line_naming_it(cli, tmp_path, shift_ns, says):
+    """A pcapng can date frames before 1970 (a negative if_tsoffset) or
+    after 2106; a pcap cannot.  It was 'internal error: ValueError ...
+    please report it'."""
+    recs = records(DIVERGE_P)
+    if shift_ns < 0:        # (an offset of whole seconds, in the interface's description)
+        p_path = pcapng_with_interfaces(tmp_path / "p.pcapng", [(9, shift_ns // 10**9)],
+                                        [(0, ts, d) for ts, d in recs])
+    else:
+        p_path = pcapng_with_interfaces(tmp_path / "p.pcapng", [(9, None)],
+                                        [(0, ts + shift_ns, d) for ts, d in recs])
+    out = tmp_path / "o.pcap"
+    r = cli("replay", p_path, DIVERGE_S, "--out", out, "-q")
+    assert r.rc == 2 and r.err.startswith(f"colo-compare: {out}: cannot write a frame {says}"), r
+    assert r.err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pcapng"]
 
 
 def test_a_capture_spanning_decades_replays_in_a_handful_of_scans(tmp_path, monkeypatch):
