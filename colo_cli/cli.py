@@ -392,28 +392,30 @@ def _open_output(path):
     temporary file beside it and renamed into place once the command has
     succeeded; removed on an error or Ctrl-C (a partial pcap that looks
     valid is worse than none).  ``-`` is stdout.  A symlink's target is
-    written (the link stays); a path that is not a regular file (/dev/null,
-    a FIFO) is written as it is: renaming over it would replace the device
-    or pipe with a file.  A failed write (a full disk, a size limit) is a
-    one-line error naming the file."""
+    written (the link stays); what is not a regular file (/dev/null, a
+    FIFO) and what is under /dev or /proc (/dev/stdout) is written as it is:
+    renaming over it would replace the device, pipe or link with a file.
+    A failed write (a full disk, a size limit) is a one-line error naming
+    the file."""
     if path == "-":
         out = _Output(sys.stdout.buffer, "standard output")
         yield out
         out.flush()
         return
-    real = os.path.realpath(path)
     try:
-        special = not stat.S_ISREG(os.stat(real).st_mode)
+        special = not stat.S_ISREG(os.stat(path).st_mode)
     except OSError:
         special = False         # not there yet: made below
-    if special:
+    if special or os.path.abspath(path).startswith(("/dev/", "/proc/")):
+        # (/dev/stdout, /dev/fd/N: whatever they point to is written, never renamed over)
         try:
-            f = open(real, "wb")
+            f = open(path, "wb")
         except OSError as e:
             raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
         with _writing(f, path) as out:
             yield out
         return
+    real = os.path.realpath(path)
     import tempfile
     try:
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(real) + ".", suffix=".part",

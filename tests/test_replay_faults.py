@@ -374,6 +374,30 @@ def test_an_output_that_is_not_a_regular_file_is_written_in_place(cli, tmp_path,
             reader.wait()
 
 
+@pytest.mark.parametrize("stdout_is", ["pipe", "file"])
+def test_out_dev_stdout_writes_to_whatever_stdout_is(tmp_path, stdout_is):
+    """/dev/stdout is a link to /proc/self/fd/1: it was renamed over (as
+    root, the system's /dev/stdout link became a file), or, resolved, named
+    'pipe:[...]' that does not exist."""
+    from test_cli_replay import subprocess_env
+    argv = [sys.executable, "-m", "colo_cli", "replay", str(DIVERGE_P), str(DIVERGE_S), "-q",
+            "--out", "/dev/stdout"]
+    before = os.lstat("/dev/stdout")
+    if stdout_is == "pipe":
+        proc = subprocess.run(argv, capture_output=True, env=subprocess_env(), timeout=60)
+        data = proc.stdout
+    else:
+        with open(tmp_path / "o.pcap", "wb") as f:
+            proc = subprocess.run(argv, stdout=f, stderr=subprocess.PIPE, env=subprocess_env(),
+                                  timeout=60)
+        data = (tmp_path / "o.pcap").read_bytes()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["o.pcap"]
+    assert (proc.returncode, proc.stderr) == (1, b"")
+    assert sorted(_pcap_frames(data)) == sorted(d for _, d in records(DIVERGE_P))
+    after = os.lstat("/dev/stdout")
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+
+
 def test_a_symlinked_output_replaces_its_target_not_the_link(cli, tmp_path):
     target = tmp_path / "results" / "o.pcap"
     target.parent.mkdir()
