@@ -68,6 +68,62 @@ def test_silent_secondary_releases_ten_thousand_flows_within_the_bound(env):
     assert rig.srv.stats()["serve"]["secondary_absent"] is False
 
 
+def test_hold_with_a_notify_peer_one_request_and_the_checkpoint_flushes_every_flow(env):
+    """--checkpoint-policy hold (a notify peer: Xen): with a silent secondary
+    one request is enough, however many flows wait, since the checkpoint it
+    asks for flushes every queue (as QEMU does).  Xen here answers every
+    DO_CHECKPOINT with COLO_CHECKPOINT."""
+    import threading
+    import time
+    rig = Rig(env, notify="server", args=FAST)
+    xen, stop, answered = rig.xen, threading.Event(), [0]
+
+    def answer():
+        while not stop.is_set():
+            while answered[0] < len(xen.messages()):
+                xen.send(b"COLO_CHECKPOINT")
+                answered[0] += 1
+            time.sleep(0.005)
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        frames = flows(10_000, 2)
+        send_all(rig.p, [rec(f) for f in frames])
+        st = rig.srv.wait_stats(lambda st: st["released"]["total"] == len(frames), timeout=60,
+                                what="every primary frame released")
+    finally:
+        stop.set()
+        thread.join(5)
+    assert st["released"]["checkpoint"] == len(frames)
+    # one request per scan that found frames overdue (not one per flow), each
+    # answered by a checkpoint of everything
+    assert 1 <= st["checkpoint_requests"]["timeout"] <= 3, st["checkpoint_requests"]
+    assert st["serve"]["checkpoints_by"]["local"] == 0
+    assert st["serve"]["notify"]["do_checkpoint_sent"] == st["serve"]["checkpoints_by"]["notify"]
+    assert_per_flow_order(rig.out.wait_records(len(frames), timeout=30), frames)
+
+
+def test_a_secondary_that_reconnects_in_time_is_compared_as_before(env):
+    """The secondary's connection drops and comes back before the timeout,
+    with primary frames queued: nothing is given up, the new connection's
+    frames are compared with them and match."""
+    rig = Rig(env, args=["--compare-timeout", "20000", "--expired-scan-cycle", "100"])
+    frames = flows(100, 3)
+    send_all(rig.p, [rec(f) for f in frames])
+    rig.wait_read(primary=len(frames))
+    rig.s.close()
+    rig.srv.wait_stats(lambda st: not st["serve"]["links"]["secondary-in"]["connected"])
+    from serve_helpers import connect
+    rig.s = env.track(connect(rig.s_ep))
+    rig.srv.wait_stats(lambda st: st["serve"]["links"]["secondary-in"]["connected"])
+    send_all(rig.s, [rec(f) for f in frames])
+    st = rig.srv.wait_stats(lambda st: st["released"]["total"] == len(frames),
+                            what="every primary frame released")
+    assert st["released"] == {"match": len(frames), "total": len(frames)}
+    assert st["secondary_absent_periods"] == 0 and st["checkpoint_requests"] == {}
+    assert_per_flow_order(rig.out.wait_records(len(frames)), frames)
+
+
 def test_vanished_secondary_stops_comparing_then_resumes_when_it_is_back(env):
     rig = Rig(env)
     first = flows(10_000, 1)
