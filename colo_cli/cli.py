@@ -314,9 +314,11 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
     if verdict == "incomparable":
         # never a quiet "match": the exit status and stderr say it, even with -q
         status = EXIT_DIVERGE if result.compared_primary else EXIT_TROUBLE
+        # (with -q there is no report: the line says why by itself)
+        why, n = max(result.stats.bypassed.items(), key=lambda kv: kv[1])
         click.echo(_one_line(
             f"colo-compare: only {result.compared_primary:,} of {result.primary.frames:,} primary "
-            "frames could be compared: not a match (see the report's note)"), err=True)
+            f"frames could be compared ({n:,} not, for '{why}'): not a match"), err=True)
     else:
         status = EXIT_DIVERGE if verdict == "diverge" else EXIT_SAME
     if not quiet:
