@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from colo_cli.testing import udp_frame
 from serve_helpers import rec, split_records, wait_until
 from test_serve import Rig, env  # noqa: F401 - the fixture
@@ -310,9 +312,10 @@ def test_debug_shows_the_traceback_of_an_internal_error(env):
     assert json.loads(json.dumps(srv.stats()["bypassed"])) == {"internal-error": 1}
 
 
-def test_a_second_signal_while_draining_exits_at_once(env):
-    """The first SIGTERM flushes and waits for outdev (here: never there, up
-    to --drain-timeout 60); the second exits at once with 128 + 15."""
+@pytest.mark.parametrize("sig,status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_second_signal_while_draining_exits_at_once(env, sig, status):
+    """The first signal flushes and waits for outdev (here: never there, up
+    to --drain-timeout 60); the second exits at once with 128 + its number."""
     import signal
     from serve_helpers import connect, free_port
     from test_serve import unix_ep
@@ -326,9 +329,9 @@ def test_a_second_signal_while_draining_exits_at_once(env):
         p.sendall(rec(f))
         s.sendall(rec(f))
     srv.wait_stats(lambda st: st["released"]["match"] == 50)
-    srv.signal(signal.SIGTERM)
+    srv.signal(getattr(signal, sig))
     srv.wait_stderr("stopping: flushing queued frames to outdev")
-    srv.signal(signal.SIGTERM)
-    assert srv.wait(10) == 143                   # not after the 60 s drain
-    srv.wait_stderr("stopping: second SIGTERM: exiting at once, 50 released frames not "
+    srv.signal(getattr(signal, sig))
+    assert srv.wait(10) == status                # not after the 60 s drain
+    srv.wait_stderr(f"stopping: second {sig}: exiting at once, 50 released frames not "
                     "written to outdev")
