@@ -315,10 +315,14 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
         # never a quiet "match": the exit status and stderr say it, even with -q
         status = EXIT_DIVERGE if result.compared_primary else EXIT_TROUBLE
         # (with -q there is no report: the line says why by itself)
-        why, n = max(result.stats.bypassed.items(), key=lambda kv: kv[1])
-        click.echo(_one_line(
-            f"colo-compare: only {result.compared_primary:,} of {result.primary.frames:,} primary "
-            f"frames could be compared ({n:,} not, for '{why}'): not a match"), err=True)
+        if not result.primary.frames:
+            line = "colo-compare: the primary capture has no frames: nothing to compare, not a match"
+        else:
+            why, n = max(result.stats.bypassed.items(), key=lambda kv: kv[1])
+            line = (f"colo-compare: only {result.compared_primary:,} of "
+                    f"{result.primary.frames:,} primary frames could be compared ({n:,} not, "
+                    f"for '{why}'): not a match")
+        click.echo(_one_line(line), err=True)
     else:
         status = EXIT_DIVERGE if verdict == "diverge" else EXIT_SAME
     if not quiet:

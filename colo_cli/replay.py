@@ -95,10 +95,12 @@ class ReplayResult:
     def verdict(self) -> str:
         """``diverge``; ``incomparable`` when less than half of the primary's
         frames could be compared at all (a match would say little: a wrong
-        --vnet-hdr-len, a link type read wrongly); else ``match``."""
+        --vnet-hdr-len, a link type read wrongly), or when there was nothing
+        to compare (two captures without a frame: a capture filter that
+        matched nothing is not two replicas that agree); else ``match``."""
         if self.diverged:
             return "diverge"
-        if self.primary.frames and self.compared_primary * 2 < self.primary.frames:
+        if self.compared_primary * 2 < self.primary.frames or not self.primary.frames:
             return "incomparable"
         return "match"
 
@@ -341,6 +343,8 @@ def _notes(result: ReplayResult, vnet_hdr_len: int) -> list:
     notes = []
     bypassed = result.stats.bypassed
     total = result.primary.frames
+    if not total:
+        notes.append("the primary capture has no frames: there was nothing to compare")
     n = sum(bypassed.values())
     if total and n * 2 > total:
         reason, count = max(bypassed.items(), key=lambda kv: kv[1])

@@ -218,6 +218,12 @@ def test_capture_against_itself(cli, entry):
     # Ethernet (at least its first interface), readable at least in part
     doc = r.doc
     bypassed = sum(doc["stats"]["bypassed"].values())
+    if not doc["inputs"]["primary"]["frames"]:
+        # a valid capture without a frame: nothing compared is not a match
+        assert (r.rc, doc["result"]) == (2, "incomparable"), r
+        assert r.err == "colo-compare: the primary capture has no frames: nothing to compare, " \
+                        "not a match\n", r
+        return
     if bypassed * 2 > doc["inputs"]["primary"]["frames"]:
         # mostly frames nobody can compare (LLC, STP, malformed): not called a
         # match; exit 2 when not a single frame could be compared

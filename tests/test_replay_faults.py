@@ -266,6 +266,22 @@ def test_a_small_comparable_part_is_not_a_match_either(cli, tmp_path):
     assert r.out.splitlines()[0].endswith(": INCOMPARABLE")
 
 
+def test_two_captures_without_a_frame_are_not_a_match(cli, tmp_path):
+    """A capture filter that matched nothing on either replica compared
+    nothing: it said MATCH and exited 0."""
+    empty = write(tmp_path / "empty.pcap", [])
+    for quiet in ([], ["-q"]):
+        r = cli("replay", empty, empty, *quiet)
+        assert r.rc == 2, r
+        assert r.err == ("colo-compare: the primary capture has no frames: nothing to compare, "
+                         "not a match\n")
+        if not quiet:
+            assert r.out.splitlines()[0].endswith(": INCOMPARABLE")
+    # with secondary frames and no primary ones, they diverge, as before
+    r = cli("replay", empty, MATCH_S, "-q")
+    assert (r.rc, r.err) == (1, "")
+
+
 # -- outputs ------------------------------------------------------------------------
 
 def test_two_outputs_on_one_path_are_refused_before_anything_is_written(cli, tmp_path):
