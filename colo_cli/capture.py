@@ -993,11 +993,23 @@ def _sniff(reader: CaptureReader) -> bytes:
 
 # ---------------------------------------------------------------- writers
 
-def _check_ts_ns(ts_ns) -> int:
+class TimestampError(CaptureError, ValueError):
+    """A frame's time that the output format cannot store: before 1970, or
+    past its end (2106 for pcap, 2554 for pcapng).  A capture can hold such
+    times (pcapng's if_tsoffset) that its output cannot: a one-line error
+    naming the output, not an internal error."""
+
+
+def _output_name(fileobj) -> str:
+    name = getattr(fileobj, "name", None)
+    return name if isinstance(name, str) else "output"
+
+
+def _check_ts_ns(ts_ns, name: str = "output") -> int:
     # operator.index refuses floats: a float cannot hold epoch nanoseconds.
     ts_ns = operator.index(ts_ns)
     if ts_ns < 0:
-        raise ValueError("negative timestamp %d ns" % ts_ns)
+        raise TimestampError("%s: cannot write a frame dated before 1970 (%d ns)" % (name, ts_ns))
     return ts_ns
 
 
@@ -1008,6 +1020,7 @@ class PcapWriter:
     def __init__(self, fileobj: BinaryIO, *, linktype: int = LINKTYPE_ETHERNET,
                  snaplen: int = MAX_CAPLEN, nano: bool = False) -> None:
         self._write = fileobj.write
+        self._name = _output_name(fileobj)
         self._nano = nano
         self.snaplen = snaplen
         self.packets = 0
@@ -1018,9 +1031,10 @@ class PcapWriter:
     def write(self, ts_ns: int, data: bytes, orig_len: int | None = None) -> None:
         """One record; data beyond the header's snaplen is cut (orig_len keeps
         the full length), so the header stays true."""
-        sec, frac_ns = divmod(_check_ts_ns(ts_ns), _NS_PER_S)
+        sec, frac_ns = divmod(_check_ts_ns(ts_ns, self._name), _NS_PER_S)
         if sec > 0xFFFFFFFF:
-            raise ValueError("timestamp %d ns is past what pcap can store (2106)" % ts_ns)
+            raise TimestampError("%s: cannot write a frame dated past 2106, where pcap's clock "
+                                 "ends (%d ns)" % (self._name, ts_ns))
         # Truncate, never round: rounding 1.9999999 s up gives usec 1000000.
         frac = frac_ns if self._nano else frac_ns // 1000
         if orig_len is None:
@@ -1066,6 +1080,7 @@ class PcapngWriter:
     def __init__(self, fileobj: BinaryIO, *, application: str = "colo-compare",
                  comment: str | None = None) -> None:
         self._write = fileobj.write
+        self._name = _output_name(fileobj)
         self._ifaces: list[int] = []  # snaplen per interface id
         self.packets = 0
         # Section length -1: not known in advance (the file is streamed).
@@ -1094,9 +1109,10 @@ class PcapngWriter:
         """One Enhanced Packet Block (with opt_comment when given)."""
         if not 0 <= iface < len(self._ifaces):
             raise ValueError("interface %d was not added" % iface)
-        ts_ns = _check_ts_ns(ts_ns)
+        ts_ns = _check_ts_ns(ts_ns, self._name)
         if ts_ns >> 64:
-            raise ValueError("timestamp %d ns does not fit 64 bits" % ts_ns)
+            raise TimestampError("%s: cannot write a frame dated past 2554, where pcapng's "
+                                 "nanoseconds end (%d ns)" % (self._name, ts_ns))
         if orig_len is None:
             orig_len = len(data)
         snaplen = self._ifaces[iface]

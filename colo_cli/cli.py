@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import platform
+import stat
 import sys
 
 import click
@@ -28,6 +29,38 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 class Trouble(Exception):
     """An error to report in one line and exit 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) during a command that writes files: unwound like
+    Ctrl-C, so that no partial output is left behind, and exits 128 + the
+    signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While the block runs, SIGTERM and SIGHUP raise Terminated instead of
+    ending the process on the spot (which would leave the temporary files
+    of the outputs behind)."""
+    import signal
+
+    def raise_terminated(signum, _frame):
+        raise Terminated(signum)
+    saved = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            saved[sig] = signal.signal(sig, raise_terminated)
+    except ValueError:           # not the main thread: nothing to install
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _tune_gc() -> None:
@@ -342,6 +375,7 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
         _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color, selection)
         return
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_terminate_as_interrupt())
         try:
             p_reader = stack.enter_context(open_capture(primary))
             s_reader = stack.enter_context(open_capture(secondary))
@@ -376,12 +410,16 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
     if verdict == "incomparable":
         # never a quiet "match": the exit status and stderr say it, even with -q
         status = EXIT_DIVERGE if result.compared_primary else EXIT_TROUBLE
+        # (with -q there is no report: the line says why by itself)
         if result.primary.frames:
+            why, n = max(result.stats.bypassed.items(), key=lambda kv: kv[1])
             text = (f"only {result.compared_primary:,} of {result.primary.frames:,} primary "
-                    "frames could be compared: not a match (see the report's note)")
+                    f"frames could be compared ({n:,} not, for '{why}'): not a match")
+        elif result.primary.left_out:
+            why = ", ".join(f"{n:,} left out by {k}" for k, n in result.primary.left_out.items())
+            text = f"no primary frame was selected for comparison ({why}): not a match"
         else:
-            text = ("no primary frame was selected for comparison: not a match "
-                    "(see the report's note)")
+            text = "the primary capture has no frames: nothing to compare, not a match"
         click.echo(_one_line(f"colo-compare: {text}"), err=True)
     else:
         status = EXIT_DIVERGE if verdict == "diverge" else EXIT_SAME
@@ -511,7 +549,8 @@ def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
+        # not there yet: the same path once symlinks are followed
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 @contextlib.contextmanager
@@ -519,27 +558,99 @@ def _open_output(path):
     """An output file that appears whole or not at all: written to a
     temporary file beside it and renamed into place once the command has
     succeeded; removed on an error or Ctrl-C (a partial pcap that looks
-    valid is worse than none).  ``-`` is stdout."""
+    valid is worse than none).  ``-`` is stdout.  A symlink's target is
+    written (the link stays); what is not a regular file (/dev/null, a
+    FIFO) and what is under /dev or /proc (/dev/stdout) is written as it is:
+    renaming over it would replace the device, pipe or link with a file.
+    A failed write (a full disk, a size limit) is a one-line error naming
+    the file."""
     if path == "-":
-        yield sys.stdout.buffer
-        sys.stdout.buffer.flush()
+        out = _Output(sys.stdout.buffer, "standard output")
+        yield out
+        out.flush()
         return
-    import tempfile
-    directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part",
-                                   dir=directory)
+        special = not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        special = False         # not there yet: made below
+    if special or os.path.abspath(path).startswith(("/dev/", "/proc/")):
+        # (/dev/stdout, /dev/fd/N: whatever they point to is written, never renamed over)
+        try:
+            f = open(path, "wb")
+        except OSError as e:
+            raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
+        with _writing(f, path) as out:
+            yield out
+        return
+    real = os.path.realpath(path)
+    import tempfile
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(real) + ".", suffix=".part",
+                                   dir=os.path.dirname(real))
     except OSError as e:
         raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        with _writing(os.fdopen(fd, "wb"), path) as out:
+            yield out
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, real)
+        except OSError as e:
+            raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def _writing(f, name: str):
+    """``f`` as an _Output, flushed at the end and closed whatever happens
+    (after a failed write, closing would only fail again on the rest of
+    the buffer: that error is not the one to report)."""
+    try:
+        out = _Output(f, name)
+        yield out
+        out.flush()
+    finally:
+        with contextlib.suppress(OSError):
+            f.close()
+
+
+class _Output:
+    """An output file as the writers see it (they only call ``write``): a
+    write that fails is the user's trouble, not an internal error.  A
+    closed pipe on standard output is left to ``main`` (BrokenPipeError)."""
+
+    __slots__ = ("_f", "_name")
+
+    def __init__(self, f, name: str) -> None:
+        self._f = f
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        """What messages call it (the writers' errors name it too)."""
+        return self._name
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            raise self._trouble(e) from None
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as e:
+            raise self._trouble(e) from None
+
+    def _trouble(self, e: OSError) -> BaseException:
+        if isinstance(e, BrokenPipeError):
+            if self._name == "standard output":
+                return e
+            return Trouble(f"{self._name}: cannot write: its reader went away")
+        return Trouble(f"{self._name}: cannot write: {e.strerror or e}")
 
 
 def _umask() -> int:
@@ -941,9 +1052,9 @@ def main(argv=None) -> None:
         rc = EXIT_TROUBLE
     except click.exceptions.Exit as e:
         rc = e.exit_code
-    except (click.Abort, KeyboardInterrupt):
+    except (click.Abort, KeyboardInterrupt) as e:
         click.echo("colo-compare: interrupted", err=True)
-        rc = EXIT_INTERRUPTED
+        rc = 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
     except Trouble as e:
         if debug:
             import traceback

@@ -60,6 +60,12 @@ def _with_zeros(counts: dict, known: list) -> dict:
     return out
 
 
+#: Counters added to version 1 reports after the first were written, with
+#: what an older report means by leaving them out: such a report is not
+#: damaged.
+ADDED_TO_VERSION_1 = {"secondary_absent_periods": 0}
+
+
 class ReportError(ValueError):
     """Not a report this version understands (one-line message)."""
 
@@ -115,7 +121,11 @@ def from_report(report, name: str) -> dict:
         raise ReportError(f"{name}: report version {version!r} is not supported "
                           f"(this colo-compare reads versions 1 and 2)")
     from .core import Comparator
-    problem = _shape_problem(report["stats"], Comparator().snapshot(), "stats")
+    stats = report["stats"]
+    if isinstance(stats, dict):
+        for key, value in ADDED_TO_VERSION_1.items():
+            stats.setdefault(key, value)
+    problem = _shape_problem(stats, Comparator().snapshot(), "stats")
     if problem is None and not isinstance(report.get("top_divergent", []), list):
         problem = "top_divergent is not a list"
     top = []
@@ -315,4 +325,11 @@ def prometheus(doc: dict) -> str:
         notify = serve["notify"]
         e.counter(p + "do_checkpoint_sent_total", "DO_CHECKPOINT messages sent on notify-dev.",
                   notify["do_checkpoint_sent"])
+        e.gauge(p + "secondary_absent", "1 while comparing has stopped because --secondary-in "
+                "has had no peer for longer than the compare timeout.",
+                bool(serve.get("secondary_absent")))
+        e.counter(p + "secondary_absent_periods_total", "Times comparing stopped for want of a "
+                  "secondary.", st.get("secondary_absent_periods", 0))
+        e.counter(p + "internal_errors_total", "Frames the comparator failed on (let go and "
+                  "counted: a bug, please report it).", serve.get("internal_errors", 0))
     return "\n".join(e.lines) + "\n"

@@ -589,6 +589,14 @@ def stats_renderables(console: Console, doc: dict, verbose: bool = False) -> lis
         errs = {f"{side} {kind}": n for side, kinds in serve["input_errors"].items()
                 for kind, n in kinds.items() if n}
         t.add_row("input errors", fmt_count(sum(errs.values())), breakdown(errs))
+        if serve.get("secondary_absent") or st.get("secondary_absent_periods"):
+            # (comparing stops while --secondary-in has had no peer for longer than the timeout)
+            t.add_row("secondary absent", fmt_count(st.get("secondary_absent_periods", 0)),
+                      "now: comparing stopped, primary frames pass uncompared"
+                      if serve.get("secondary_absent") else "times; back now")
+        if serve.get("internal_errors"):
+            t.add_row("internal errors", fmt_count(serve["internal_errors"]),
+                      "frames let go on a bug of ours (please report it)")
         notify = serve["notify"]
         if "notify-dev" in serve["links"]:
             t.add_row("notify-dev", fmt_count(notify["do_checkpoint_sent"]),

@@ -196,13 +196,12 @@ class ReplayResult:
     def verdict(self) -> str:
         """``diverge``; ``incomparable`` when less than half of the primary's
         frames could be compared at all (a match would say little: a wrong
-        --vnet-hdr-len, a link type read wrongly); else ``match``."""
+        --vnet-hdr-len, a link type read wrongly), or when there was nothing
+        to compare (two captures without a frame, or a --filter that
+        selected none: that is not two replicas that agree); else ``match``."""
         if self.diverged:
             return "diverge"
-        if self.primary.frames and self.compared_primary * 2 < self.primary.frames:
-            return "incomparable"
-        if not self.primary.frames and self.primary.left_out:
-            # the capture had frames, and the selection left out every one
+        if self.compared_primary * 2 < self.primary.frames or not self.primary.frames:
             return "incomparable"
         return "match"
 
@@ -217,6 +216,12 @@ class ReplayResult:
 #: interfaces) count as no time at all.
 JUMP_FORWARD_NS = 3600 * 10**9
 JUMP_BACK_NS = 10**9
+#: A step forward longer than this is no time that passed but a broken
+#: clock (a pcapng if_tsoffset or a coarse if_tsresol gone wrong: 64-bit
+#: nanoseconds reach 584 years): handled as a step back is.  Kept, it would
+#: also take the timeline past what a float of milliseconds holds exactly
+#: (2**53 ms, 285,000 years), where scan ticks no longer move on.
+JUMP_BROKEN_NS = 1000 * 365 * 86400 * 10**9
 _MAX_JUMP_WARNINGS = 5
 
 
@@ -274,6 +279,12 @@ def _timeline(reader, info: SideInfo, side, selection: Selection, numbers: Frame
                 warn(f"frame {h_number}: its timestamp is {_span(h_rel - prev)} ahead of the "
                      "frames around it; taken as the time of the frame before")
                 h_rel = prev
+            elif h_rel - prev > JUMP_BROKEN_NS:
+                warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward, more "
+                     "than any clock can; the timeline goes on from the frame before")
+                offset -= h_rel - prev
+                rel -= h_rel - prev
+                h_rel = prev
             else:
                 warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
                 prev = h_rel
@@ -321,7 +332,13 @@ def _timeline(reader, info: SideInfo, side, selection: Selection, numbers: Frame
         yield item
     if held is not None:
         h_number, h_rel, h_ts, h_data, h_orig, h_lt = held
-        warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
+        if h_rel - prev > JUMP_BROKEN_NS:
+            warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward, more than "
+                 "any clock can; the timeline goes on from the frame before")
+            offset -= h_rel - prev
+            h_rel = prev
+        else:
+            warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
         item = (h_rel, side, h_ts, h_data, h_orig > len(h_data), offset, -1, 0)
         if pick is not None:
             item = pick(item, h_orig, h_lt)
@@ -483,7 +500,9 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
         last = None
         while True:
             due = comparator.get_timer()
-            if due is None or due > now_ms:
+            if due is None or due > now_ms or due == last:
+                # (the same tick again: the clock is past where float
+                # milliseconds step by a scan cycle; never spin on it)
                 return last
             events = comparator.handle_timer(due)
             last = due
@@ -545,6 +564,8 @@ def _notes(result: ReplayResult, vnet_hdr_len: int, selection: Selection | None 
             notes.append(_left_out_note(info, selection or Selection()))
     bypassed = result.stats.bypassed
     total = result.primary.frames
+    if not total:
+        notes.append("the primary capture has no frames: there was nothing to compare")
     n = sum(bypassed.values())
     if total and n * 2 > total:
         reason, count = max(bypassed.items(), key=lambda kv: kv[1])

@@ -866,9 +866,12 @@ class Server:
                    error=f"{type(e.error).__name__}: {e.error}")
         n = self.internal_errors
         if n == 1 or n % 100 == 0:
-            where = f"a {e.side.label} frame" if e.side is not None else "a timer scan"
-            self.log(f"internal error on {where} ({n} so far): {type(e.error).__name__}: "
-                     f"{e.error}; the frame was let go and comparison goes on"
+            if e.side is not None:
+                where, then = f"on a {e.side.label} frame", "the frame was let go"
+            else:
+                where, then = "in a timer scan", "the next scan tries again"
+            self.log(f"internal error {where} ({n} so far): {type(e.error).__name__}: "
+                     f"{e.error}; {then} and comparison goes on"
                      + ("" if self.options.debug else " (--debug shows the traceback; please "
                         "report it)"))
             if self.options.debug:

@@ -249,8 +249,8 @@ def test_capture_against_itself(cli, entry):
     if received and side["frames"] == 0:
         # nothing sent at all: not called a match
         assert (r.rc, doc["result"]) == (2, "incomparable"), r
-        assert r.err == "colo-compare: no primary frame was selected for comparison: not a match " \
-                        "(see the report's note)\n", r
+        assert r.err == ("colo-compare: no primary frame was selected for comparison "
+                         f"({received} left out by direction): not a match\n"), r
         assert any(f"{received} frames not compared: {received} not outgoing" in n
                    for n in doc["notes"]), doc["notes"]
     else:
@@ -276,6 +276,12 @@ def _assert_self_match(r, entry, left_out):
     nobody compares, INCOMPARABLE."""
     doc = r.doc
     bypassed = sum(doc["stats"]["bypassed"].values())
+    if not doc["inputs"]["primary"]["frames"]:
+        # a valid capture without a frame: nothing compared is not a match
+        assert (r.rc, doc["result"]) == (2, "incomparable"), r
+        assert r.err == "colo-compare: the primary capture has no frames: nothing to compare, " \
+                        "not a match\n", r
+        return
     if bypassed * 2 > doc["inputs"]["primary"]["frames"]:
         # mostly frames nobody can compare (LLC, STP, malformed): not called a
         # match; exit 2 when not a single frame could be compared

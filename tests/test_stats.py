@@ -204,6 +204,25 @@ def test_stats_of_a_replay_report(tmp_path, capsys):
     assert f'colo_compare_info{{source="replay-report",version="{__version__}"}} 1' in text
 
 
+def test_a_report_written_before_a_counter_was_added_is_not_damaged(tmp_path, capsys):
+    """A version 1 report from the colo-compare before the secondary's
+    absence was counted has no stats.secondary_absent_periods: stats read it
+    as 0 (it said 'damaged report: stats.secondary_absent_periods is
+    missing')."""
+    with pytest.raises(SystemExit):
+        main(["replay", "--json", os.path.join(EXAMPLES, "diverge-primary.pcap"),
+              os.path.join(EXAMPLES, "diverge-secondary.pcap")])
+    doc = json.loads(capsys.readouterr().out)
+    del doc["stats"]["secondary_absent_periods"]
+    report = tmp_path / "older.json"
+    report.write_text(json.dumps(doc))
+    code, text, err = _stats_cli(capsys, str(report), "--json")
+    assert (code, err) == (0, "")
+    assert json.loads(text)["stats"]["secondary_absent_periods"] == 0
+    code, text, err = _stats_cli(capsys, str(report))
+    assert (code, err) == (0, "") and "tcp:content 1" in text
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not JSON"),
     ('{"version": 1, "command": "serve"}', "not a colo-compare replay report"),
