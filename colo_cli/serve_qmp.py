@@ -231,9 +231,8 @@ class QmpSide:
     # -- the comparator's requests --------------------------------------------------------
     def request(self, now_ms) -> None:
         """The comparator asked for a checkpoint."""
-        actions = self.policy.request(now_ms)
-        if actions:
-            self._apply(actions, now_ms)
+        # (a deferred request arms the bound without any action)
+        self._apply(self.policy.request(now_ms), now_ms)
 
     def _ask(self, seq: int) -> None:
         """Re-send x-checkpoint-delay with its current value (read now)."""
@@ -283,7 +282,8 @@ class QmpSide:
             elif t is Fallback:
                 released = self._set_mode(CheckpointMode.LOCAL, now_ms)
                 server.event("qmp_fallback", reason=a.reason, detail=a.detail, released=released)
-                server.log(f"qmp: {a.detail}; checkpoints are local (release policy) meanwhile"
+                server.log(f"qmp: {a.detail}; checkpoints are local meanwhile (release "
+                           f"policy, fallback {a.reason})"
                            + (f"; {released} held frames released" if a.left else ""))
             elif t is ColoActive:
                 self._set_mode(CheckpointMode.EXTERNAL, now_ms)

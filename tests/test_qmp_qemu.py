@@ -133,13 +133,13 @@ class World:
             return next(t for t, total in self.out.chunks if total >= pos)
 
     def close(self) -> None:
+        if self.serve is not None:
+            self.serve.kill_hard()
         for s in (self.p, self.s):
             if s is not None:
                 s.close()
         if self.out is not None:
             self.out.close()
-        if self.serve is not None:
-            self.serve.kill_hard()
         self.pair.close()
 
 
@@ -341,3 +341,129 @@ def test_qmp_frozen_then_killed_mid_checkpoint_bound_fires_serve_reconnects(worl
     assert len(w.pair.checkpoints(since)) == 1
     assert w.counts()["completed"] == 1
     assert w.serve.link("qmp")["connections"] == 2
+
+
+# ---------------------------------------------------------------------------
+# Part B: QEMU's own filters in front of serve
+# ---------------------------------------------------------------------------
+
+class WiredWorld:
+    """The COLO pair carrying the documented COLO wiring (interop section 4b):
+    the guests' output reaches serve through QEMU's filter-redirectors, and
+    what serve releases leaves the primary's netdev through QEMU's
+    redirector; serve on the primary's second QMP monitor."""
+
+    def __init__(self, group: QemuGroup, *, vnet: bool, qmp_timeout_ms: int = 3000) -> None:
+        d = group.dir
+        self.wiring = build_colo_wiring(group, vnet_hdr_support=vnet,
+                                        primary_extra_args=ColoPair.primary_args(d),
+                                        secondary_extra_args=ColoPair.secondary_args(d))
+        self.pair = ColoPair(d, primary=self.wiring.primary, secondary=self.wiring.secondary)
+        ep = self.wiring.endpoints
+        ctl = os.path.join(d, "ctl.sock")
+        args = ["--primary-in", f"unix:{ep.primary_in.path}",
+                "--secondary-in", f"unix:{ep.secondary_in.path},server",
+                "--outdev", f"unix:{ep.outdev.path}",
+                "--qmp", f"unix:{self.pair.serve_qmp_path}",
+                "--qmp-checkpoint-timeout", str(qmp_timeout_ms),
+                "--control", ctl, "--connect-timeout", "20", "-v"]
+        if vnet:
+            args.append("--vnet-hdr-support")
+        self.serve_args, self.ctl, self.dir = args, ctl, d
+        self.serve: ServeProc | None = None
+
+    def start(self) -> None:
+        self.pair.start()                  # QEMUs up, monitors answering, guest sockets connected
+        self.serve = ServeProc(self.dir, self.serve_args, control=self.ctl)
+        self.serve.wait_ready()
+        self.wiring.wait_ready(15)         # (the secondary's redirector reconnects every second)
+        self.serve.wait_stats(lambda st: all(l["connected"] for l in st["serve"]["links"].values()),
+                              15, "every link of serve connected")
+        self.pair.enter_colo()
+        self.serve.wait_stats(lambda st: st["serve"]["qmp"]["policy_now"] == "qmp"
+                              and st["serve"]["qmp"]["checkpoints"]["periodic"] >= 1,
+                              what="the qmp policy in force")
+
+    def send(self, p_frame: bytes, s_frame: bytes | None = None) -> None:
+        self.wiring.guest_send("primary", p_frame)
+        self.wiring.guest_send("secondary", p_frame if s_frame is None else s_frame)
+
+    def left(self) -> list:
+        """(monotonic time, frame) of what left the primary's netdev."""
+        p = self.wiring.primary
+        return [(p.t0 + d.t, d.frame) for d in p.received_datagrams()]
+
+    def wait_left(self, n: int, timeout: float = 10.0) -> list:
+        self.wiring.wait_client_received(n, timeout)
+        return self.left()
+
+    def qmp(self) -> dict:
+        return self.serve.stats()["serve"]["qmp"]
+
+    def close(self) -> None:
+        if self.serve is not None:
+            self.serve.kill_hard()
+        self.pair.close()
+
+
+@pytest.fixture
+def wired():
+    made = []
+    group = QemuGroup(prefix="colo-qmpw-")
+
+    def factory(**kwargs) -> WiredWorld:
+        w = WiredWorld(group, **kwargs)
+        made.append(w)
+        w.start()
+        return w
+
+    try:
+        yield factory
+    finally:
+        for w in made:
+            w.close()
+        group.close()
+
+
+@pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
+def test_filters_in_front_matched_flows_divergence_checkpoints_once(wired, vnet):
+    w = wired(vnet=vnet)
+    since = time.monotonic()
+    same = frames(b"through the filters", 50, sport=5020)
+    for f in same:
+        w.send(f)
+    assert [f for _, f in w.wait_left(50)] == same
+    time.sleep(0.2)
+    assert w.pair.checkpoints(since) == []
+    p_div = udp_frame(b"primary value 1", sport=5021)
+    w.send(p_div, udp_frame(b"SECONDARY VAL 1", sport=5021))
+    ((stop, resume),) = wait_until(lambda: w.pair.checkpoints(since), 10, "the checkpoint")
+    got = w.wait_left(51)
+    t_left, frame = got[50]
+    assert frame == p_div
+    assert wall(t_left) > resume.qemu_ts and wall(t_left) - resume.qemu_ts < PROMPT_S
+    after = frames(b"after", 10, sport=5021)
+    for f in after:
+        w.send(f)
+    assert [f for _, f in w.wait_left(61)][51:] == after
+    time.sleep(0.2)
+    assert len(w.pair.checkpoints(since)) == 1
+    q = w.qmp()
+    assert q["checkpoints"]["requested"] == q["checkpoints"]["completed"] == 1
+    st = w.serve.stats()
+    assert st["released"]["match"] == 60 and st["released"]["checkpoint"] == 1
+    assert w.pair.primary.qmp("query-status")["status"] == "running"
+
+
+def test_filters_in_front_failover_falls_back(wired):
+    w = wired(vnet=True)
+    since = time.monotonic()
+    w.pair.lost_heartbeat()
+    w.pair.watcher.wait_event("COLO_EXIT", since)
+    w.serve.wait_stats(lambda st: st["serve"]["qmp"]["fallback_reason"] == "colo-exit",
+                       what="the fallback")
+    p_div = udp_frame(b"primary alone 1", sport=5022)
+    w.send(p_div, udp_frame(b"SECONDARY ALONE", sport=5022))
+    assert [f for _, f in w.wait_left(1)] == [p_div]
+    assert w.qmp()["checkpoints"]["requested"] == 0
+    assert w.serve.stats()["serve"]["checkpoints_by"]["local"] == 1
