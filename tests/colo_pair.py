@@ -154,17 +154,21 @@ class ColoPair:
 
     def __init__(self, workdir: str, *, checkpoint_delay_ms: int = 60_000,
                  primary: QemuProcess | None = None, secondary: QemuProcess | None = None,
-                 tag: str = "") -> None:
+                 tag: str = "", migration_uri: str | None = None) -> None:
         """``primary`` / ``secondary``: processes built by the caller (the
         filter wiring, say), whose extra arguments include
         ``primary_args(workdir, tag)`` / ``secondary_args(workdir, tag)``;
-        by default plain ``-machine none`` QEMUs."""
+        by default plain ``-machine none`` QEMUs.  ``migration_uri``: the
+        migration channel (default a unix socket in ``workdir``;
+        ``tcp:127.0.0.1:PORT`` is what two hosts use)."""
         self.workdir = workdir
         self.tag = tag
         self.checkpoint_delay_ms = checkpoint_delay_ms
         self.serve_qmp_path, self.watch_qmp_path, self.migration_path = self.paths(workdir, tag)
+        self.migration_uri = migration_uri or f"unix:{self.migration_path}"
         self.secondary = secondary or QemuProcess(
-            name=f"{tag}colo-sec", workdir=workdir, extra_args=self.secondary_args(workdir, tag))
+            name=f"{tag}colo-sec", workdir=workdir,
+            extra_args=self.secondary_args(workdir, tag, self.migration_uri))
         self.primary = primary or QemuProcess(
             name=f"{tag}colo-pri", workdir=workdir, extra_args=self.primary_args(workdir, tag))
         self.watcher: QmpWatcher | None = None
@@ -184,8 +188,9 @@ class ColoPair:
                 "-qmp", f"unix:{watch_qmp},server=on,wait=off"]
 
     @classmethod
-    def secondary_args(cls, workdir: str, tag: str = "") -> list[str]:
-        return ["-accel", "tcg", "-incoming", f"unix:{cls.paths(workdir, tag)[2]}"]
+    def secondary_args(cls, workdir: str, tag: str = "", migration_uri: str | None = None) -> list[str]:
+        return ["-accel", "tcg", "-incoming",
+                migration_uri or f"unix:{cls.paths(workdir, tag)[2]}"]
 
     @property
     def processes(self) -> list[QemuProcess]:
@@ -215,7 +220,7 @@ class ColoPair:
         self.secondary.qmp("migrate-set-capabilities", capabilities=CAPABILITIES)
         self.primary.qmp("migrate-set-capabilities", capabilities=CAPABILITIES)
         self.primary.qmp("migrate-set-parameters", **{"x-checkpoint-delay": self.checkpoint_delay_ms})
-        self.primary.qmp("migrate", uri=f"unix:{self.migration_path}")
+        self.primary.qmp("migrate", uri=self.migration_uri)
         self.watcher.wait_event("MIGRATION", since, timeout_s=timeout_s,
                                 pred=lambda e: e.data.get("status") == "colo")
         resumed = self.watcher.wait_event("RESUME", since, timeout_s=timeout_s)[-1]

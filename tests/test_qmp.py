@@ -469,3 +469,17 @@ def test_policy_invariants(script):
             assert was_outstanding and checkpoints[0].wait_ms >= 0
     assert p.completed <= p.requested
     assert p.completed == p.wait_ms.count
+
+
+def test_the_real_guest_test_says_why_it_is_skipped():
+    """tests/test_qmp_real_guests.py is opt-in; when it skips, the reason
+    must name what is missing (here: the variable, then kvm_pvm)."""
+    import os
+
+    from qemu_harness import qemu_available
+    from test_qmp_real_guests import ENV, skip_reason
+    assert ENV in skip_reason({})
+    if qemu_available() and os.path.exists("/sys/module/kvm_pvm"):
+        assert "kvm_pvm" in skip_reason({ENV: "1"})
+        assert "kvm_pvm" not in (skip_reason({ENV: "1", "COLO_COMPARE_REAL_GUESTS_ACCEL": "tcg"})
+                                 or "")
