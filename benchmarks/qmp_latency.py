@@ -14,8 +14,8 @@ records QEMU's own STOP and RESUME timestamps, so the wait splits into
 serve's part and QEMU's.
 
 The migration channel is a unix socket, or TCP on loopback (what two hosts
-use); TCP checkpoints take much longer here (delayed ACKs on the COLO
-channel, see benchmarks/README.md).
+use); QEMU's checkpoints take much longer over TCP here (about 90 ms against
+half a millisecond; see benchmarks/README.md).
 
     python benchmarks/qmp_latency.py                     # both channels, 100 each
     python benchmarks/qmp_latency.py --migration tcp --divergences 30 --json out.json

@@ -569,3 +569,41 @@ def test_stats_json_prometheus_and_table_show_the_qmp_side(rig, capsys):
     assert "checkpoint policy qmp" in table
     assert "QEMU checkpoints" in table and "requested 1, completed 1" in table
     assert "in COLO state: checkpoints asked of QEMU" in table
+
+
+def test_the_manual_names_every_fallback_reason_stats_key_event_and_metric():
+    """colo-compare-serve(1) documents the qmp policy: each fallback reason,
+    each key of serve.qmp in the stats, each qmp_* event and each Prometheus
+    family --qmp adds (found in the code, so a new one cannot go
+    undocumented)."""
+    import asyncio
+    import re
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from colo_cli.endpoints import parse_endpoint
+    from colo_cli.metrics import _qmp_metrics, _Exposition
+    from colo_cli.qmp_policy import FALLBACK_REASONS
+    from colo_cli.serve_qmp import QmpSide
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "man" / "colo-compare-serve.1").read_text().replace("\\-", "-")
+    for reason in FALLBACK_REASONS:
+        assert f".B {reason}" in page, reason
+    loop = asyncio.new_event_loop()
+    try:
+        side = QmpSide(SimpleNamespace(loop=loop), parse_endpoint("unix:/tmp/x.sock"), 5000)
+        snap = side.snapshot()
+    finally:
+        loop.close()
+    for key in snap:
+        if key not in ("endpoint", "checkpoint_timeout_ms"):
+            assert re.search(rf"\b{key}\b", page), f"serve.qmp.{key} is not in the manual"
+    for key in snap["checkpoints"]:
+        assert re.search(rf"\b{key}\b", page), f"serve.qmp.checkpoints.{key}"
+    code = (root / "colo_cli" / "serve_qmp.py").read_text()
+    for name in set(re.findall(r'event\("(qmp_\w+)"', code)):
+        assert name in page, f"event {name} is not in the manual"
+    e = _Exposition()
+    _qmp_metrics(e, "colo_compare_", snap)
+    for family in {l.split()[2] for l in e.lines if l.startswith("# TYPE")}:
+        assert family in page, f"metric {family} is not in the manual"
