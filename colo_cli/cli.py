@@ -461,7 +461,8 @@ ENDPOINT = EndpointType()
                    "checkpoints on demand.")
 @click.option("--events", "events_path", metavar="FILE",
               help="Append one JSON line per release-affecting event (miscompare, checkpoint "
-                   "request, checkpoint, bypass, drop, input error) to FILE ('-': stdout).")
+                   "request, checkpoint, bypass, drop, input error; with --qmp QEMU's "
+                   "checkpoints and the fallbacks) to FILE ('-': stdout).")
 @click.option("--hexdump", is_flag=True,
               help="Print a side-by-side hexdump of each miscompare on stderr.")
 @click.option("--hexdump-rate", type=click.IntRange(min=1), default=10, show_default=True,

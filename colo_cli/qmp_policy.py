@@ -177,7 +177,6 @@ class QmpCheckpointPolicy:
         self._exited = False
         return self._leave(FALLBACK_UNREACHABLE, detail)
 
-
     def state_known(self, migration_status: str | None, colo_mode: str | None,
                     events_capability: bool, now_ms) -> list:
         """The answers of ``query-migrate`` (its ``status``),

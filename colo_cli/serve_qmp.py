@@ -34,8 +34,8 @@ from collections import Counter
 
 from .core import CheckpointDone, CheckpointMode
 from .qmp import Event, Greeting, QmpClient, Reply
-from .qmp_policy import (Checkpointed, ColoActive, Fallback, GiveUp, QmpCheckpointPolicy,
-                         SendRequest)
+from .qmp_policy import (GIVE_UP_TIMEOUT, Checkpointed, ColoActive, Fallback, GiveUp,
+                         QmpCheckpointPolicy, SendRequest)
 
 #: Bytes of commands waiting for the QMP peer to read them, at most.
 QMP_OUT_LIMIT = 64 * 1024
@@ -45,7 +45,7 @@ REPLY_TIMEOUTS = 2
 REPLY_TIMEOUT_MIN_MS = 1000
 #: The QMP events the policy follows (counted in the stats).
 FOLLOWED_EVENTS = ("STOP", "RESUME", "MIGRATION_PASS", "MIGRATION", "COLO_EXIT")
-#: The queries made at connection, and where their answers go.
+#: The queries made at connection (their answers decide the policy's state).
 CONNECT_QUERIES = ("query-migrate-capabilities", "query-migrate", "query-colo-status",
                    "query-migrate-parameters")
 
@@ -77,7 +77,6 @@ class QmpSide:
         self.protocol_errors = 0
         self.no_answer = 0
         self.events_seen: Counter = Counter()
-        self._give_up_logged = 0
 
     # -- the link (called by Server.on_connect / on_data / on_disconnect) ----------------
     def on_connect(self) -> None:
@@ -273,12 +272,16 @@ class QmpSide:
                              **done)
             elif t is GiveUp:
                 released = self._release_held(now_ms)
-                n = self.policy.timed_out + sum(self.policy.failures.values())
                 server.event("qmp_checkpoint_failed", reason=a.reason, detail=a.detail,
                              released=released)
-                if n == 1 or n % 100 == 0 or a.reason != "timeout":
+                # a QEMU that stays stopped times out every request: say so the
+                # first time and every hundredth; a refusal each time
+                n = self.policy.timed_out if a.reason == GIVE_UP_TIMEOUT else 1
+                if n == 1 or n % 100 == 0:
                     server.log(f"qmp: checkpoint request failed: {a.detail}; {released} held "
-                               f"frames released locally ({n} failed so far)")
+                               "frames released locally"
+                               + (f" ({n} timeouts so far)" if a.reason == GIVE_UP_TIMEOUT
+                                  else ""))
             elif t is Fallback:
                 released = self._set_mode(CheckpointMode.LOCAL, now_ms)
                 server.event("qmp_fallback", reason=a.reason, detail=a.detail, released=released)

@@ -23,7 +23,7 @@ import time
 import pytest
 
 from colo_cli.testing import udp_frame
-from serve_helpers import PY, OutReader, ServeProc, connect, rec, unix_ep, wait_until
+from serve_helpers import PY, OutReader, ServeProc, connect, free_port, rec, unix_ep, wait_until
 
 GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, '
             b'"package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}, "capabilities": ["oob"]}}\r\n')
@@ -48,7 +48,7 @@ class FakeQmp:
     ``greetings`` is a list of greeting bytes for the successive
     connections (then GREETING)."""
 
-    def __init__(self, path: str, *, mode: str = "auto", status: str = "colo",
+    def __init__(self, path, *, mode: str = "auto", status: str = "colo",
                  colo_mode: str = "primary", events_capability: bool = True, delay_ms: int = 20000,
                  checkpoint_s: float = 0.05, reply_delay_s: float = 0.0, answer: bool = True,
                  greetings=()) -> None:
@@ -68,7 +68,11 @@ class FakeQmp:
         self.conn: socket.socket | None = None
         self._stop = threading.Event()
         self._timers: list[threading.Timer] = []
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if isinstance(path, tuple):                # ("127.0.0.1", port): TCP
+            self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        else:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(4)
         self.listener.settimeout(0.05)
@@ -114,10 +118,11 @@ class FakeQmp:
         self.drop()
         self.thread.join(5)
         self.listener.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        if not isinstance(self.path, tuple):
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
     # -- the server thread
     def _serve(self) -> None:
@@ -499,6 +504,16 @@ def test_qmp_unreachable_at_start_is_not_fatal(rig):
     # QEMU shows up later: serve connects and uses it
     rig.fake = FakeQmp(rig.qmp_path)
     rig.wait_qmp(lambda q: q["policy_now"] == "qmp", "the late QMP", timeout=15)
+
+
+def test_qmp_over_tcp(rig):
+    port = free_port()
+    rig.fake = FakeQmp(("127.0.0.1", port))
+    rig.start(qmp_ep=f"tcp:127.0.0.1:{port}")
+    a = rig.diverge(b"a", 7140)
+    assert rig.fake.wait_sets(1) == [{"x-checkpoint-delay": 20000}]
+    assert rig.wait_released(1) == [a]
+    assert rig.qmp()["endpoint"] == f"tcp:127.0.0.1:{port}"
 
 
 def test_qmp_as_a_listening_endpoint(rig):
