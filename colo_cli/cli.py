@@ -732,18 +732,31 @@ def _config_option(f):
                    "with QEMU's vnet_hdr_support=on; every peer must agree.")
 @normalize_option
 @ignore_option
-@click.option("--checkpoint-policy", type=click.Choice(["release", "hold"]), default=None,
+@click.option("--qmp", type=ENDPOINT, metavar="EP",
+              help="The primary QEMU's QMP monitor (a -qmp of its own for serve): "
+                   "checkpoints are asked of QEMU's COLO there, and seen there "
+                   "(STOP ... RESUME).")
+@click.option("--qmp-checkpoint-timeout", "qmp_checkpoint_timeout_ms",
+              type=click.FloatRange(min=0, min_open=True), default=5000, show_default=True,
+              metavar="MS",
+              help="With --qmp: when QEMU has not resumed this long after a checkpoint "
+                   "request (a failed checkpoint never does), the held frames are released "
+                   "locally, counted and logged.")
+@click.option("--checkpoint-policy", type=click.Choice(["release", "hold", "qmp"]), default=None,
               help="What a checkpoint request does.  release: checkpoint at once, locally, "
                    "the connection that raised it (the primary wins: its held frames are "
                    "released, the divergence recorded).  "
                    "hold: hold until COLO_CHECKPOINT arrives on --notify-dev or 'checkpoint' "
-                   "on --control, as QEMU does.  [default: hold with --notify-dev, else release]")
+                   "on --control, as QEMU does.  qmp: hold, ask QEMU's COLO for a checkpoint "
+                   "on --qmp, release at its RESUME; release while QEMU is not in COLO "
+                   "state.  [default: hold with --notify-dev, qmp with --qmp, else release]")
 @click.option("--control", "control_path", type=click.Path(dir_okay=False), metavar="PATH",
               help="Create a control socket (owner-only) for 'colo-compare stats' and for "
                    "checkpoints on demand.")
 @click.option("--events", "events_path", metavar="FILE",
               help="Append one JSON line per release-affecting event (miscompare, checkpoint "
-                   "request, checkpoint, bypass, drop, input error) to FILE ('-': stdout).")
+                   "request, checkpoint, bypass, drop, input error; with --qmp QEMU's "
+                   "checkpoints and the fallbacks) to FILE ('-': stdout).")
 @hexdump_option(0, "on stderr")
 @click.option("--hexdump-rate", type=click.IntRange(min=1), default=10, show_default=True,
               metavar="N", help="At most N hexdumps a minute (the rest are counted).")
@@ -772,15 +785,18 @@ def _config_option(f):
 def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
           expired_scan_cycle_ms, max_queue_size, max_connections, max_queued_mib, vnet_hdr_support,
           normalize_seq,
-          ignore, checkpoint_policy, control_path, events_path, hexdump_limit, hexdump_rate,
-          outdev_buffer_mib, connect_timeout, drain_timeout, metrics_listen, verbose, quiet, color):
+          ignore, qmp, qmp_checkpoint_timeout_ms, checkpoint_policy, control_path, events_path,
+          hexdump_limit, hexdump_rate, outdev_buffer_mib, connect_timeout, drain_timeout,
+          metrics_listen, verbose, quiet, color):
     """Compare live, in place of QEMU's -object colo-compare.
 
     Frames arrive on --primary-in and --secondary-in in QEMU's socket
     framing (a 4-byte big-endian length, and with --vnet-hdr-support a
     vnet header length word).  A primary frame goes to --outdev once the
     secondary sent the same; a divergence, or a secondary later than
-    --compare-timeout, raises a checkpoint request.
+    --compare-timeout, raises a checkpoint request.  With --qmp on the
+    primary QEMU's own QMP monitor, the request is asked of QEMU's COLO and
+    the held frames leave at its RESUME, as with QEMU's colo-compare.
 
     \b
     Endpoints use QEMU's chardev syntax:
@@ -802,7 +818,8 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
     Example (the roles of QEMU's COLO wiring):
       colo-compare serve --primary-in unix:/run/colo/compare0.sock \\
           --secondary-in unix:/run/colo/compare1.sock,server \\
-          --outdev unix:/run/colo/compare_out.sock --control /run/colo/ctl
+          --outdev unix:/run/colo/compare_out.sock --control /run/colo/ctl \\
+          --qmp unix:/run/colo/serve-qmp.sock
     """
     from .serve import ServeError, ServeOptions
     from .serve import serve as run_serve
@@ -810,6 +827,17 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
     names = [("--primary-in", primary_in), ("--secondary-in", secondary_in), ("--outdev", outdev)]
     if notify_dev is not None:
         names.append(("--notify-dev", notify_dev))
+    if qmp is not None:
+        names.append(("--qmp", qmp))
+        if notify_dev is not None:
+            raise click.UsageError("--qmp (QEMU's COLO) and --notify-dev (Xen's) cannot be "
+                                   "used together")
+        if checkpoint_policy not in (None, "qmp"):
+            raise click.UsageError(f"--qmp works with --checkpoint-policy qmp, not "
+                                   f"{checkpoint_policy}")
+    elif checkpoint_policy == "qmp":
+        raise click.UsageError("--checkpoint-policy qmp needs --qmp (the primary QEMU's QMP "
+                               "monitor)")
     seen = {}
     for name, ep in names:
         where = (ep.kind, ep.address)
@@ -820,7 +848,8 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
                      max_queued_mib,
                      normalize_seq=normalize_seq, ignore=ignore)
     options = ServeOptions(primary_in=primary_in, secondary_in=secondary_in, outdev=outdev,
-                           notify_dev=notify_dev, config=config,
+                           notify_dev=notify_dev, config=config, qmp=qmp,
+                           qmp_checkpoint_timeout_ms=qmp_checkpoint_timeout_ms,
                            vnet_hdr_support=vnet_hdr_support,
                            checkpoint_policy=checkpoint_policy, control_path=control_path,
                            events_path=events_path, hexdump=hexdump_limit,

@@ -332,4 +332,44 @@ def prometheus(doc: dict) -> str:
                   "secondary.", st.get("secondary_absent_periods", 0))
         e.counter(p + "internal_errors_total", "Frames the comparator failed on (let go and "
                   "counted: a bug, please report it).", serve.get("internal_errors", 0))
+        if serve.get("qmp"):
+            _qmp_metrics(e, p, serve["qmp"])
     return "\n".join(e.lines) + "\n"
+
+
+#: Prometheus buckets of QMP request -> RESUME times, in ms (exact edges of
+#: the core's log histogram, as HOLD_BOUNDS_MS)
+QMP_WAIT_BOUNDS_MS = [2.0 ** k for k in range(-1, 15)]   # 0.5 ms .. 16.4 s
+
+
+def _qmp_metrics(e: "_Exposition", p: str, q: dict) -> None:
+    """serve --qmp: QEMU's checkpoints, the QMP link and the COLO state."""
+    c = q["checkpoints"]
+    e.counter(p + "qmp_checkpoint_requests_total",
+              "Checkpoints asked of QEMU over QMP (x-checkpoint-delay re-sent).", c["requested"])
+    e.family(p + "qmp_checkpoints_total", "counter",
+             "QEMU checkpoints seen to complete (RESUME), by whether serve had asked for them.")
+    e.sample(p + "qmp_checkpoints_total", c["completed"], kind="requested")
+    e.sample(p + "qmp_checkpoints_total", c["periodic"], kind="periodic")
+    e.family(p + "qmp_checkpoint_failures_total", "counter",
+             "Checkpoint requests with no checkpoint: timeout (no RESUME in time), refused, or "
+             "lost with the QMP link or COLO state; held frames were released locally.")
+    e.sample(p + "qmp_checkpoint_failures_total", c["timed_out"], reason="timeout")
+    for reason, n in q["failures"].items():
+        e.sample(p + "qmp_checkpoint_failures_total", n, reason=reason)
+    name = p + "qmp_checkpoint_wait_seconds"
+    wait = Histogram.from_dict(q["request_to_resume_ms"])
+    e.family(name, "histogram", "From a checkpoint request over QMP to QEMU's RESUME, in seconds.")
+    for bound_ms, count in zip(QMP_WAIT_BOUNDS_MS, wait.cumulative(QMP_WAIT_BOUNDS_MS)):
+        e.sample(name + "_bucket", count, le=repr(bound_ms / 1000))
+    e.sample(name + "_bucket", wait.count, le="+Inf")
+    e.sample(name + "_sum", wait.sum / 1000)
+    e.sample(name + "_count", wait.count)
+    e.gauge(p + "qmp_ready", "1 when the QMP link is up and past its handshake.", q["ready"])
+    e.gauge(p + "colo_active",
+            "1 when QEMU is in COLO state and checkpoints are asked of it (policy qmp); 0 while "
+            "serve falls back to the release policy.", q["policy_now"] == "qmp")
+    e.family(p + "qmp_fallbacks_total", "counter",
+             "Times serve left the qmp policy for release, by reason.")
+    for reason, n in q["fallbacks"].items():
+        e.sample(p + "qmp_fallbacks_total", n, reason=reason)

@@ -542,8 +542,11 @@ def stats_renderables(console: Console, doc: dict, verbose: bool = False) -> lis
     color = console.color_system is not None
     parts = []
     if serve:
+        qmp = serve.get("qmp")
+        fallback = (f" (now release: {qmp['fallback_reason']})"
+                    if qmp and qmp.get("fallback_reason") else "")
         head = (f"colo-compare serve {serve['version']}: up {_duration(serve['uptime_s'])}, "
-                f"checkpoint policy {serve['policy']}"
+                f"checkpoint policy {serve['policy']}{fallback}"
                 + (", vnet headers" if serve.get("vnet_hdr_support") else ""))
     else:
         head = f"colo-compare replay report {doc.get('file', '')}: {doc.get('result', '')}"
@@ -602,13 +605,17 @@ def stats_renderables(console: Console, doc: dict, verbose: bool = False) -> lis
             t.add_row("notify-dev", fmt_count(notify["do_checkpoint_sent"]),
                       f"DO_CHECKPOINT sent; COLO_CHECKPOINT received "
                       f"{notify['colo_checkpoint_received']:,}")
+        if serve.get("qmp"):
+            _qmp_rows(t, serve["qmp"])
     parts.append(t)
     if serve:
         t = _table(console, "link", "endpoint", "peer", "connections", "in/out")
         for name, d in serve["links"].items():
             state = d["peer"] if d["connected"] else (f"(none: {d['last_error']})" if d["last_error"] else "(none)")
             io = fmt_count(d["bytes_in"]) + " B in"
-            if "frames_out" in d:
+            if name == "qmp":
+                io += f", {d['frames_out']:,} commands out"
+            elif "frames_out" in d:
                 io = (f"{d['frames_out']:,} frames out, {d['queued_frames']:,} queued"
                       + (f", {d['dropped_frames']:,} dropped" if d["dropped_frames"] else ""))
             t.add_row(name, d["endpoint"], state, fmt_count(d["connections"]), io)
@@ -646,6 +653,26 @@ def stats_renderables(console: Console, doc: dict, verbose: bool = False) -> lis
                 t.add_row(le, fmt_count(n))
             parts.append(t)
     return parts
+
+
+def _qmp_rows(t, q: dict) -> None:
+    """serve --qmp: QEMU's checkpoints and COLO state, two rows."""
+    from .core.stats import Histogram
+    c = q["checkpoints"]
+    detail = (f"requested {c['requested']:,}, completed {c['completed']:,}, periodic "
+              f"{c['periodic']:,}, timed out {c['timed_out']:,}, failed {c['failed']:,}")
+    wait = Histogram.from_dict(q["request_to_resume_ms"])
+    if wait.count:
+        detail += f"; request to RESUME p50 {fmt_ms(wait.quantile(0.5))}, max {fmt_ms(wait.max)}"
+    t.add_row("QEMU checkpoints", fmt_count(c["completed"] + c["periodic"]), detail)
+    if q["policy_now"] == "qmp":
+        state = "in COLO state: checkpoints asked of QEMU"
+    else:
+        state = f"release until COLO state: {q['fallback_reason']}"
+    if q["fallbacks"]:
+        state += f"; fallbacks {breakdown(q['fallbacks'])}"
+    link = ("ready" if q["ready"] else "connected") if q["connected"] else "not connected"
+    t.add_row("QMP", link, state)
 
 
 def print_stats(console: Console, doc: dict, verbose: bool = False) -> None:

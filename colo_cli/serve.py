@@ -4,7 +4,8 @@ A thin adapter: bytes from the primary and secondary sockets go into the
 framing decoder and the core, with ``now_ms`` from the event loop's
 monotonic clock; released frames go to outdev as the very bytes they arrived
 in; checkpoint requests go to the notify peer (Xen's DO_CHECKPOINT) or are
-answered locally, by policy.
+answered locally, by policy; with ``--qmp`` they are asked of QEMU's COLO
+over QMP (``serve_qmp``).
 
 Never block, never lose, never reorder:
 
@@ -56,6 +57,7 @@ from .systemd import Notifier, log_stamper
 
 POLICY_RELEASE = "release"   # checkpoint at once, locally: the primary wins
 POLICY_HOLD = "hold"         # hold until COLO_CHECKPOINT or a control "checkpoint"
+POLICY_QMP = "qmp"           # hold and ask QEMU's COLO over QMP; release outside COLO
 
 RECV_BYTES = 256 * 1024
 REPLACE_DRAIN_BYTES = 4 * 1024 * 1024   # read from a replaced connection, at most
@@ -77,7 +79,10 @@ class ServeOptions:
     notify_dev: Endpoint | None = None
     config: Config = field(default_factory=Config)
     vnet_hdr_support: bool = False
-    checkpoint_policy: str | None = None        # default: hold with notify_dev, else release
+    checkpoint_policy: str | None = None        # default: hold with notify_dev, qmp with qmp,
+                                                 # else release
+    qmp: Endpoint | None = None                  # the primary QEMU's QMP monitor
+    qmp_checkpoint_timeout_ms: float = 5000.0    # no RESUME this long after a request: release
     control_path: str | None = None
     events_path: str | None = None
     #: hexdumps of the first N miscompares on stderr (None: of every one),
@@ -96,6 +101,8 @@ class ServeOptions:
     def policy(self) -> str:
         if self.checkpoint_policy:
             return self.checkpoint_policy
+        if self.qmp is not None:
+            return POLICY_QMP
         return POLICY_HOLD if self.notify_dev is not None else POLICY_RELEASE
 
 
@@ -468,8 +475,10 @@ class Server:
         self.loop = loop or asyncio.get_event_loop()
         self.stderr = stderr or sys.stderr
         # release: nobody outside can checkpoint, so the core answers each
-        # request itself, per connection; hold: a COLO system checkpoints
-        mode = CheckpointMode.LOCAL if options.policy == POLICY_RELEASE else CheckpointMode.EXTERNAL
+        # request itself, per connection; hold: a COLO system checkpoints;
+        # qmp: local until QMP says QEMU is in COLO state (serve_qmp)
+        mode = (CheckpointMode.LOCAL if options.policy in (POLICY_RELEASE, POLICY_QMP)
+                else CheckpointMode.EXTERNAL)
         self.comparator = Comparator(options.config, compact=True, mode=mode)
         self.running = False
         self.started_wall = time.time()
@@ -481,7 +490,12 @@ class Server:
         self.outdev = Link(self, "outdev", options.outdev, out_limit=options.outdev_buffer_bytes)
         self.notify = (Link(self, "notify-dev", options.notify_dev, out_limit=1024 * 1024)
                        if options.notify_dev is not None else None)
-        self.links = [l for l in (self.primary, self.secondary, self.outdev, self.notify) if l]
+        self.qmp = None
+        if options.qmp is not None:
+            from .serve_qmp import QmpSide
+            self.qmp = QmpSide(self, options.qmp, options.qmp_checkpoint_timeout_ms)
+        self.links = [l for l in (self.primary, self.secondary, self.outdev, self.notify,
+                                  self.qmp.link if self.qmp else None) if l]
         self._decoders = {}
         self._zero_seen = [0, 0]
         self._notify_decoder = None
@@ -505,6 +519,8 @@ class Server:
         self.colo_checkpoint_received = 0
         self.notify_unknown = 0
         self.checkpoints_by = {"local": 0, "notify": 0, "control": 0}
+        if self.qmp is not None:
+            self.checkpoints_by["qmp"] = 0
         self.hexdumps_suppressed = 0
         self.miscompares_seen = 0
         self.internal_errors = 0
@@ -572,7 +588,11 @@ class Server:
                      "until a queue limit flushes them")
         self.log(f"serving: primary-in {o.primary_in}, secondary-in {o.secondary_in}, "
                  f"outdev {o.outdev}" + (f", notify-dev {o.notify_dev}" if o.notify_dev else "")
+                 + (f", qmp {o.qmp}" if o.qmp else "")
                  + f"; checkpoint policy {o.policy}", 1)
+        if self.qmp is not None:
+            self.log("qmp: checkpoints are local (release policy) until QEMU's COLO state is "
+                     "known", 1)
         if o.events_path or o.hexdump != 0:
             # what a miscompare's line and hexdump need, imported now: at the
             # first miscompare it would delay the checkpoint request that
@@ -585,9 +605,12 @@ class Server:
                    endpoints={l.name: str(l.endpoint) for l in self.links})
 
     async def wait_first_connections(self) -> None:
-        """A client endpoint that never connects is a startup failure."""
+        """A client endpoint that never connects is a startup failure.  Not
+        QMP: comparing works without it (the policy falls back to release,
+        which stats, the log and the events say)."""
         timeout = self.options.connect_timeout_s
-        clients = [l for l in self.links if not l.endpoint.server]
+        clients = [l for l in self.links
+                   if not l.endpoint.server and (self.qmp is None or l is not self.qmp.link)]
         if not clients or not timeout:
             return
         deadline = self.loop.time() + timeout
@@ -683,6 +706,8 @@ class Server:
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self.qmp is not None:
+            self.qmp.close()
         for link in self.links:
             link.close()
         if self._control is not None:
@@ -704,6 +729,8 @@ class Server:
         elif link is self.notify:
             self._notify_decoder = NotifyDecoder()
         self.event("connect", link=link.name, peer=link.peer)
+        if self.qmp is not None and link is self.qmp.link:
+            self.qmp.on_connect()
         if side == SECONDARY:
             now = self.now_ms()
             self.handle(self.comparator.secondary_back(now), now)
@@ -718,6 +745,8 @@ class Server:
                 self.event("input_error", link=link.name, error="record cut by disconnect",
                            bytes=decoder.pending_bytes)
         self.event("disconnect", link=link.name, reason=link.last_error)
+        if self.qmp is not None and link is self.qmp.link:
+            self.qmp.on_disconnect()
         if side == SECONDARY and self.running:
             # compared frames wait (and time out) as usual; if the secondary
             # stays away longer than the timeout, the core stops comparing
@@ -730,6 +759,8 @@ class Server:
             self._on_frames(side, link, data)
         elif link is self.notify:
             self._on_notify(data)
+        elif self.qmp is not None and link is self.qmp.link:
+            self.qmp.on_data(data)
         # outdev: its peer never talks; whatever arrives is ignored
 
     def _on_frames(self, side, link: Link, data: bytes) -> None:
@@ -813,6 +844,8 @@ class Server:
                     # QEMU sends one per request, the peer checkpoints once
                     # either way
                     self._do_checkpoint_wanted = True
+                elif self.qmp is not None:
+                    self.qmp.request(now_ms)
             elif t is CheckpointDone:
                 if e.key is not None:
                     # the core checkpointed one connection itself (release policy)
@@ -963,7 +996,18 @@ class Server:
             self.notify.cut_off(decoder.error)
         self._arm_timer()
 
+    def drain_inputs(self) -> None:
+        """Read what the inputs have already sent (bounded), before a
+        checkpoint takes effect (serve_qmp, at QEMU's RESUME)."""
+        for link in (self.primary, self.secondary):
+            link._read_what_is_left()
+
     # -- the core's timer ---------------------------------------------------------------
+    def rearm(self) -> None:
+        """The core's state changed outside a read or a scan (serve_qmp):
+        its next timer may be due sooner."""
+        self._arm_timer()
+
     def _arm_timer(self) -> None:
         due = self.comparator.get_timer()
         if due is None:
@@ -1012,6 +1056,8 @@ class Server:
             "secondary_absent": self.comparator.secondary_absent,
             "internal_errors": self.internal_errors,
         }
+        if self.qmp is not None:
+            snap["serve"]["qmp"] = self.qmp.snapshot()
         return snap
 
 

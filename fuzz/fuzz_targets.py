@@ -6,6 +6,8 @@
     python fuzz/fuzz_targets.py packet   ...
     python fuzz/fuzz_targets.py capture  ...
     python fuzz/fuzz_targets.py core     ...
+    python fuzz/fuzz_targets.py qmp      ...
+    python fuzz/fuzz_targets.py qmp-policy ...
 
 Not run in CI (it runs until stopped); what it finds is fixed and kept as a
 regression test (tests/test_fuzz_regressions.py, whose cases are the inputs
@@ -17,7 +19,12 @@ found here).  Each target checks the module's promise, not just "no crash":
 * capture: the reader raises nothing but CaptureError, never hangs, and yields
   records no longer than the input;
 * core: the comparator never raises, every primary frame leaves exactly once
-  (after finish), and memory stays within the configured bounds.
+  (after finish), and memory stays within the configured bounds;
+* qmp: the QMP codec never raises, holds at most one line, and every reply it
+  returns answers a command that was sent;
+* qmp-policy: whatever QEMU and the comparator do, at most one checkpoint
+  request is outstanding, held frames always have a deadline while a request
+  is in flight, and nothing is in flight outside COLO state.
 """
 
 import io
@@ -30,6 +37,8 @@ with atheris.instrument_imports():
     from colo_cli.core import PRIMARY, SECONDARY, Bypassed, Comparator, Config, Released
     from colo_cli.core.framing import MAX_RECORD_LEN, FrameDecoder, NotifyDecoder
     from colo_cli.core.packet import parse
+    from colo_cli.qmp import QmpClient, Reply
+    from colo_cli.qmp_policy import Checkpointed, QmpCheckpointPolicy, SendRequest
     from colo_cli.testing import tcp_frame, udp_frame, ether, ipv4
 
 # Valid beginnings for the core target, so fuzzed frames reach the comparison
@@ -119,7 +128,72 @@ def core(data: bytes) -> None:
     assert len(left) == sent, (len(left), sent)
 
 
-TARGETS = {"framing": framing, "packet": packet, "capture": capture, "core": core}
+def qmp(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    c = QmpClient(max_line_bytes=fdp.ConsumeIntInRange(16, 4096))
+    sent = set()
+    if fdp.ConsumeBool():
+        # past the greeting at once, so that replies and events get fuzzed too
+        c.receive(b'{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}}, '
+                  b'"capabilities": []}}\n')
+    while fdp.remaining_bytes():
+        if fdp.ConsumeBool() and c.greeting is not None and c.error is None and c.pending < 32:
+            sent.add(c.command("query-status")[0])
+            continue
+        for msg in c.receive(fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 200))):
+            if isinstance(msg, Reply):
+                assert msg.id in sent
+                sent.discard(msg.id)
+        assert len(c._buf) <= c.max_line_bytes
+        assert c.error is None or "\n" not in c.error
+
+
+def qmp_policy(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    p = QmpCheckpointPolicy(fdp.ConsumeIntInRange(1, 5000))
+    now = 0
+    names = ["STOP", "MIGRATION_PASS", "RESUME", "COLO_EXIT", "MIGRATION", "OTHER"]
+    statuses = ["colo", "completed", "setup", "active", "failed", None]
+    while fdp.remaining_bytes():
+        now += fdp.ConsumeIntInRange(0, 3000)
+        op = fdp.ConsumeIntInRange(0, 7)
+        outstanding = p._outstanding_ms is not None
+        if op == 0:
+            out = p.request(now)
+        elif op == 1:
+            name = names[fdp.ConsumeIntInRange(0, len(names) - 1)]
+            out = p.qmp_event(name, {"status": statuses[fdp.ConsumeIntInRange(0, 5)]}, now)
+        elif op == 2:
+            out = p.handle_timer(now)
+        elif op == 3:
+            out = p.disconnected(now, "lost")
+        elif op == 4:
+            p.connected(now)
+            out = p.state_known(statuses[fdp.ConsumeIntInRange(0, 5)],
+                                ["primary", "secondary", "none", None][fdp.ConsumeIntInRange(0, 3)],
+                                fdp.ConsumeBool(), now)
+        elif op == 5:
+            out = p.refused(fdp.ConsumeIntInRange(0, p._seq + 1), "no", now)
+        elif op == 6:
+            p.capabilities_known(fdp.ConsumeBool())
+            out = []
+        else:
+            due = p.get_timer()
+            out = p.handle_timer(due if due is not None else now)
+        sends = [a for a in out if isinstance(a, SendRequest)]
+        assert len(sends) <= 1
+        done = [a for a in out if isinstance(a, Checkpointed)]
+        if sends and not done:
+            assert not outstanding
+        if p.in_flight:
+            assert p.active and p.get_timer() is not None
+        if not p.active:
+            assert not p.in_flight and p.get_timer() is None
+    assert p.completed <= p.requested and p.completed == p.wait_ms.count
+
+
+TARGETS = {"framing": framing, "packet": packet, "capture": capture, "core": core, "qmp": qmp,
+           "qmp-policy": qmp_policy}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in TARGETS:

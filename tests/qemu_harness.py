@@ -1385,8 +1385,12 @@ def build_colo_wiring(group: QemuGroup, *, vnet_hdr_support: bool = False,
                       primary_in_role: str = "client", secondary_in_role: str = "server",
                       outdev_role: str = "client",
                       primary_in_path: str | None = None, secondary_in_path: str | None = None,
-                      outdev_path: str | None = None) -> ColoWiring:
+                      outdev_path: str | None = None, primary_extra_args: Iterable[str] = (),
+                      secondary_extra_args: Iterable[str] = ()) -> ColoWiring:
     """Create (not start) the two QEMUs of interop section 4b.
+
+    ``primary_extra_args`` / ``secondary_extra_args`` go on each QEMU's
+    command line (a COLO pair: ``colo_pair.ColoPair.primary_args``).
 
     Paths default to ``compare0.sock``, ``compare1.sock`` and
     ``compare_out.sock`` in ``group.dir``; roles are the comparator's (see
@@ -1435,10 +1439,11 @@ def build_colo_wiring(group: QemuGroup, *, vnet_hdr_support: bool = False,
     primary = GuestlessQemu(args=p_args, vnet_hdr_support=vnet_hdr_support, streams=streams_p,
                             ready_chardevs=["mirror0", "compare0", "compare_out",
                                             "guest_in", "guest_out"],
-                            name="colo-primary", workdir=d)
+                            name="colo-primary", workdir=d, extra_args=primary_extra_args)
     secondary = GuestlessQemu(args=s_args, vnet_hdr_support=vnet_hdr_support, streams=streams_s,
                               ready_chardevs=["red0", "red1", "guest_in", "guest_out"],
-                              name="colo-secondary", workdir=d)
+                              name="colo-secondary", workdir=d,
+                              extra_args=secondary_extra_args)
     group.add(primary)
     group.add(secondary)
     endpoints = ComparatorEndpoints(Endpoint(pri_in, primary_in_role),

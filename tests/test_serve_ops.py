@@ -368,6 +368,8 @@ SAMPLES = {
     "metrics-listen": ("[::1]:9464", None),
     "verbose": (True, None),
     "quiet": (False, None),
+    "qmp": ("unix:/tmp/cc-qmp.sock", None),
+    "qmp-checkpoint-timeout": (4000, None),
     "color": ("never", None),
     "debug": (True, None),
 }
