@@ -21,7 +21,7 @@ import heapq
 from dataclasses import dataclass, field
 
 from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointMode, CheckpointRequested,
-                   Comparator, Config, InternalError, Miscompare, Released)
+                   Comparator, Config, InternalError, Matched, Miscompare, Released)
 from .core.events import RELEASE_END, RELEASE_MATCH
 from .core.packet import format_key
 
@@ -226,10 +226,10 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
             now_ns = round(now_ms * 1e6)
         for e in events:
             t = type(e)
-            if t is bytes:
+            if t is Matched:
                 # released on a match (the core's compact form)
                 if on_release is not None:
-                    on_release(p_clock_ns + now_ns, e)
+                    on_release(p_clock_ns + now_ns, e.data)
             elif t is Released or t is Bypassed:
                 pkt = e.packet
                 if on_release is not None:
