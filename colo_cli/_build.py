@@ -49,9 +49,14 @@ def install_pure_finder() -> None:
 
 def describe() -> str:
     """One phrase for ``--version``: which build of the core runs."""
-    from .core import comparator
-    if comparator.__file__ and not comparator.__file__.endswith(".py"):
+    if compiled():
         return "core compiled with mypyc"
     if pure_forced():
-        return "core in pure Python (COLO_COMPARE_PURE is set)"
-    return "core in pure Python (no compiled build installed)"
+        return "core pure Python: COLO_COMPARE_PURE is set"
+    return "core pure Python: no compiled build installed"
+
+
+def compiled() -> bool:
+    """Whether the compiled core runs."""
+    from .core import comparator
+    return not (comparator.__file__ or ".py").endswith(".py")

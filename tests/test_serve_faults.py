@@ -121,14 +121,16 @@ def test_a_secondary_that_never_connects_does_not_hold_the_primary(env):
     assert sorted(out.wait_records(300)) == sorted(rec(f) for f in frames)
 
 
+# serve's comparator, made a subclass that fails on frames with b"boom" in
+# them (a subclass: the compiled core's methods cannot be patched)
 INJECT = """
-import colo_cli.core.comparator as _c
-_real = _c.Comparator._receive
-def _broken(self, side, data, *args):
-    if b"boom" in data:
-        raise RuntimeError("injected fault")
-    return _real(self, side, data, *args)
-_c.Comparator._receive = _broken
+import colo_cli.serve as _s
+class _Broken(_s.Comparator):
+    def _receive(self, side, data, *args):
+        if b"boom" in data:
+            raise RuntimeError("injected fault")
+        return super()._receive(side, data, *args)
+_s.Comparator = _Broken
 """
 
 
