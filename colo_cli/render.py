@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .core.packet import describe_key, format_key
+from .flows import describe_key, format_key
 
 #: version of the JSON documents (replay report, serve events, stats).
 JSON_VERSION = 1

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointMode, CheckpointRequested,
                    Comparator, Config, InternalError, Matched, Miscompare, Released)
 from .core.events import RELEASE_END, RELEASE_MATCH
-from .core.packet import format_key
+from .flows import format_key
 
 #: miscompares kept with their frames for hexdumps and JSON; the rest are
 #: counted only, so a capture pair that differs everywhere stays in bounded

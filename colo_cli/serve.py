@@ -46,7 +46,7 @@ from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointDone, CheckpointMode,
                    Miscompare, Released, SecondaryAbsent)
 from .core.framing import (MSG_CHECKPOINT, MSG_DO_CHECKPOINT, MSG_GET_XEN_INIT,
                            MSG_PROXY_INIT, FrameDecoder, NotifyDecoder, encode_notify)
-from .core.packet import format_key
+from .flows import format_key
 from .endpoints import Endpoint
 
 POLICY_RELEASE = "release"   # checkpoint at once, locally: the primary wins

@@ -9,7 +9,8 @@ import pytest
 
 from colo_cli.capture import PcapWriter
 from colo_cli.cli import main
-from colo_cli.core.noise import RuleError, mask_datagram, mask_segment, parse_rule, suggest
+from colo_cli.core.noise import RuleError, mask_datagram, mask_segment, parse_rule
+from colo_cli.learn import suggest
 from colo_cli.testing import icmp_frame, tcp_frame, udp_frame
 
 from scripts import P, S, miscompares, out_frames, run

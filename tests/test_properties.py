@@ -248,7 +248,8 @@ def test_decisions_do_not_depend_on_interleaving(data):
 
 def describe(script) -> str:
     """A readable form of a script for failure messages."""
-    from colo_cli.core.packet import KIND_TCP, format_key, parse
+    from colo_cli.core.packet import KIND_TCP, parse
+    from colo_cli.flows import format_key
     lines = []
     for item in script:
         if isinstance(item[0], str):

@@ -1118,22 +1118,22 @@ class Comparator:
     # ------------------------------------------------------------------
     # introspection
 
-    def top_connections(self, n: int = 10) -> dict:
+    def top_connections(self, n: int = 10) -> dict[str, list[Connection]]:
         """The connections now in the table with the most miscompares, and
         with the longest hold time (evicted connections take their counts
-        with them)."""
+        with them); ``flows.connection_summary`` shows one."""
         import heapq
         conns = list(self.table)
         worst = heapq.nlargest(n, (c for c in conns if c.miscompares), key=lambda c: c.miscompares)
         slowest = heapq.nlargest(n, (c for c in conns if c.released), key=lambda c: c.hold_max_ms)
-        return {"by_miscompares": [c.summary() for c in worst],
-                "by_hold": [c.summary() for c in slowest]}
+        return {"by_miscompares": worst, "by_hold": slowest}
 
-    def connections(self, limit: int | None = None) -> list[dict]:
+    def connections(self, limit: int | None = None) -> list[Connection]:
+        """The connections now in the table, the most recent ``limit``."""
         conns = list(self.table)
         if limit is not None:
             conns = conns[-limit:]
-        return [c.summary() for c in conns]
+        return conns
 
     def snapshot(self) -> dict:
         snap = self.stats.snapshot()

@@ -114,18 +114,6 @@ class Connection:
                 out.extend(later)
         return out
 
-    def summary(self) -> dict:
-        from .packet import describe_key, format_key
-        d = {"flow": format_key(self.key), **describe_key(self.key),
-             "queued_primary": self.queued_primary, "queued_secondary": self.queued_secondary,
-             "diverged": self.diverged, "miscompares": self.miscompares,
-             "released": self.released,
-             "hold_mean_ms": round(self.hold_sum_ms / self.released, 3) if self.released else 0.0,
-             "hold_max_ms": round(self.hold_max_ms, 3)}
-        if self.tcp is not None:
-            d["stream_offset"] = self.tcp.stream_offset()
-        return d
-
 
 class ConnectionTable:
     """key -> Connection, with the order connections joined (or were last
