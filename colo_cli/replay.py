@@ -17,7 +17,6 @@ checkpoint).
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 
 from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointMode, CheckpointRequested,
@@ -176,6 +175,27 @@ def _timeline(reader, info: SideInfo, side):
         yield h_rel, side, h_ts, h_data, h_cut, offset
 
 
+def _merge(primary, secondary):
+    """The two timelines' items in time order, the primary's first at equal
+    times (what heapq.merge on ``(rel_ns, side)`` gives, for two inputs at a
+    fraction of its cost per frame)."""
+    p = next(primary, None)
+    s = next(secondary, None)
+    while p is not None and s is not None:
+        if s[0] < p[0]:
+            yield s
+            s = next(secondary, None)
+        else:
+            yield p
+            p = next(primary, None)
+    if p is not None:
+        yield p
+        yield from primary
+    if s is not None:
+        yield s
+        yield from secondary
+
+
 def _span(ns: int) -> str:
     s = ns / 1e9
     for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("hours", 3600),
@@ -211,9 +231,8 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     s_info = SideInfo(getattr(secondary_reader, "name", "secondary"),
                       getattr(secondary_reader, "format", ""), getattr(secondary_reader, "linktype", 1))
     result = ReplayResult(p_info, s_info, config, hold, vnet_hdr_len, comparator)
-    merged = heapq.merge(_timeline(primary_reader, p_info, PRIMARY),
-                         _timeline(secondary_reader, s_info, SECONDARY),
-                         key=lambda item: (item[0], item[1]))
+    merged = _merge(_timeline(primary_reader, p_info, PRIMARY),
+                    _timeline(secondary_reader, s_info, SECONDARY))
 
     # the primary's own clock at timeline 0: its first frame's time, minus
     # what the clock jumps left out so far (see _timeline)
@@ -297,7 +316,12 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
             run_scans(now_ms)
         events = receive(side, data, now_ms, l2, vnet_hdr_len, cut)
         if events:
-            emit(events, now_ms, rel_ns)
+            if len(events) == 1 and type(events[0]) is Matched:
+                # the common case, without a call to emit: one frame matched
+                if on_release is not None:
+                    on_release(p_clock_ns + rel_ns, events[0].data)
+            else:
+                emit(events, now_ms, rel_ns)
         count += 1
         if on_progress is not None and not count & 0x3FFF:
             on_progress(count)

@@ -138,10 +138,13 @@ def test_an_internal_error_costs_one_frame_not_serve(env):
     rig = Rig(env, inject=INJECT)
     frames = [udp_frame(b"%s %d" % (b"boom" if i % 10 == 3 else b"fine", i), sport=4000 + i % 4)
               for i in range(40)]
-    # the primary first, so the secondary's frame is the one compared
-    for f in frames:
-        rig.p.sendall(rec(f))
-        rig.s.sendall(rec(f))
+    # every primary frame before any secondary one, so the first frame serve
+    # fails on is a primary one whatever its reads bring together (sent
+    # pairwise, serve could read a secondary frame before its primary twin)
+    rig.p.sendall(b"".join(rec(f) for f in frames))
+    rig.srv.wait_stats(lambda st: st["queued"]["frames"] == 36
+                       and st["bypassed"].get("internal-error") == 4, what="the primary frames in")
+    rig.s.sendall(b"".join(rec(f) for f in frames))
     st = rig.srv.wait_stats(
         lambda st: st["released"]["total"] + sum(st["bypassed"].values()) == 40,
         what="every primary frame out")
