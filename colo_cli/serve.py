@@ -941,19 +941,9 @@ class Server:
         return snap
 
 
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    """asyncio's loop; uvloop's when COLO_COMPARE_LOOP=uvloop and it is
-    installed (measured: see benchmarks/README.md)."""
-    if os.environ.get("COLO_COMPARE_LOOP") == "uvloop":
-        with contextlib.suppress(ImportError):
-            import uvloop
-            return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
-
-
 def serve(options: ServeOptions, stderr=None) -> int:
     """Run the server until a signal; returns the exit status."""
-    loop = _new_event_loop()
+    loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     server = Server(options, loop, stderr)
     try:

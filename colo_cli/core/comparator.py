@@ -115,7 +115,7 @@ from .events import Matched, Released
 from .noise import mask_datagram, rules_for
 from .packet import (KIND_FRAGMENT, KIND_NAMES, KIND_TCP, KIND_UDP, MAX_VNET_HDR_LEN,
                      REASON_BAD_VNET_HDR, REASON_IPV4_TRUNCATED, REASON_IPV6_TRUNCATED, RST,
-                     Packet, parse, parse_reassembled)
+                     SYN, Packet, parse, parse_reassembled)
 from .reassembly import Datagram, Reassembler
 from .stats import Stats
 
@@ -369,7 +369,7 @@ class Comparator:
         tcp = conn.tcp
         assert tcp is not None
         later = conn.primary_later if primary else conn.secondary_later
-        if later or (pkt.flags & 0x02 and tcp.ended(primary)):     # SYN
+        if later or (pkt.flags & SYN and tcp.ended(primary)):
             # A new connection on the same 4-tuple, opened by this side before
             # the old one is fully compared: it waits until the old one is.
             if later is None:

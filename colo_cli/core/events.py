@@ -1,9 +1,11 @@
 """What comes out of the comparator: facts and requests.
 
 Every call into ``Comparator`` returns a list of these.  Each primary frame
-leaves in exactly one ``Released`` or ``Bypassed`` event; secondary frames
-never leave, they are consumed by a match, discarded at a checkpoint, or
-reported in a ``Dropped`` event.
+leaves in exactly one ``Released``, ``Matched`` (the compact form of a
+release on a match, for ``Comparator(compact=True)``) or ``Bypassed`` event;
+secondary frames never leave, they are consumed by a match, discarded at a
+checkpoint, or reported in a ``Dropped`` event.  The event lists hold
+nothing but these classes.
 
 Reasons and causes are ``StrEnum`` members: they compare equal to (and
 serialise as) their stable strings, which appear in reports, JSON, the event
