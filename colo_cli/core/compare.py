@@ -438,9 +438,17 @@ class TcpStream:
             assert base is not None
             n_p, n_s = len(p_buf), len(s_buf)
             if n_p and n_s:
-                n = n_s if n_s <= n_p else n_p
-                # a prefix test without copying either buffer
-                same = p_buf.startswith(s_buf) if n_s <= n_p else s_buf.startswith(p_buf)
+                # a prefix test without copying either buffer (in step, the
+                # usual case, the two hold the same length: one comparison)
+                if n_p == n_s:
+                    n = n_p
+                    same = p_buf == s_buf
+                elif n_s < n_p:
+                    n = n_s
+                    same = p_buf.startswith(s_buf)
+                else:
+                    n = n_p
+                    same = s_buf.startswith(p_buf)
                 if not same:
                     i = first_difference(p_buf, s_buf)
                     skip_to = self._unknown_until(base + i)
@@ -452,7 +460,10 @@ class TcpStream:
                 del s_buf[:n]
                 self.base = self.anchor = base + n
                 continue
-            if self.p_fin == base and self.s_fin == base:
+            p_fin, s_fin = self.p_fin, self.s_fin
+            p_ended = p_fin is not None and p_fin == base
+            s_ended = s_fin is not None and s_fin == base
+            if p_ended and s_ended:
                 self.base = base + 1   # both ended here: the FIN is verified
                 continue
             p_pending, s_pending = self.p_pending, self.s_pending
@@ -467,7 +478,7 @@ class TcpStream:
                 self._merge(p_buf, p_pending)
                 self._merge(s_buf, s_pending)
                 continue
-            if (self.p_fin == base and s_buf) or (self.s_fin == base and p_buf):
+            if (p_ended and s_buf) or (s_ended and p_buf):
                 return MiscompareCause.STREAM_END, base
             return None
 
