@@ -7,9 +7,9 @@ Counting is inlined in the comparator's hot paths, so it cannot be switched
 off to compare.  Instead this measures, in one process:
 
 1. the comparator alone (compact output, as serve runs it) on N identical
-   UDP pairs over 1000 flows, secondary first then primary (the fast path:
-   one queued, one matched and released);
-2. a loop doing exactly the counter updates the fast path makes for such a
+   UDP pairs over 1000 flows, secondary first then primary (the common
+   case: one queued, one matched and released);
+2. a loop doing exactly the counter updates the core makes for such a
    pair, on the same kinds of objects (the Stats, the Connection, the hold
    histogram), and nothing else;
 
@@ -62,7 +62,7 @@ def comparator_s(pairs: list[bytes]) -> float:
 
 
 def counting_s(pairs: list[bytes]) -> float:
-    """The fast path's statistics work for one pair, secondary then primary:
+    """The core's statistics work for one pair, secondary then primary:
     bytes and frames in per side, a queue high-water check, and on the match
     the compare/match/release counters, the hold histogram (zero: the
     primary left on arrival) and the released bytes."""

@@ -83,8 +83,9 @@ def _version_message() -> str:
         dpkt_version = version("dpkt")
     except Exception:  # pragma: no cover - dpkt is a dependency
         dpkt_version = "unknown"
+    from ._build import describe
     return (f"colo-compare {__version__} (Python {platform.python_version()}, "
-            f"dpkt {dpkt_version})")
+            f"dpkt {dpkt_version}, {describe()})")
 
 
 @click.group(context_settings=CONTEXT)

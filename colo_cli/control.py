@@ -29,6 +29,7 @@ import stat
 import struct
 
 from . import __version__
+from .flows import connection_summary
 
 LINE_MAX = 64 * 1024
 PROTOCOL_VERSION = 1
@@ -118,13 +119,16 @@ class ControlServer:
             top = req.get("top", 10)
             if not isinstance(top, int) or not 0 <= top <= 1000:
                 return {"ok": False, "error": "top must be an integer from 0 to 1000"}
+            top_conns = srv.comparator.top_connections(top)
             return {"ok": True, "protocol": PROTOCOL_VERSION, "stats": srv.snapshot(),
-                    "top_connections": srv.comparator.top_connections(top)}
+                    "top_connections": {k: [connection_summary(c) for c in v]
+                                        for k, v in top_conns.items()}}
         if cmd == "connections":
             limit = req.get("limit", 100)
             if not isinstance(limit, int) or limit < 1:
                 return {"ok": False, "error": "limit must be a positive integer"}
-            conns = srv.comparator.connections(limit=min(limit, 100_000))
+            conns = [connection_summary(c)
+                     for c in srv.comparator.connections(limit=min(limit, 100_000))]
             return {"ok": True, "total": len(srv.comparator.table), "connections": conns}
         if cmd == "checkpoint":
             return {"ok": True, **srv.checkpoint("control")}

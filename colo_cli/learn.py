@@ -21,11 +21,12 @@ suggests it (with the checkpoints it avoids) when it removes some.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from . import schema
-from .core.noise import parse_rule, suggest
+from .core.noise import parse_rule, ports_of
 from .replay import replay
 
 #: entries of the "left unexplained" list in the JSON document
@@ -172,3 +173,57 @@ def learn_json(result: LearnResult) -> dict:
             "ignore_options": result.command_line()}
     schema.audit("learn", doc)
     return doc
+
+
+# -- which rule would explain a miscompare --------------------------------------
+
+_HEADER_LINE = re.compile(rb"^([A-Za-z0-9-]{1,64}):[ \t]")
+
+
+def suggest(event) -> str | None:
+    """A rule that would hide this miscompare, if one is obvious: the DNS ID,
+    an HTTP-style header line, or the byte range of a datagram."""
+    p, s = event.primary, event.secondary
+    if p is None or s is None:
+        return None
+    sport, dport = ports_of(event.key)
+    if event.kind == "udp" and event.cause == "content":
+        a = p.data[p.cmp_off:p.cmp_end]
+        b = s.data[s.cmp_off:s.cmp_end]
+        diff = [i for i in range(min(len(a), len(b))) if a[i] != b[i] and not 6 <= i < 8]
+        if not diff:
+            return "udp.checksum"
+        if 53 in (sport, dport) and all(8 <= i < 10 for i in diff):
+            return "dns.id"
+        if min(diff) >= 8:
+            port = min(sport, dport)
+            return f"udp:{port}:{min(diff) - 8}-{max(diff) - 8 + 1}"
+        return None
+    if event.kind == "icmp" and event.cause == "content":
+        a = p.data[p.cmp_off:p.cmp_end]
+        b = s.data[s.cmp_off:s.cmp_end]
+        diff = [i for i in range(min(len(a), len(b))) if a[i] != b[i] and not 2 <= i < 4]
+        if not diff:
+            return "icmp.checksum"
+        if min(diff) >= 8:
+            # in the data (ping's send time): the bytes that differ
+            return f"icmp:{min(diff)}-{max(diff) + 1}"
+        return None
+    if event.kind == "tcp" and event.cause == "content" and event.primary_offset >= 0:
+        data = p.data
+        at = event.primary_offset
+        line_start = data.rfind(b"\n", p.cmp_off, at) + 1 or p.cmp_off
+        if line_start < p.cmp_off:
+            line_start = p.cmp_off
+        line_end = data.find(b"\r\n", at, p.cmp_end)
+        if line_end < 0:
+            return None
+        m = _HEADER_LINE.match(data[line_start:line_end])
+        if not m:
+            return None
+        name = m.group(1).decode("ascii")
+        if name.lower() == "date":
+            return "http.date"
+        port = min(sport, dport)
+        return f"tcp:{port}:/(?im)^{re.escape(name)}:[ \\t]*[^\\r\\n]*/"
+    return None

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import schema
-from .core.packet import describe_key, format_key
+from .flows import describe_key, format_key
 from .frames import FrameDiff, frame_diff, frame_json, payload_marks  # noqa: F401 - re-exported
 
 #: version of the replay report (``replay --json``); see schema.py

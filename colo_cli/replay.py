@@ -27,7 +27,6 @@ link type, so every output can write it under its own.
 
 from __future__ import annotations
 
-import heapq
 from array import array
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -35,9 +34,9 @@ from functools import cached_property
 
 from . import linklayer
 from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointMode, CheckpointRequested,
-                   Comparator, Config, InternalError, Miscompare, Released)
+                   Comparator, Config, InternalError, Matched, Miscompare, Released)
 from .core.events import RELEASE_END, RELEASE_MATCH
-from .core.packet import format_key
+from .flows import format_key
 
 #: miscompares kept with their frames for hexdumps and JSON; the rest are
 #: counted only, so a capture pair that differs everywhere stays in bounded
@@ -397,6 +396,27 @@ def _picker(info: SideInfo, selection: Selection, vnet_hdr_len: int):
     return pick
 
 
+def _merge(primary, secondary):
+    """The two timelines' items in time order, the primary's first at equal
+    times (what heapq.merge on ``(rel_ns, side)`` gives, for two inputs at a
+    fraction of its cost per frame)."""
+    p = next(primary, None)
+    s = next(secondary, None)
+    while p is not None and s is not None:
+        if s[0] < p[0]:
+            yield s
+            s = next(secondary, None)
+        else:
+            yield p
+            p = next(primary, None)
+    if p is not None:
+        yield p
+        yield from primary
+    if s is not None:
+        yield s
+        yield from secondary
+
+
 def _span(ns: int) -> str:
     s = ns / 1e9
     for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("hours", 3600),
@@ -440,11 +460,10 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
     result = ReplayResult(p_info, s_info, config, hold, vnet_hdr_len, comparator,
                           detail_limit=detail_limit)
     p_numbers, s_numbers = result.frame_numbers
-    merged = heapq.merge(_timeline(primary_reader, p_info, PRIMARY, selection, p_numbers,
-                                   vnet_hdr_len),
-                         _timeline(secondary_reader, s_info, SECONDARY, selection, s_numbers,
-                                   vnet_hdr_len),
-                         key=lambda item: (item[0], item[1]))
+    merged = _merge(_timeline(primary_reader, p_info, PRIMARY, selection, p_numbers,
+                              vnet_hdr_len),
+                    _timeline(secondary_reader, s_info, SECONDARY, selection, s_numbers,
+                              vnet_hdr_len))
 
     # the primary's own clock at timeline 0: its first frame's time, minus
     # what the clock jumps left out so far (see _timeline)
@@ -457,10 +476,10 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
             now_ns = round(now_ms * 1e6)
         for e in events:
             t = type(e)
-            if t is bytes or t is LinkFrame:
+            if t is Matched:
                 # released on a match (the core's compact form)
                 if on_release is not None:
-                    on_release(p_clock_ns + now_ns, e)
+                    on_release(p_clock_ns + now_ns, e.data)
             elif t is Released or t is Bypassed:
                 pkt = e.packet
                 if on_release is not None:
@@ -531,7 +550,12 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
             run_scans(now_ms)
         events = receive(side, data, now_ms, l2, vnet_hdr_len, cut, l3, ethertype)
         if events:
-            emit(events, now_ms, rel_ns)
+            if len(events) == 1 and type(events[0]) is Matched:
+                # the common case, without a call to emit: one frame matched
+                if on_release is not None:
+                    on_release(p_clock_ns + rel_ns, events[0].data)
+            else:
+                emit(events, now_ms, rel_ns)
         count += 1
         if on_progress is not None and not count & 0x3FFF:
             on_progress(count)

@@ -47,11 +47,11 @@ from itertools import islice
 
 from . import __version__, schema
 from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointDone, CheckpointMode,
-                   CheckpointRequested, Comparator, Config, Dropped, InternalError, Miscompare,
-                   Released, SecondaryAbsent)
+                   CheckpointRequested, Comparator, Config, Dropped, InternalError, Matched,
+                   Miscompare, Released, SecondaryAbsent)
 from .core.framing import (MSG_CHECKPOINT, MSG_DO_CHECKPOINT, MSG_GET_XEN_INIT,
                            MSG_PROXY_INIT, FrameDecoder, NotifyDecoder, encode_notify)
-from .core.packet import format_key
+from .flows import format_key
 from .endpoints import Endpoint
 from .systemd import Notifier, log_stamper
 
@@ -793,10 +793,11 @@ class Server:
             events = receive(side, wire, now, header + vnet_len, vnet_len)
             if events:
                 first = events[0]
-                if len(events) == 1 and type(first) is bytes:
+                if len(events) == 1 and type(first) is Matched:
                     # the common case, inlined: one frame released on a match
-                    frames.append(first)
-                    queued += len(first)
+                    wire = first.data
+                    frames.append(wire)
+                    queued += len(wire)
                     continue
                 out.bytes = queued
                 self._trim()
@@ -820,10 +821,10 @@ class Server:
         push = self.outdev.out.push
         for e in events:
             t = type(e)
-            if t is bytes:
+            if t is Matched:
                 # released on a match (the core's compact form)
-                if not push(e):
-                    self._overflow_data(e)
+                if not push(e.data):
+                    self._overflow_data(e.data)
             elif t is Released:
                 if not push(e.packet.data):
                     self._overflow(e.packet)

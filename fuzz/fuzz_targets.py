@@ -34,7 +34,7 @@ import atheris
 
 with atheris.instrument_imports():
     from colo_cli.capture import CaptureError, open_capture
-    from colo_cli.core import PRIMARY, SECONDARY, Bypassed, Comparator, Config, Released
+    from colo_cli.core import PRIMARY, SECONDARY, Bypassed, Comparator, Config, Matched, Released
     from colo_cli.core.framing import MAX_RECORD_LEN, FrameDecoder, NotifyDecoder
     from colo_cli.core.packet import parse
     from colo_cli.qmp import QmpClient, Reply
@@ -121,10 +121,10 @@ def core(data: bytes) -> None:
             if side == PRIMARY:
                 sent += 1
             events = c.receive(side, frame, now)
-        left += [e for e in events if isinstance(e, (bytes, Released, Bypassed))]
+        left += [e for e in events if isinstance(e, (Matched, Released, Bypassed))]
         assert c.queued_bytes <= config.max_queued_bytes
         assert len(c.table) <= config.max_connections
-    left += [e for e in c.finish(now) if isinstance(e, (bytes, Released, Bypassed))]
+    left += [e for e in c.finish(now) if isinstance(e, (Matched, Released, Bypassed))]
     assert len(left) == sent, (len(left), sent)
 
 

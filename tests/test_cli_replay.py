@@ -176,9 +176,10 @@ def stream_from(segments, start):
 
 # ------------------------------------------------------- version and help
 
-def test_version_names_colo_compare_python_and_dpkt(cli):
+def test_version_names_colo_compare_python_dpkt_and_the_core_build(cli):
+    from colo_cli._build import describe
     expected = (f"colo-compare {colo_cli.__version__} (Python {platform.python_version()}, "
-                f"dpkt {dist_version('dpkt')})\n")
+                f"dpkt {dist_version('dpkt')}, {describe()})\n")
     for flag in ("--version", "-V"):
         r = cli(flag)
         assert r.rc == 0, r
@@ -211,8 +212,10 @@ def test_replay_help_exits_0_and_lists_the_options(cli, flag):
 def test_python_dash_m_version():
     p = run_process("--version")
     assert p.returncode == 0, p
+    from colo_cli._build import describe
     assert p.stdout.decode() == (f"colo-compare {colo_cli.__version__} (Python "
-                                 f"{platform.python_version()}, dpkt {dist_version('dpkt')})\n")
+                                 f"{platform.python_version()}, dpkt {dist_version('dpkt')}, "
+                                 f"{describe()})\n")
     assert p.stderr == b""
 
 

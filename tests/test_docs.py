@@ -202,7 +202,7 @@ def test_readme_quotes_the_real_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     real = capsys.readouterr().out.strip()
-    form = r"colo-compare (\S+) \(Python (\S+), dpkt (\S+)\)"
+    form = r"colo-compare (\S+) \(Python (\S+), dpkt (\S+), core (compiled with mypyc|pure Python: .+)\)"
     quoted = re.fullmatch(form, _readme_block_after("$ colo-compare --version")[0])
     assert quoted and re.fullmatch(form, real)
     assert quoted.group(1) == __version__

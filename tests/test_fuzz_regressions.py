@@ -9,7 +9,7 @@ import time
 import pytest
 
 from colo_cli.capture import CaptureError, PcapWriter, open_capture
-from colo_cli.core import Comparator, Config, Released
+from colo_cli.core import Comparator, Config, Matched, Released
 from colo_cli.core.framing import FrameDecoder, encode
 from colo_cli.replay import replay
 from colo_cli.testing import icmp_frame, tcp_frame, udp_frame
@@ -114,23 +114,28 @@ def test_every_primary_frame_leaves_once_with_fragments_in_the_queue():
     assert c.stats.secondary_matched == 2
 
 
-def test_compact_output_and_fast_paths_agree_with_the_general_path_on_a_fixed_case():
-    """The property test's fixed point: in-step UDP and TCP, fast and slow."""
+def test_compact_output_and_the_reference_model_agree_on_a_fixed_case():
+    """The property test's fixed point: in-step UDP and TCP, in both output
+    forms, against the reference model (tests/reference.py)."""
+    from reference import ReferenceComparator
     frames = [udp_frame(b"u%d" % i, sport=i % 3) for i in range(6)]
     frames += [tcp_frame(b"t" * 10, seq=100 + 10 * i) for i in range(4)]
     script = [(P, f, 2 * i) for i, f in enumerate(frames)] + [(S, f, 2 * i + 1) for i, f in enumerate(frames)]
-    fast = Comparator(Config())
-    slow = Comparator(Config())
-    slow.fast_path = False
-    _, ev_fast = run(script, comparator=fast)
-    _, ev_slow = run(script, comparator=slow)
-    assert out_frames(ev_fast) == out_frames(ev_slow) == frames
+    ref = ReferenceComparator()
+    for side, frame, now in script:
+        ref.receive(side == P, frame, now)
+    assert ref.released == {i: ("match", 2 * i + 1) for i in range(len(frames))}
+    _, full = run(script, comparator=Comparator(Config()))
+    _, compact = run(script, comparator=Comparator(Config(), compact=True))
+    assert out_frames(full) == frames
+    assert [e.data for e in compact if isinstance(e, Matched)] == frames
+    assert [type(e) for e in compact] == [Matched] * len(frames)
 
 
-def test_tcp_fast_path_releases_a_queued_syn_as_the_general_path_does():
-    """Hypothesis (decisions independent of interleaving): the TCP fast path's
-    release loop stopped at any SYN, even when the secondary had sent its
-    own, so with the primary ahead its SYN-ACK and data stayed queued."""
+def test_a_queued_syn_is_released_whichever_side_leads():
+    """Hypothesis (decisions independent of interleaving): the old TCP fast
+    path's release loop stopped at any SYN, even when the secondary had sent
+    its own, so with the primary ahead its SYN-ACK and data stayed queued."""
     p = [tcp_frame(b"", seq=0, ack=0, flags=0x12, sport=2001),
          tcp_frame(b"\0", seq=1, ack=0, flags=0x18, sport=2001)]
     s = [tcp_frame(b"", seq=0, ack=4278190080, flags=0x12, sport=2001),

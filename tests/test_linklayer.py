@@ -13,6 +13,7 @@ from colo_cli import linklayer
 from colo_cli.core import PRIMARY, SECONDARY, Bypassed, Comparator, Config, Miscompare
 from colo_cli.core import packet as pk
 from colo_cli.core.packet import parse
+from colo_cli.flows import format_key
 from colo_cli.linklayer import INCOMING, OUTGOING, decoder
 from colo_cli.testing import (arp_frame, gre_frame, icmp_frame, tcp_frame, udp_frame)
 
@@ -165,7 +166,7 @@ def test_the_l3_entry_point_on_exact_bytes():
     tagged = udp_frame(b"hello", vlans=[(0x8100, 5)])
     data = sll(tagged[14:], 0x8100)
     assert parse(data, 0, 16, 0x8100)[1] == parse(tagged)[1]
-    assert pk.format_key(parse(data, 0, 16, 0x8100)[1]).endswith("vlan 5")
+    assert format_key(parse(data, 0, 16, 0x8100)[1]).endswith("vlan 5")
     # cut inside the link header, or the tag
     assert parse(b"\0" * 10, 0, 16, 0x0800) == (None, pk.REASON_SHORT_FRAME)
     assert parse(b"\0" * 18, 0, 16, 0x8100) == (None, pk.REASON_SHORT_FRAME)
@@ -215,7 +216,7 @@ def test_a_packet_matches_across_link_types():
             assert not any(isinstance(e, Miscompare) for e in events)
         else:
             (m,) = [e for e in events if isinstance(e, Miscompare)]
-            assert pk.format_key(m.key) == "udp 10.0.0.1:5000 > 10.0.0.2:6000"
+            assert format_key(m.key) == "udp 10.0.0.1:5000 > 10.0.0.2:6000"
             # the secondary's frame, link header and all, is what it is
             assert m.secondary.data[:2] == b"\0\4"
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from colo_cli.capture import PcapWriter
 from colo_cli.cli import main
 from colo_cli.core.fields import dns_ttl_spans
-from colo_cli.core.noise import WAIT, RuleError, mask_datagram, parse_rule, stream_match, suggest
+from colo_cli.core.noise import WAIT, RuleError, mask_datagram, parse_rule, stream_match
+from colo_cli.learn import suggest
 from colo_cli.testing import icmp_frame, tcp_frame, udp_frame
 
 from scripts import P, S, miscompares, out_frames, run

@@ -144,9 +144,13 @@ def test_ack_gate_works_in_relative_space():
 def test_normalizer_unit():
     n = SeqNormalizer()
 
-    class Seg:
-        def __init__(self, seq, ack, flags):
-            self.seq, self.ack, self.flags = seq, ack, flags
+    def Seg(seq, ack, flags):
+        # the fields the normalizer reads and rewrites, on a real Packet (the
+        # compiled core takes nothing else)
+        from colo_cli.core.packet import Packet
+        pkt = Packet(0, b"", 0, 0, 0.0, 0)
+        pkt.seq, pkt.ack, pkt.flags = seq, ack, flags
+        return pkt
     syn = Seg(0xFFFFFFFF, 500, SYN | ACK)
     n.apply(0, syn)
     assert (syn.seq, syn.ack) == (0xFFFFFFFF, 0)                # SYN at -1, ack origin

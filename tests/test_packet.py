@@ -6,7 +6,8 @@ import struct
 from hypothesis import given, settings, strategies as st
 
 from colo_cli.core import packet as pk
-from colo_cli.core.packet import describe_key, format_key, parse
+from colo_cli.core.packet import parse
+from colo_cli.flows import describe_key, format_key
 from colo_cli.testing import (arp_frame, ether, gre_frame, icmp_frame, ipv4, ipv6, tcp,
                               tcp_frame, udp, udp_frame)
 
@@ -125,7 +126,7 @@ def test_ipv4_fragments_identified_for_reassembly():
     assert (pb[4], pb[5]) == (16, 0)
     assert a[pa[2]:pa[3]] == b"x" * 16
     assert pk.fragment_context(pa[1]) == (b"4", b"", bytes([10, 0, 0, 1, 10, 0, 0, 2]))
-    assert pk.describe_key(pa[1])["ip_id"] == 1
+    assert describe_key(pa[1])["ip_id"] == 1
 
 
 def test_ipv6_jumbogram():

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from colo_cli.capture import PcapWriter, open_capture
-from colo_cli.core import comparator as comparator_module
+import colo_cli.replay as replay_module
+from colo_cli.core import Comparator
 from colo_cli.replay import replay
 
 from test_cli_replay import DIVERGE_P, DIVERGE_S, MATCH_P, MATCH_S, cli  # noqa: F401
@@ -49,14 +50,14 @@ def jumped(recs, at, delta_ns, single=False):
 def counted_replay(monkeypatch, p_path, s_path, **kw):
     """replay, counting the scans the core ran and collecting what left."""
     scans = [0]
-    real = comparator_module.Comparator.handle_timer
 
-    def counting(self, now_ms):
-        scans[0] += 1
-        # a replay that spins on its timer fails here rather than hanging
-        assert scans[0] < 100_000, f"more than 100,000 scans (now_ms {now_ms})"
-        return real(self, now_ms)
-    monkeypatch.setattr(comparator_module.Comparator, "handle_timer", counting)
+    class Counting(Comparator):
+        def handle_timer(self, now_ms):
+            scans[0] += 1
+            # a replay that spins on its timer fails here rather than hanging
+            assert scans[0] < 100_000, f"more than 100,000 scans (now_ms {now_ms})"
+            return super().handle_timer(now_ms)
+    monkeypatch.setattr(replay_module, "Comparator", Counting)
     out = []
     with open_capture(str(p_path)) as p, open_capture(str(s_path)) as s:
         result = replay(p, s, on_release=lambda ts, data: out.append(data), **kw)

@@ -239,14 +239,16 @@ def test_a_secondary_that_never_connects_does_not_hold_the_primary(env):
     assert sorted(out.wait_records(300)) == sorted(rec(f) for f in frames)
 
 
+# serve's comparator, made a subclass that fails on frames with b"boom" in
+# them (a subclass: the compiled core's methods cannot be patched)
 INJECT = """
-import colo_cli.core.comparator as _c
-_real = _c.Comparator._receive
-def _broken(self, side, data, *args):
-    if b"boom" in data:
-        raise RuntimeError("injected fault")
-    return _real(self, side, data, *args)
-_c.Comparator._receive = _broken
+import colo_cli.serve as _s
+class _Broken(_s.Comparator):
+    def _receive(self, side, data, *args):
+        if b"boom" in data:
+            raise RuntimeError("injected fault")
+        return super()._receive(side, data, *args)
+_s.Comparator = _Broken
 """
 
 
@@ -254,10 +256,13 @@ def test_an_internal_error_costs_one_frame_not_serve(env):
     rig = Rig(env, inject=INJECT)
     frames = [udp_frame(b"%s %d" % (b"boom" if i % 10 == 3 else b"fine", i), sport=4000 + i % 4)
               for i in range(40)]
-    # the primary first, so the secondary's frame is the one compared
-    for f in frames:
-        rig.p.sendall(rec(f))
-        rig.s.sendall(rec(f))
+    # every primary frame before any secondary one, so the first frame serve
+    # fails on is a primary one whatever its reads bring together (sent
+    # pairwise, serve could read a secondary frame before its primary twin)
+    rig.p.sendall(b"".join(rec(f) for f in frames))
+    rig.srv.wait_stats(lambda st: st["queued"]["frames"] == 36
+                       and st["bypassed"].get("internal-error") == 4, what="the primary frames in")
+    rig.s.sendall(b"".join(rec(f) for f in frames))
     st = rig.srv.wait_stats(
         lambda st: st["released"]["total"] + sum(st["bypassed"].values()) == 40,
         what="every primary frame out")
@@ -288,10 +293,11 @@ def test_an_internal_error_costs_one_frame_not_serve(env):
 
 
 INJECT_SCAN = """
-import colo_cli.core.comparator as _c
-def _broken(self, tick_ms, out):
-    raise RuntimeError("injected scan fault")
-_c.Comparator._scan = _broken
+import colo_cli.serve as _s
+class _Broken(_s.Comparator):
+    def _scan(self, tick_ms, out):
+        raise RuntimeError("injected scan fault")
+_s.Comparator = _Broken
 """
 
 

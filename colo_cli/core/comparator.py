@@ -8,152 +8,177 @@
     events = c.checkpoint(now_ms)                  # a checkpoint happened
     events = c.finish(now_ms)                      # end of input / shutdown
 
-Time only ever comes in as ``now_ms`` (any monotonic millisecond clock: the
-event loop's in ``serve``, capture timestamps in ``replay``), so a replay of
-captured traffic takes exactly the decisions ``serve`` would have taken.
+Theory of operation
+===================
 
-Checkpoint requests are requests: the core never performs a checkpoint by
-itself.  The adapter decides (replay: at once; serve: at once, or when a
-notify peer says ``COLO_CHECKPOINT``) and calls ``checkpoint()``.
+House rules
+-----------
 
-Resource limits never drop a frame silently (QEMU tail-drops on a full queue
-and clears everything on a full table: observed k1, l1).  When a
-connection's queue reaches ``max_queue_size``, when a new connection finds
-the table full, or when the queued bytes reach ``max_queued_bytes``, the
-connection concerned is flushed: its primary frames are released in order
-(counted by reason), its secondary frames discarded, its comparison state
-reset, and a checkpoint is requested.
+* **The core never reads a clock.**  Time only comes in as ``now_ms`` (any
+  monotonic millisecond clock: the event loop's in ``serve``, capture
+  timestamps in ``replay``), so a replay of captured traffic takes exactly the
+  decisions ``serve`` would have taken for the same arrival times.  No
+  sockets, files or printing either: bytes in, events out.
+* **Every primary frame leaves exactly once**: in a ``Released`` event (on a
+  match, or flushed with a reason), a ``Matched`` one (the compact form of a
+  release on a match), or a ``Bypassed`` one (not comparable).  A secondary
+  frame never leaves: it is consumed by a match, absorbed (pure ACKs,
+  duplicates), discarded at a checkpoint, or reported ``Dropped``.  Per
+  connection, primary frames leave in the order the primary sent them (TCP:
+  sequence order).
+* **Nothing is dropped silently and nothing grows without bound**: a full
+  queue, table or memory bound flushes the connection concerned (its
+  primary frames released, counted by reason) and raises a checkpoint
+  request (QEMU tail-drops on a full queue and clears everything on a full
+  table: observed k1, l1).
+* **Requests are requests**: in ``CheckpointMode.EXTERNAL`` the core asks
+  (``CheckpointRequested``) and a COLO system checkpoints, then calls
+  ``checkpoint()``; in ``CheckpointMode.LOCAL`` (replay, serve's ``release``
+  policy) nobody outside can, so the core answers each request itself, on
+  the connection concerned, at the end of the call that raised it.
+* **A bug of ours costs one frame, not the comparator**: the public methods
+  never raise; see ``InternalError``.
+
+The public methods, and the QEMU function each one stands for
+--------------------------------------------------------------
+
+``receive(side, data, now_ms)``
+    A frame arrived on primary-in or secondary-in: parse it, queue it on its
+    connection, compare, release what matched (QEMU: ``compare_pri_rs_finalize``
+    / ``compare_sec_rs_finalize`` then ``colo_compare_connection``, with the
+    per-protocol ``colo_compare_tcp`` / ``colo_packet_compare_udp`` /
+    ``_icmp`` / ``_other``).
+``get_timer()`` / ``handle_timer(now_ms)``
+    When the periodic scan is next due, and the scan itself: timeouts, idle
+    connections, fragments, the secondary's absence (QEMU's
+    ``expired_scan_cycle`` timer, ``check_old_packet_regular``).
+``checkpoint(now_ms)``
+    A checkpoint happened: every queue flushed, comparison state reset
+    (QEMU: ``colo_notify_compares_event`` -> ``colo_flush_packets``).
+``checkpoint_connection(key, now_ms)``
+    The same for one connection only (what ``CheckpointMode.LOCAL`` does with
+    each request; QEMU has no equivalent).
+``set_mode(mode, now_ms)``
+    Who answers checkpoint requests (see ``CheckpointMode``).
+``secondary_lost(now_ms)`` / ``secondary_back(now_ms)``
+    The secondary's input went away / came back; after ``absent_after_ms``
+    primary frames stop waiting for it (QEMU waits for ever).
+``finish(now_ms)``
+    End of input or shutdown: what is still queued leaves with reason ``end``
+    (QEMU: ``colo_compare_finalize`` flushes too).
+``snapshot()``
+    Counters and histograms (``Stats``), for ``stats`` and reports.
+
+Each rule is written once
+-------------------------
+
+TCP stream comparison, releasability and the ACK gate live in
+``compare.TcpStream``; datagram pairing in ``_receive_datagram``; queueing
+in ``_enqueue``; leaving and release accounting in ``_leave`` /
+``_release``; connection keys in ``packet.parse``.  There is one path for
+every frame: the same code decides for the first frame of a capture and for
+the millionth of a bulk transfer.
+
+How the speed is obtained
+-------------------------
+
+From how that one path is built, not from a second copy of it:
+
+* the core is typed Python compiled with mypyc when ``pip install`` finds a C
+  compiler (``colo-compare --version`` says which build runs; the same source
+  runs interpreted otherwise, and ``COLO_COMPARE_PURE=1`` forces that):
+  attribute access on ``Packet``/``Connection``/``TcpStream`` and integer
+  arithmetic then cost a few machine instructions, not dictionary lookups;
+* no copies on the common path: a TCP segment in sequence is appended to its
+  side's stream buffer from a memoryview, verified with one ``startswith``
+  on the two buffers, and a datagram pair is compared with one slice and a
+  ``startswith`` at an offset; connection keys are slices of the frame;
+* few objects per frame: one ``Packet`` with every field set once, and for
+  a release on a match the compact ``Matched`` event (``compact=True``,
+  what the adapters use);
+* bounded work per frame: frames leave the timeout list as they leave (no
+  scan frees a second's worth at once), the connection table evicts in O(1)
+  in the usual case and reuses an idle datagram connection in place.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
-import struct
 from collections import deque
-from dataclasses import dataclass
+from typing import Any, Final
 
 from . import events as ev
 from .compare import TcpStream, datagram_difference, datagrams_equal, insert_segment
+from .config import Config
 from .conntrack import Connection, ConnectionTable
-from .packet import (ACK, FIN, KIND_FRAGMENT, KIND_NAMES, KIND_TCP, KIND_UDP, MAX_VNET_HDR_LEN, PSH,
+from .events import Matched, Released
+from .noise import mask_datagram, rules_for
+from .packet import (KIND_FRAGMENT, KIND_NAMES, KIND_TCP, KIND_UDP, MAX_VNET_HDR_LEN,
                      REASON_BAD_VNET_HDR, REASON_IPV4_TRUNCATED, REASON_IPV6_TRUNCATED, RST,
                      SYN, Packet, parse, parse_reassembled)
+from .reassembly import Datagram, Reassembler
+from .stats import Stats
 
-#: EtherType, version/IHL, total length, flags/fragment offset, protocol of
-#: an untagged IPv4 frame, read in one call on the fast path.
-_fast_ipv4 = struct.Struct(">HBxHxxHxB").unpack_from
-#: the key of an untagged IPv4 UDP flow is the frame's 12 bytes of addresses
-#: and ports followed by this (see packet._parse_l4)
-_UDP4 = b"\x114"
-_TCP4 = b"\x064"
-#: sequence number, ack, data offset and flags of a TCP header
-_fast_tcp = struct.Struct(">IIBB").unpack_from
-_TCP_SIMPLE = ~(ACK | PSH) & 0xFF     # flags the TCP fast path leaves to the general one
-_MASK32 = 0xFFFFFFFF
-_HALF32 = 0x80000000
-_new_packet = object.__new__
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:      # not needed to run: only mypyc reads it
+    def mypyc_attr(*_args: object, **_attrs: object) -> Any:  # type: ignore[misc]
+        return lambda cls: cls
 
-from .noise import mask_datagram, rules_for  # noqa: E402
-from .reassembly import Reassembler  # noqa: E402
-from .stats import Stats  # noqa: E402
-
-PRIMARY = ev.Side.PRIMARY
-SECONDARY = ev.Side.SECONDARY
+PRIMARY: Final = ev.Side.PRIMARY
+SECONDARY: Final = ev.Side.SECONDARY
 
 #: What holding one queued frame costs beyond its bytes (its Packet, its
 #: queue and arrival-list slots), measured with tracemalloc on CPython 3.11:
 #: about 250 bytes.  Counted against ``Config.max_queued_bytes``.
-QUEUED_FRAME_OVERHEAD = 256
+QUEUED_FRAME_OVERHEAD: Final = 256
 
 
-@dataclass
-class Config:
-    """Comparator settings.  Names and defaults follow QEMU's properties
-    where QEMU has one (``spec/qemu-7.2-observed.md`` section 1)."""
-
-    #: a queued frame older than this raises a checkpoint request (QEMU
-    #: ``compare_timeout``); ``None`` switches timeouts off.
-    compare_timeout_ms: float | None = 3000
-    #: how often queued frames are checked for age (QEMU
-    #: ``expired_scan_cycle``: 1000 ms in the code, though its docs say 3000).
-    expired_scan_cycle_ms: float = 1000
-    #: frames per connection and side (QEMU ``max_queue_size``; QEMU really
-    #: keeps one more, observed k1: here the bound is exact).
-    max_queue_size: int = 1024
-    #: connections tracked at once (QEMU's HASHTABLE_MAX_SIZE).
-    max_connections: int = 16384
-    #: memory of the frames queued in all, both sides: their bytes plus
-    #: QUEUED_FRAME_OVERHEAD each for what holds them (so tiny frames cannot
-    #: multiply the memory the bound names).  TCP payload waiting to be
-    #: compared is held once more, in its stream: up to twice this for TCP.
-    max_queued_bytes: int = 256 * 1024 * 1024
-    #: a connection with nothing queued and no traffic for this long is
-    #: forgotten (its TCP comparison state with it).
-    idle_timeout_ms: float = 120_000
-    #: an IP datagram whose fragments have not all arrived after this long
-    #: is given up (its primary fragments bypassed): Linux's ipfrag_time.
-    fragment_timeout_ms: float = 30_000
-    #: compare TCP in relative sequence numbers, per side (the replicas chose
-    #: their own ISNs: no filter-rewriter, or captures of two instances)
-    normalize_seq: bool = False
-    #: noise rules (noise.Rule): bytes that legitimately differ
-    ignore: tuple = ()
-
-    def validate(self) -> None:
-        if self.compare_timeout_ms is not None and self.compare_timeout_ms <= 0:
-            raise ValueError("compare timeout must be positive")
-        if self.expired_scan_cycle_ms <= 0:
-            raise ValueError("expired scan cycle must be positive")
-        if self.max_queue_size < 1:
-            raise ValueError("max queue size must be at least 1")
-        if self.max_connections < 1:
-            raise ValueError("max connections must be at least 1")
-        if self.max_queued_bytes < 1:
-            raise ValueError("max queued bytes must be at least 1")
-        if self.fragment_timeout_ms <= 0:
-            raise ValueError("fragment timeout must be positive")
-
-
-def _last_ms(conn) -> float:
+def _last_ms(conn: Connection) -> float:
     return conn.last_ms
 
 
-def _frames(pkt) -> int:
-    """How many frames a queued packet stands for (a reassembled datagram
-    came in several)."""
-    return 1 if pkt.fragments is None else len(pkt.fragments)
-
-
+# Python subclasses are allowed (the compiled class stays open to them): the
+# fault tests inject failures into one method of a subclass.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Comparator:
+    """The state machine; see the module's theory of operation."""
+
     def __init__(self, config: Config | None = None, compact: bool = False,
                  mode: ev.CheckpointMode = ev.CheckpointMode.EXTERNAL) -> None:
-        self.config = config or Config()
+        self.config: Config = config or Config()
         self.config.validate()
-        self.stats = Stats()
-        self.table = ConnectionTable(self.config.max_connections)
-        self._arrivals: deque = deque()  # queued frames, oldest first (for timeouts)
-        self.queued_frames = 0
-        self.queued_bytes = 0
-        self._epoch_ms = None           # first now_ms seen: scan ticks are phased from it
-        self._next_scan_ms = None
-        self._reassembly = (Reassembler(), Reassembler())   # per side
-        self._conns = self.table.conns  # the table's dict, for the hot path
+        self.stats: Stats = Stats()
+        self.table: ConnectionTable = ConnectionTable(self.config.max_connections)
+        #: queued frames, oldest first (for timeouts), from index
+        #: ``_arrivals_head`` on: frames that left before it are cut off in
+        #: bulk (a list, not a deque: the compiled core indexes it natively)
+        self._arrivals: list[Packet] = []
+        self._arrivals_head: int = 0
+        self.queued_frames: int = 0
+        self.queued_bytes: int = 0
+        self._epoch_ms: float | None = None   # first now_ms seen: scan ticks are phased from it
+        self._next_scan_ms: float | None = None
+        self._reassembly: tuple[Reassembler, Reassembler] = (Reassembler(), Reassembler())
+        self._conns: dict[bytes, Connection] = self.table.conns   # the table's dict
         #: who performs checkpoints (see CheckpointMode)
-        self.mode = ev.CheckpointMode(mode)
-        self._to_answer: dict = {}      # LOCAL: connections to checkpoint after this call
-        self._absent_since_ms = None    # when the secondary's input went away
-        self._absent = False            # ... and was given up: primary frames pass
-        #: release matched frames as their bytes rather than Released events
-        self.compact = compact
-        #: take the fast path for the common case (tests turn it off to check
-        #: that it decides exactly as the general path)
-        self.fast_path = True
+        self.mode: ev.CheckpointMode = ev.CheckpointMode(mode)
+        #: LOCAL: connections to checkpoint at the end of this call (a dict:
+        #: ordered, and no duplicates)
+        self._to_answer: dict[bytes, None] = {}
+        self._absent_since_ms: float | None = None   # when the secondary's input went away
+        self._absent: bool = False      # ... and was given up: primary frames pass
+        #: a release on a match comes as a ``Matched`` event (the frame's
+        #: bytes) rather than a ``Released`` one: what the adapters use
+        self.compact: bool = compact
+        # hot-path copies of settings
+        self._max_queue_size: int = self.config.max_queue_size
+        self._max_queued_bytes: int = self.config.max_queued_bytes
 
     # ------------------------------------------------------------------
     # input
 
-    def receive(self, side, data: bytes, now_ms, l2: int = 0,
+    def receive(self, side: int, data: bytes, now_ms: float, l2: int = 0,
                 vnet_hdr_len: int = 0, cut: bool = False,
                 l3: int = -1, ethertype: int = 0) -> list:
         """A frame arrived on ``side``.  ``data[l2:]`` is the Ethernet frame;
@@ -165,13 +190,10 @@ class Comparator:
         raw-IP link), read by the adapter: the network header of EtherType
         ``ethertype`` starts at ``data[l3:]`` (see ``packet.parse``).
 
-        Returns the events.  With ``compact`` set, a frame released on a
-        match appears as its ``data`` (bytes) instead of a ``Released``
-        event: the hot path of the adapters.
-
-        Never raises: should the comparator fail on a frame (a bug of ours),
-        the frame is let go, counted as ``internal-error``, and an
-        ``InternalError`` event carries the exception (see ``_contain``).
+        Returns the events.  Never raises: should the comparator fail on a
+        frame (a bug of ours), the frame is let go, counted as
+        ``internal-error``, and an ``InternalError`` event carries the
+        exception (see ``_contain``).
         """
         out: list = []
         try:
@@ -182,347 +204,63 @@ class Comparator:
             self._contain(exc, side, data, now_ms, l2, out, l3, ethertype)
         return out
 
-    def _receive(self, side, data, now_ms, l2, vnet_hdr_len, cut, l3, ethertype, out) -> None:
+    def _receive(self, side: int, data: bytes, now_ms: float, l2: int, vnet_hdr_len: int,
+                 cut: bool, l3: int, ethertype: int, out: list) -> None:
         if self._epoch_ms is None:
             self._start_clock(now_ms)
         stats = self.stats
+        primary = side == PRIMARY
+        i = 0 if primary else 1
         size = len(data)
         # frame bytes, as a capture has them: serve's length words and vnet
         # headers are not counted, so serve and replay count alike
-        stats.bytes_in[side] += size - l2     # (l2 > size: undone below)
-        # frames_in is this index, read by Stats.snapshot
-        index = stats.frames_in[side]
-        stats.frames_in[side] = index + 1
+        stats.bytes_in[i] += size - l2 if size >= l2 else 0
+        # frames_in is this frame's index
+        index = stats.frames_in[i]
+        stats.frames_in[i] = index + 1
+        pkt = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
         if self._absent_since_ms is not None:
-            if side == PRIMARY and self._absent:
+            if primary and self._absent:
                 # the secondary is gone: nothing to compare with (see
                 # secondary_lost); the frame passes at once
-                out.extend(self._not_comparable(Packet(side, data, l2, vnet_hdr_len, now_ms, index),
-                                                ev.REASON_SECONDARY_ABSENT))
+                out.append(self._not_comparable(pkt, ev.REASON_SECONDARY_ABSENT))
                 return
-            if side == SECONDARY:
+            if not primary:
                 # secondary frames again: the adapter says so with
                 # secondary_back, but the frames themselves are proof
                 self._secondary_back(now_ms, out)
-
-        # The fast path: an untagged IPv4 UDP datagram with a 20-byte header,
-        # whole and not a fragment, on a connection that is in step.  It
-        # decides exactly as the general path below would (a test runs both
-        # on the same input); anything unusual (another link) falls through.
-        if size >= l2 + 42 and vnet_hdr_len <= MAX_VNET_HDR_LEN and l3 < 0 and self.fast_path:
-            etype, vihl, total, frag, proto = _fast_ipv4(data, l2 + 12)
-            end = l2 + 14 + total
-            if (etype == 0x0800 and vihl == 0x45 and proto == 17 and not frag & 0x3FFF
-                    and total >= 28 and end <= size):
-                key = data[l2 + 26:l2 + 38] + _UDP4
-                conn = self._conns.get(key)
-                if conn is None and not self.config.ignore:
-                    # a new flow: made here rather than by the general path
-                    # (many short flows are the connection-churn case)
-                    conn = self._new_connection(key, KIND_UDP, now_ms, out)
-                if conn is not None and not conn.diverged and not conn.stale:
-                    conn.last_ms = now_ms
-                    off = l2 + 34
-                    if side:
-                        mine, other = conn.s, conn.p
-                    else:
-                        mine, other = conn.p, conn.s
-                    if other:
-                        head = other[0]
-                        hoff, hend = head.cmp_off, head.cmp_end
-                        if (hend - hoff == end - off and head.fragments is None
-                                and head.data[hoff:hend] == data[off:end]):
-                            other.popleft()
-                            conn.compared += 1
-                            stats.secondary_matched += 1
-                            head.done = True
-                            self.queued_frames -= 1
-                            self.queued_bytes -= len(head.data)
-                            if side:
-                                # the secondary completes the pair: the queued
-                                # primary leaves
-                                hold_ms = now_ms - head.arrival_ms
-                                released = head
-                            else:
-                                hold_ms = 0.0
-                                released = None
-                            stats.released_match += 1
-                            conn.released += 1
-                            if released is None:
-                                stats.hold.zero += 1
-                            else:
-                                stats.hold.add(hold_ms)
-                                conn.hold_sum_ms += hold_ms
-                                if hold_ms > conn.hold_max_ms:
-                                    conn.hold_max_ms = hold_ms
-                            if released is None:
-                                stats.released_bytes += size - l2
-                                if self.compact:
-                                    out.append(data)
-                                    return
-                                released = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
-                                released.key = conn.key
-                                released.kind = conn.kind
-                                released.done = True
-                            else:
-                                stats.released_bytes += len(released.data) - released.l2
-                                if self.compact:
-                                    out.append(released.data)
-                                    return
-                            out.append(ev.Released(released, ev.RELEASE_MATCH, hold_ms))
-                            return
-                    elif len(mine) < self.config.max_queue_size:
-                        pkt = _new_packet(Packet)    # see _fast_tcp
-                        pkt.side = side
-                        pkt.data = data
-                        pkt.l2 = l2
-                        pkt.vnet_hdr_len = vnet_hdr_len
-                        pkt.arrival_ms = now_ms
-                        pkt.index = index
-                        pkt.kind = KIND_UDP
-                        pkt.key = conn.key
-                        pkt.cmp_off = off
-                        pkt.cmp_end = end
-                        pkt.seq_abs = pkt.end_abs = pkt.seq = pkt.ack = pkt.flags = 0
-                        pkt.done = False
-                        pkt.conn = conn
-                        pkt.fragments = None
-                        mine.append(pkt)
-                        arrivals = self._arrivals
-                        while arrivals and arrivals[0].done:
-                            arrivals.popleft()
-                        arrivals.append(pkt)
-                        if len(arrivals) > self.queued_frames + (self.queued_frames >> 2) + 1024:
-                            self._compact_arrivals()
-                        self.queued_frames += 1
-                        self.queued_bytes += size
-                        if len(mine) > stats.queue_high_water[side]:
-                            stats.queue_high_water[side] = len(mine)
-                        if self.queued_bytes > stats.queued_bytes_high_water:
-                            stats.queued_bytes_high_water = self.queued_bytes
-                        if self.queued_bytes + self.queued_frames * QUEUED_FRAME_OVERHEAD > self.config.max_queued_bytes:
-                            self._relieve_memory(now_ms, out)
-                        return
-
-            elif (etype == 0x0800 and vihl == 0x45 and proto == 6 and not frag & 0x3FFF
-                    and total >= 40 and end <= size):
-                if self._fast_tcp(side, data, now_ms, l2, vnet_hdr_len, index, end, out):
-                    return
-
-        # The general path.
-        pkt = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
         if vnet_hdr_len > MAX_VNET_HDR_LEN or l2 > size:
-            if l2 > size:
-                stats.bytes_in[side] += l2 - size    # no frame bytes at all
-            out.extend(self._not_comparable(pkt, REASON_BAD_VNET_HDR))
+            out.append(self._not_comparable(pkt, REASON_BAD_VNET_HDR))
             return
         parsed = parse(data, l2, l3, ethertype)
-        kind = parsed[0]
-        if kind is None:
-            out.extend(self._not_comparable(pkt, parsed[1]))
+        if parsed[0] is None:
+            out.append(self._not_comparable(pkt, parsed[1]))
             return
-        if parsed[3] > size:
+        kind: int = parsed[0]
+        cmp_end: int = parsed[3]
+        if cmp_end > size:
             if not cut:
                 # an IP length beyond the frame, and no capture to blame
-                out.extend(self._not_comparable(
+                out.append(self._not_comparable(
                     pkt, REASON_IPV6_TRUNCATED if parsed[1][-1:] == b"6" else REASON_IPV4_TRUNCATED))
                 return
             # captured short of its IP length (snaplen): only the captured
             # part can be compared
-            stats.truncated[side] += 1
+            stats.truncated[i] += 1
         if kind == KIND_FRAGMENT:
             self._receive_fragment(pkt, parsed, now_ms, out)
         else:
-            self._dispatch(pkt, parsed, now_ms, out)
-        if self.queued_bytes + self.queued_frames * QUEUED_FRAME_OVERHEAD > self.config.max_queued_bytes:
+            self._dispatch(pkt, primary, parsed, now_ms, out)
+        if self.queued_bytes + self.queued_frames * QUEUED_FRAME_OVERHEAD > self._max_queued_bytes:
             self._relieve_memory(now_ms, out)
 
-    def _fast_tcp(self, side, data, now_ms, l2, vnet_hdr_len, index, end, out) -> bool:
-        """The fast path for an untagged IPv4 TCP segment that carries data in
-        sequence on a connection in step (no SYN/FIN/RST, nothing out of
-        order, nothing diverged): the bulk-transfer case.  Appends the events
-        to ``out`` and returns True, or returns False to leave the segment to
-        the general path (then nothing has been changed)."""
-        seq, ack, doff, flags = _fast_tcp(data, l2 + 38)
-        if flags & _TCP_SIMPLE:
-            return False
-        off = l2 + 34 + (doff >> 4) * 4
-        plen = end - off
-        if plen <= 0 or off < l2 + 54:
-            return False
-        conn = self._conns.get(data[l2 + 26:l2 + 38] + _TCP4)
-        if conn is None or conn.diverged or conn.p_later or conn.s_later:
-            return False
-        tcp = conn.tcp
-        if (not tcp.plain or not tcp.locked or tcp.p_pending or tcp.s_pending
-                or tcp.unknown is not None or tcp.p_fin is not None or tcp.s_fin is not None):
-            return False
-        base = tcp.base
-        p_buf, s_buf = tcp.p_buf, tcp.s_buf
-        if side and not conn.p and not p_buf:
-            # the secondary is ahead: queue it, in sequence, as the general
-            # path would (TcpStream.add_secondary, insert_segment, _enqueue);
-            # nothing can be verified until the primary's twin arrives
-            expected = base + len(s_buf)
-            squeue = conn.s
-            if (seq - expected) & _MASK32 or len(squeue) >= self.config.max_queue_size:
-                return False
-            if flags & ACK:
-                m = tcp.s_max_ack
-                if m is None or ((ack - m) & _MASK32) < _HALF32:
-                    tcp.s_max_ack = ack
-            self._queue_fast_tcp(side, data, l2, vnet_hdr_len, now_ms, index, conn, off,
-                                 end, seq, ack, flags, expected, s_buf, squeue, out)
-            return True
-        if side:
-            # the secondary brings bytes the primary has sent and are waiting
-            if s_buf or conn.s or not conn.p or (seq - base) & _MASK32 or len(p_buf) < plen:
-                return False
-            if not p_buf.startswith(data[off:end]):
-                return False
-            if flags & ACK:
-                m = tcp.s_max_ack
-                if m is None or ((ack - m) & _MASK32) < _HALF32:
-                    tcp.s_max_ack = ack
-            del p_buf[:plen]
-            tcp.base = tcp.anchor = base = base + plen
-            self.stats.secondary_matched += 1
-            conn.last_ms = now_ms
-            queue = conn.p
-            ack_max = tcp.s_max_ack
-            while queue:
-                # TcpStream.releasable's rule, for a stream with no FIN seen
-                head = queue[0]
-                hflags = head.flags
-                if (head.end_abs > base
-                        or (hflags & SYN and not tcp.s_syn) or (hflags & RST and not tcp.s_rst)
-                        or (hflags & ACK and (ack_max is None
-                                              or ((ack_max - head.ack) & _MASK32) >= _HALF32))):
-                    break
-                if hflags & RST:
-                    tcp.p_rst = True
-                queue.pop(0)
-                if self.compact and head.fragments is None:
-                    # _release, inlined for the bulk case
-                    head.done = True
-                    size = len(head.data)
-                    self.queued_frames -= 1
-                    self.queued_bytes -= size
-                    hold_ms = now_ms - head.arrival_ms
-                    stats = self.stats
-                    stats.released_match += 1
-                    stats.released_bytes += size - head.l2
-                    stats.hold.add(hold_ms)
-                    conn.released += 1
-                    conn.hold_sum_ms += hold_ms
-                    if hold_ms > conn.hold_max_ms:
-                        conn.hold_max_ms = hold_ms
-                    out.append(head.data)
-                else:
-                    self._release(conn, head, ev.RELEASE_MATCH, now_ms, out)
-            return True
-        if s_buf:
-            if conn.p or (seq - base) & _MASK32 or len(s_buf) < plen:
-                return False
-            # the secondary was ahead: this segment's bytes are there already
-            ack_max = tcp.s_max_ack
-            if (flags & ACK and (ack_max is None or ((ack_max - ack) & _MASK32) >= _HALF32)):
-                return False
-            if not s_buf.startswith(data[off:end]):
-                return False
-            del s_buf[:plen]
-            base += plen
-            tcp.base = tcp.anchor = base
-            if tcp.p_end_max is None or base > tcp.p_end_max:
-                tcp.p_end_max = base
-            conn.last_ms = now_ms
-            squeue = conn.s
-            while squeue and squeue[0].end_abs <= base:
-                done = squeue.pop(0)
-                self.stats.secondary_matched += 1
-                self._leave(done)
-            stats = self.stats
-            stats.released_match += 1
-            stats.released_bytes += len(data) - l2
-            stats.hold.zero += 1
-            conn.released += 1
-            if self.compact:
-                out.append(data)
-                return True
-            pkt = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
-            pkt.kind = KIND_TCP
-            pkt.key = conn.key
-            pkt.done = True
-            out.append(ev.Released(pkt, ev.RELEASE_MATCH, 0.0))
-            return True
-        # nothing from the secondary yet: queue it, in sequence
-        expected = base + len(p_buf)
-        if (seq - expected) & _MASK32 or len(conn.p) >= self.config.max_queue_size:
-            return False
-        end_abs = expected + plen
-        if tcp.p_end_max is None or end_abs > tcp.p_end_max:
-            tcp.p_end_max = end_abs
-        self._queue_fast_tcp(side, data, l2, vnet_hdr_len, now_ms, index, conn, off, end,
-                             seq, ack, flags, expected, p_buf, conn.p, out)
-        return True
-
-    def _queue_fast_tcp(self, side, data, l2, vnet_hdr_len, now_ms, index, conn, off, end,
-                        seq, ack, flags, expected, buf, queue, out) -> None:
-        """Queue an in-sequence segment for the TCP fast path: the Packet
-        with its fields set once (``Packet.__init__`` would fill defaults
-        only to have them overwritten), its payload appended to its side's
-        stream ``buf``, and ``_enqueue``, inlined; a memory bound may flush,
-        appending to ``out``."""
-        pkt = _new_packet(Packet)
-        pkt.side = side
-        pkt.data = data
-        pkt.l2 = l2
-        pkt.vnet_hdr_len = vnet_hdr_len
-        pkt.arrival_ms = now_ms
-        pkt.index = index
-        pkt.kind = KIND_TCP
-        pkt.key = conn.key
-        pkt.cmp_off = off
-        pkt.cmp_end = end
-        pkt.seq = seq
-        pkt.ack = ack
-        pkt.flags = flags
-        pkt.seq_abs = expected
-        pkt.end_abs = expected + (end - off)
-        pkt.done = False
-        pkt.conn = conn
-        pkt.fragments = None
-        buf += data[off:end]          # the bytearray itself grows
-        conn.last_ms = now_ms
-        queue.append(pkt)
-        depth = len(queue)
-        arrivals = self._arrivals
-        while arrivals and arrivals[0].done:
-            arrivals.popleft()
-        arrivals.append(pkt)
-        self.queued_frames += 1
-        self.queued_bytes += len(pkt.data)
-        stats = self.stats
-        if self.queued_bytes > stats.queued_bytes_high_water:
-            stats.queued_bytes_high_water = self.queued_bytes
-        if depth > stats.queue_high_water[side]:
-            stats.queue_high_water[side] = depth
-        if len(arrivals) > self.queued_frames + (self.queued_frames >> 2) + 1024:
-            self._compact_arrivals()
-        if self.queued_bytes + self.queued_frames * QUEUED_FRAME_OVERHEAD > self.config.max_queued_bytes:
-            self._relieve_memory(now_ms, out)
-
-    def _dispatch(self, pkt, parsed, now_ms, out) -> None:
+    def _dispatch(self, pkt: Packet, primary: bool, parsed: tuple, now_ms: float,
+                  out: list) -> None:
         """A parsed, comparable frame (or reassembled datagram) joins its
         connection and is compared."""
-        kind, key, off, end, seq, ack, flags = parsed
-        pkt.kind = kind
-        pkt.key = key
-        pkt.cmp_off = off
-        pkt.cmp_end = end
-        pkt.seq = seq
-        pkt.ack = ack
-        pkt.flags = flags
+        kind: int = parsed[0]
+        key: bytes = parsed[1]
+        pkt.classify(kind, key, parsed[2], parsed[3], parsed[4], parsed[5], parsed[6])
         conn = self._conns.get(key)
         if conn is None:
             conn = self._new_connection(key, kind, now_ms, out)
@@ -530,18 +268,18 @@ class Comparator:
             conn.last_ms = now_ms
         pkt.conn = conn
         if kind == KIND_TCP:
-            self._receive_tcp(conn, pkt, pkt.side, now_ms, out)
+            self._receive_tcp(conn, pkt, primary, now_ms, out)
         else:
-            self._receive_datagram(conn, pkt, pkt.side, now_ms, out)
+            self._receive_datagram(conn, pkt, primary, now_ms, out)
 
     # -- fragments -----------------------------------------------------------
 
-    def _receive_fragment(self, pkt, parsed, now_ms, out) -> None:
+    def _receive_fragment(self, pkt: Packet, parsed: tuple, now_ms: float, out: list) -> None:
         _, key, off, end, offset, more, proto = parsed
-        side = pkt.side
+        primary = pkt.side == PRIMARY
         pkt.key = key
-        self.stats.fragments_in[side] += 1
-        reasm = self._reassembly[side]
+        self.stats.fragments_in[0 if primary else 1] += 1
+        reasm = self._reassembly[0 if primary else 1]
         done, failed = reasm.add(pkt, key, offset, more, proto, pkt.data[off:end], now_ms)
         for dg, reason in failed:
             self._fail_datagram(dg, reason, out)
@@ -550,30 +288,31 @@ class Comparator:
         payload = reasm.complete_payload(done)
         parsed = parse_reassembled(payload, key, done.proto)
         first = done.fragments[0]
-        whole = Packet(side, payload, 0, 0, first.arrival_ms, first.index)
+        whole = Packet(pkt.side, payload, 0, 0, first.arrival_ms, first.index)
         whole.fragments = done.fragments
         if parsed[0] is None:
             self._fail_datagram(done, parsed[1], out)
             return
-        self.stats.reassembled[side] += 1
-        self._dispatch(whole, parsed, now_ms, out)
+        self.stats.reassembled[0 if primary else 1] += 1
+        self._dispatch(whole, primary, parsed, now_ms, out)
 
-    def _fail_datagram(self, dg, reason, out) -> None:
+    def _fail_datagram(self, dg: Datagram, reason: str, out: list) -> None:
         """A datagram that cannot be reassembled (or compared): its primary
         fragments leave at once, its secondary ones are dropped."""
         for frag in dg.fragments:
-            out.extend(self._not_comparable(frag, reason))
+            out.append(self._not_comparable(frag, reason))
 
-    def _not_comparable(self, pkt, reason: str) -> list:
+    def _not_comparable(self, pkt: Packet, reason: str) -> object:
+        """The event for a frame that is not compared: a primary one is
+        bypassed (it leaves at once), a secondary one dropped."""
+        pkt.left = True
         if pkt.side == PRIMARY:
             self.stats.bypassed[reason] += 1
-            pkt.done = True
-            return [ev.Bypassed(pkt, reason)]
+            return ev.Bypassed(pkt, reason)
         self.stats.dropped["secondary:" + reason] += 1
-        pkt.done = True
-        return [ev.Dropped(pkt, SECONDARY, reason)]
+        return ev.Dropped(pkt, SECONDARY, reason)
 
-    def _new_connection(self, key, kind, now_ms, out) -> Connection:
+    def _new_connection(self, key: bytes, kind: int, now_ms: float, out: list) -> Connection:
         table = self.table
         config = self.config
         if len(self._conns) >= table.max_connections:
@@ -581,11 +320,11 @@ class Comparator:
                 # the connection-churn case (many short flows through a full
                 # table): the oldest connection, when it is an idle datagram
                 # one, becomes the new one in place, its deques kept
-                conn = table.recycle_oldest_datagram(key, now_ms)
-                if conn is not None:
+                recycled = table.recycle_oldest_datagram(key, now_ms)
+                if recycled is not None:
                     self.stats.connections_evicted["idle"] += 1
                     self.stats.connections_created += 1
-                    return conn
+                    return recycled
             self._evict_for_room(now_ms, out)
         if config.ignore or config.normalize_seq:
             conn = Connection(key, kind, now_ms, config.normalize_seq,
@@ -596,138 +335,161 @@ class Comparator:
         self.stats.connections_created += 1
         return conn
 
-    def _enqueue(self, conn, queue, pkt, side, now_ms, out) -> None:
+    def _enqueue(self, queue: list[Packet], pkt: Packet, primary: bool) -> None:
+        """Account for a frame that has just joined ``queue``."""
         arrivals = self._arrivals
-        # drop the frames at the front that have left, as they leave: kept
-        # until the next scan, a second's worth of released frames were freed
-        # all at once there (a stall of tens of ms, and memory in proportion)
-        while arrivals and arrivals[0].done:
-            arrivals.popleft()
+        # pass over the frames at the front that have left, as they leave:
+        # kept until the next scan, a second's worth of released frames were
+        # freed all at once there (a stall of tens of ms, and memory in
+        # proportion)
+        head = self._arrivals_head
+        n = len(arrivals)
+        while head < n and arrivals[head].left:
+            head += 1
+        if head > 64 and 2 * head >= n:
+            del arrivals[:head]     # each frame is moved at most once, on average
+            head = 0
+        self._arrivals_head = head
         arrivals.append(pkt)
-        if len(arrivals) > self.queued_frames + (self.queued_frames >> 2) + 1024:
+        queued_frames = self.queued_frames + 1
+        self.queued_frames = queued_frames
+        if len(arrivals) - head > queued_frames + (queued_frames >> 2) + 1024:
             self._compact_arrivals()
-        self.queued_frames += 1
-        self.queued_bytes += len(pkt.data)
-        if self.queued_bytes > self.stats.queued_bytes_high_water:
-            self.stats.queued_bytes_high_water = self.queued_bytes
-        n = len(queue)
-        if n > self.stats.queue_high_water[side]:
-            self.stats.queue_high_water[side] = n
+        queued_bytes = self.queued_bytes + len(pkt.data)
+        self.queued_bytes = queued_bytes
+        stats = self.stats
+        if queued_bytes > stats.queued_bytes_high_water:
+            stats.queued_bytes_high_water = queued_bytes
+        depth = len(queue)
+        high = stats.queue_high_water
+        i = 0 if primary else 1
+        if depth > high[i]:
+            high[i] = depth
 
     # -- TCP ---------------------------------------------------------------
 
-    def _receive_tcp(self, conn, pkt, side, now_ms, out) -> None:
+    def _receive_tcp(self, conn: Connection, pkt: Packet, primary: bool, now_ms: float,
+                     out: list) -> None:
         tcp = conn.tcp
-        later = conn.p_later if side == PRIMARY else conn.s_later
-        if later or (pkt.flags & SYN and tcp.ended(side == PRIMARY)):
+        assert tcp is not None
+        later = conn.primary_later if primary else conn.secondary_later
+        if later or (pkt.flags & SYN and tcp.ended(primary)):
             # A new connection on the same 4-tuple, opened by this side before
             # the old one is fully compared: it waits until the old one is.
+            if later is None:
+                later = []
+                if primary:
+                    conn.primary_later = later
+                else:
+                    conn.secondary_later = later
             later.append(pkt)
-            self._enqueue(conn, later, pkt, side, now_ms, out)
-        elif side == PRIMARY:
-            tcp.add_primary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end)   # sets seq_abs
-            insert_segment(conn.p, pkt)
-            self._enqueue(conn, conn.p, pkt, PRIMARY, now_ms, out)
+            self._enqueue(later, pkt, primary)
+        elif primary:
+            tcp.add_primary(pkt)     # gives it its stream positions
+            insert_segment(conn.primary_queue, pkt)
+            self._enqueue(conn.primary_queue, pkt, True)
+        elif tcp.add_secondary(pkt):
+            insert_segment(conn.secondary_queue, pkt)
+            self._enqueue(conn.secondary_queue, pkt, False)
         else:
-            self._add_secondary_segment(conn, pkt, now_ms, out)
-        self._progress_tcp(conn, now_ms, out)
-        if conn.queued_primary > self.config.max_queue_size or \
-                conn.queued_secondary > self.config.max_queue_size:
-            self._flush_connection(conn, now_ms, ev.RELEASE_QUEUE_FULL, out)
-            self._request(ev.CAUSE_QUEUE_FULL, conn, now_ms, out, answered=True)
+            # nothing new in it (a pure ACK, a duplicate): absorbed
+            pkt.left = True
+            self.stats.secondary_absorbed += pkt.frames
+        self._progress_tcp(conn, tcp, now_ms, out)
+        limit = self._max_queue_size
+        if conn.queued_primary > limit or conn.queued_secondary > limit:
+            self._flush_connection(conn, now_ms, ev.ReleaseReason.QUEUE_FULL, out)
+            self._request(ev.CheckpointCause.QUEUE_FULL, conn, now_ms, out, answered=True)
 
-    def _add_secondary_segment(self, conn, pkt, now_ms, out) -> None:
-        if conn.tcp.add_secondary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end):
-            insert_segment(conn.s, pkt)
-            self._enqueue(conn, conn.s, pkt, SECONDARY, now_ms, out)
-        else:
-            pkt.done = True
-            self.stats.secondary_absorbed += _frames(pkt)
-
-    def _start_next_connection(self, conn) -> None:
+    def _start_next_connection(self, conn: Connection) -> None:
+        """The old connection on this 4-tuple is over: the segments that
+        waited for it (``primary_later``/``secondary_later``) start the new
+        one."""
         conn.tcp = tcp = TcpStream(self.config.normalize_seq, conn.rules)
         conn.diverged = False
-        p_later, s_later = conn.p_later, conn.s_later
-        conn.p_later, conn.s_later = [], []
-        for pkt in p_later:
-            tcp.add_primary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end)
-            insert_segment(conn.p, pkt)
-        for pkt in s_later:
-            # already counted as queued: keep it if it brings bytes
-            if tcp.add_secondary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end):
-                insert_segment(conn.s, pkt)
+        p_later, s_later = conn.primary_later, conn.secondary_later
+        conn.primary_later = conn.secondary_later = None
+        for pkt in p_later or ():
+            tcp.add_primary(pkt)
+            insert_segment(conn.primary_queue, pkt)
+        for pkt in s_later or ():
+            # already counted as queued: kept if it brings bytes
+            if tcp.add_secondary(pkt):
+                insert_segment(conn.secondary_queue, pkt)
             else:
                 self._leave(pkt)
-                self.stats.secondary_absorbed += _frames(pkt)
+                self.stats.secondary_absorbed += pkt.frames
 
-    def _progress_tcp(self, conn, now_ms, out) -> None:
-        tcp = conn.tcp
+    def _progress_tcp(self, conn: Connection, tcp: TcpStream, now_ms: float, out: list) -> None:
+        """Verify what both sides have sent, let the verified secondary
+        segments go and release the primary ones that may leave."""
         if not conn.diverged:
             bad = tcp.advance()
             if bad is not None:
-                self._tcp_miscompare(conn, bad, now_ms, out)
-        s = conn.s
-        n = tcp.verified_secondaries(s)
-        if n:
-            for _ in range(n):
-                done = s.pop(0)
-                self.stats.secondary_matched += _frames(done)
-                self._leave(done)
-        n = tcp.releasable(conn.p)
-        if n:
-            p = conn.p
-            for _ in range(n):
-                pkt = p.pop(0)
-                if pkt.flags & RST:
-                    tcp.p_rst = True
-                self._release(conn, pkt, ev.RELEASE_MATCH, now_ms, out)
-        if (conn.p_later or conn.s_later) and not conn.p and not conn.s and tcp.finished():
+                self._tcp_miscompare(conn, tcp, bad[0], bad[1], now_ms, out)
+        squeue = conn.secondary_queue
+        while squeue and tcp.verified(squeue[0]):
+            done = squeue.pop(0)
+            self.stats.secondary_matched += done.frames
+            self._leave(done)
+        pqueue = conn.primary_queue
+        while pqueue and tcp.releasable(pqueue[0]):
+            pkt = pqueue.pop(0)
+            if pkt.flags & RST:
+                tcp.p_rst = True
+            self._release(conn, pkt, ev.ReleaseReason.MATCH, now_ms, out)
+        if conn.has_later and not pqueue and not squeue and tcp.finished():
             # the old connection on this 4-tuple is over: compare the new one
             self._start_next_connection(conn)
-            self._progress_tcp(conn, now_ms, out)
+            new_tcp = conn.tcp
+            assert new_tcp is not None
+            self._progress_tcp(conn, new_tcp, now_ms, out)
 
-    def _tcp_miscompare(self, conn, bad, now_ms, out) -> None:
-        cause, at = bad
-        tcp = conn.tcp
-        p_pkt, p_off = tcp.find(conn.p, at)
-        s_pkt, s_off = tcp.find(conn.s, at)
+    def _tcp_miscompare(self, conn: Connection, tcp: TcpStream, cause: ev.MiscompareCause,
+                        at: int, now_ms: float, out: list) -> None:
+        p_pkt, p_off = tcp.find(conn.primary_queue, at)
+        s_pkt, s_off = tcp.find(conn.secondary_queue, at)
         conn.diverged = True
         conn.miscompares += 1
         self.stats.miscompares["tcp:" + cause] += 1
-        raw_seq = at & 0xFFFFFFFF
+        raw_seq: int | None = at & 0xFFFFFFFF
         if tcp.norm is not None:
             # report the primary's own sequence number for the byte
-            raw_seq = tcp.norm.raw_seq(0, raw_seq)
+            raw_seq = tcp.norm.raw_seq(0, at & 0xFFFFFFFF)
         out.append(ev.Miscompare(conn.key, "tcp", cause, tcp.stream_offset(at),
                                  raw_seq, None, p_pkt, s_pkt, p_off, s_off, now_ms))
-        self._request(ev.CAUSE_MISCOMPARE, conn, now_ms, out)
+        self._request(ev.CheckpointCause.MISCOMPARE, conn, now_ms, out)
 
     # -- datagrams ---------------------------------------------------------
 
-    def _receive_datagram(self, conn, pkt, side, now_ms, out) -> None:
-        if conn.stale and side == SECONDARY:
-            if conn.stale[0] == pkt.data[pkt.cmp_off:pkt.cmp_end]:
+    def _receive_datagram(self, conn: Connection, pkt: Packet, primary: bool, now_ms: float,
+                          out: list) -> None:
+        """Datagrams pair in order: the oldest queued primary one with the
+        oldest queued secondary one of the same connection."""
+        stale = conn.stale
+        if stale and not primary:
+            if stale[0] == pkt.compared:
                 # the secondary's copy of a datagram flushed at the checkpoint
-                conn.stale.popleft()
-                pkt.done = True
-                self.stats.secondary_absorbed += _frames(pkt)
+                stale.popleft()
+                pkt.left = True
+                self.stats.secondary_absorbed += pkt.frames
                 return
-            conn.stale.clear()      # the secondary has moved past them
-        queue = conn.p if side == PRIMARY else conn.s
+            stale.clear()      # the secondary has moved past them
+        queue = conn.primary_queue if primary else conn.secondary_queue
         queue.append(pkt)
-        self._enqueue(conn, queue, pkt, side, now_ms, out)
+        self._enqueue(queue, pkt, primary)
         if not conn.diverged:
-            p, s = conn.p, conn.s
-            while p and s:
-                pp = p[0]
-                ss = s[0]
+            pqueue, squeue = conn.primary_queue, conn.secondary_queue
+            while pqueue and squeue:
+                pp = pqueue[0]
+                ss = squeue[0]
                 if datagrams_equal(pp, ss) or (conn.rules and self._equal_but_noise(conn, pp, ss)):
-                    p.popleft()
-                    s.popleft()
+                    pqueue.pop(0)
+                    squeue.pop(0)
                     conn.compared += 1
-                    self.stats.secondary_matched += _frames(ss)
+                    self.stats.secondary_matched += ss.frames
                     self._leave(ss)
-                    self._release(conn, pp, ev.RELEASE_MATCH, now_ms, out)
+                    self._release(conn, pp, ev.ReleaseReason.MATCH, now_ms, out)
                     continue
                 cause, offset = datagram_difference(pp, ss)
                 conn.diverged = True
@@ -737,19 +499,20 @@ class Comparator:
                 out.append(ev.Miscompare(conn.key, kind, cause, offset, None, conn.compared,
                                          pp, ss, pp.cmp_off + offset, ss.cmp_off + offset,
                                          now_ms))
-                self._request(ev.CAUSE_MISCOMPARE, conn, now_ms, out)
+                self._request(ev.CheckpointCause.MISCOMPARE, conn, now_ms, out)
                 break
-        if len(conn.p) > self.config.max_queue_size or len(conn.s) > self.config.max_queue_size:
-            self._flush_connection(conn, now_ms, ev.RELEASE_QUEUE_FULL, out)
-            self._request(ev.CAUSE_QUEUE_FULL, conn, now_ms, out, answered=True)
+        limit = self._max_queue_size
+        if len(conn.primary_queue) > limit or len(conn.secondary_queue) > limit:
+            self._flush_connection(conn, now_ms, ev.ReleaseReason.QUEUE_FULL, out)
+            self._request(ev.CheckpointCause.QUEUE_FULL, conn, now_ms, out, answered=True)
 
-    def _equal_but_noise(self, conn, p, s) -> bool:
+    def _equal_but_noise(self, conn: Connection, p: Packet, s: Packet) -> bool:
         """Whether two datagrams differ only where the noise rules say bytes
         may differ; the rules that made the difference are counted."""
         if p.cmp_end - p.cmp_off != s.cmp_end - s.cmp_off:
             return False
-        a = p.data[p.cmp_off:p.cmp_end]
-        b = s.data[s.cmp_off:s.cmp_end]
+        a = p.compared
+        b = s.compared
         if len(a) != len(b) or mask_datagram(a, conn.rules) != mask_datagram(b, conn.rules):
             return False
         differing = [i for i in range(len(a)) if a[i] != b[i]]
@@ -760,23 +523,32 @@ class Comparator:
 
     # -- leaving -----------------------------------------------------------
 
-    def _leave(self, pkt) -> None:
+    def _leave(self, pkt: Packet) -> None:
         """A queued frame leaves its queue (released, consumed or discarded)."""
-        pkt.done = True
+        pkt.left = True
         self.queued_frames -= 1
         self.queued_bytes -= len(pkt.data)
+        arrivals = self._arrivals
+        if len(arrivals) > self._arrivals_head and arrivals[-1] is pkt:
+            # the newest arrival (a frame matched as it came): forgotten now
+            # rather than when it reaches the front
+            arrivals.pop()
 
-    def _release(self, conn, pkt, reason, now_ms, out) -> None:
+    def _release(self, conn: Connection, pkt: Packet, reason: ev.ReleaseReason, now_ms: float,
+                 out: list) -> None:
+        """A queued primary frame leaves toward the client: counted, and its
+        event appended (a reassembled datagram leaves as its fragments)."""
         self._leave(pkt)
-        if pkt.fragments is not None:
-            # a reassembled datagram leaves as the fragments it came in
-            for frag in pkt.fragments:
-                frag.done = True
+        fragments = pkt.fragments
+        if fragments is not None:
+            for frag in fragments:
+                frag.left = True
                 self._count_release(conn, frag, reason, now_ms, out)
             return
         self._count_release(conn, pkt, reason, now_ms, out)
 
-    def _count_release(self, conn, pkt, reason, now_ms, out) -> None:
+    def _count_release(self, conn: Connection, pkt: Packet, reason: ev.ReleaseReason,
+                       now_ms: float, out: list) -> None:
         hold_ms = now_ms - pkt.arrival_ms
         stats = self.stats
         stats.released_bytes += len(pkt.data) - pkt.l2
@@ -785,16 +557,17 @@ class Comparator:
         conn.hold_sum_ms += hold_ms
         if hold_ms > conn.hold_max_ms:
             conn.hold_max_ms = hold_ms
-        if reason is ev.RELEASE_MATCH:
+        if reason is ev.ReleaseReason.MATCH:
             stats.released_match += 1
             if self.compact:
-                out.append(pkt.data)
+                out.append(Matched(pkt.data, pkt.l2))
                 return
         else:
             stats.released_flushed[reason] += 1
-        out.append(ev.Released(pkt, reason, hold_ms))
+        out.append(Released(pkt, reason, hold_ms))
 
-    def _request(self, cause, conn, now_ms, out, answered=False, key=None) -> None:
+    def _request(self, cause: ev.CheckpointCause, conn: Connection | None, now_ms: float,
+                 out: list, answered: bool = False, key: bytes | None = None) -> None:
         """Ask for a checkpoint.  In ``CheckpointMode.LOCAL`` the comparator
         answers it itself, on the connection concerned, once the call that
         raised it has finished its work (``_answer_requests``): answering in
@@ -803,11 +576,11 @@ class Comparator:
         if conn is not None:
             key = conn.key
         if not answered and self.mode is ev.CheckpointMode.LOCAL and key is not None:
-            self._to_answer[key] = None      # (a dict: ordered, and no duplicates)
+            self._to_answer[key] = None
             answered = True
         out.append(ev.CheckpointRequested(cause, key, now_ms, answered))
 
-    def _answer_requests(self, now_ms, out) -> None:
+    def _answer_requests(self, now_ms: float, out: list) -> None:
         """``CheckpointMode.LOCAL``: checkpoint each connection that raised a
         request during this call (in the order they did)."""
         keys, self._to_answer = self._to_answer, {}
@@ -816,68 +589,73 @@ class Comparator:
             if conn is not None:
                 self._checkpoint_one(conn, now_ms, out)
 
-    def _flush_connection(self, conn, now_ms, reason, out, keep_ahead=False) -> tuple[int, int]:
+    def _flush_connection(self, conn: Connection, now_ms: float, reason: ev.ReleaseReason,
+                          out: list, keep_ahead: bool = False) -> tuple[int, int]:
         """Release every queued primary frame of ``conn`` in order, discard its
         secondary frames, and reset its comparison state.
 
         ``keep_ahead``: keep what the secondary sent beyond what the primary
-        has sent so far (``resolve``: no VM is reset, the secondary's stream
-        goes on, and those frames are the twins of primary frames still to
-        come).  After a real checkpoint they are discarded: the secondary,
-        now a copy of the primary, will send them again."""
-        p_later = conn.p_later
+        has sent so far (a checkpoint of this connection alone: no VM is
+        reset, the secondary's stream goes on, and those frames are the
+        twins of primary frames still to come).  After a real checkpoint
+        they are discarded: the secondary, now a copy of the primary, will
+        send them again."""
+        pqueue, squeue = conn.primary_queue, conn.secondary_queue
+        p_later = list(conn.primary_later or ())
+        s_later = list(conn.secondary_later or ())
         released = discarded = 0
-        n_primary = len(conn.p)
-        for pkt in conn.p:
-            released += _frames(pkt)
+        n_primary = len(pqueue)
+        for pkt in pqueue:
+            released += pkt.frames
             self._release(conn, pkt, reason, now_ms, out)
         for pkt in p_later:
-            released += _frames(pkt)
+            released += pkt.frames
             self._release(conn, pkt, reason, now_ms, out)
-        kept = []
-        if keep_ahead and not p_later and not conn.s_later:
-            if conn.tcp is None:
+        tcp = conn.tcp
+        kept: list[Packet] = []
+        if keep_ahead and not p_later and not s_later:
+            if tcp is None:
                 # datagrams pair in order: those beyond the primary's are ahead
-                kept = list(conn.s)[n_primary:]
-            elif conn.tcp.p_end_max is not None:
-                end = conn.tcp.p_end_max
-                kept = [pkt for pkt in conn.s if pkt.end_abs > end]
+                kept = list(squeue)[n_primary:]
+            elif tcp.p_end_max is not None:
+                end = tcp.p_end_max
+                kept = [pkt for pkt in squeue if pkt.end_abs > end]
         keep = set(map(id, kept))
-        for pkt in conn.s:
+        for pkt in squeue:
             if id(pkt) not in keep:
-                discarded += _frames(pkt)
+                discarded += pkt.frames
                 self._leave(pkt)
-        for pkt in conn.s_later:
-            discarded += _frames(pkt)
+        for pkt in s_later:
+            discarded += pkt.frames
             self._leave(pkt)
         self.stats.secondary_discarded += discarded
-        if conn.tcp is None:
+        if tcp is None:
             # remember what the flushed primaries compare as, in case their
             # secondary copies are still to come (see Connection.stale);
             # those already paired with a queued secondary are not waited for
-            unpaired = list(conn.p)[len(conn.s):]
-            conn.stale = deque(p.data[p.cmp_off:p.cmp_end] for p in unpaired)
-        conn.p.clear()
-        conn.s.clear()
+            unpaired = list(pqueue)[len(squeue):]
+            conn.stale = deque(p.compared for p in unpaired) if unpaired else None
+        pqueue.clear()
+        squeue.clear()
         conn.diverged = False
-        if conn.tcp is None:
-            conn.s.extend(kept)
+        if tcp is None:
+            squeue.extend(kept)
+            return released, discarded
+        if p_later:
+            # the primary had moved on to a new connection on this 4-tuple:
+            # the secondary now holds that state, so continue from there
+            tcp = conn.tcp = TcpStream(self.config.normalize_seq, conn.rules)
+            for pkt in p_later:
+                tcp.add_primary(pkt)
+        conn.primary_later = conn.secondary_later = None
+        if keep_ahead and tcp.p_end_max is not None:
+            tcp.skip_to_primary_end()
+            squeue.extend(kept)
         else:
-            if p_later:
-                # the primary had moved on to a new connection on this 4-tuple:
-                # the secondary now holds that state, so continue from there
-                tcp = conn.tcp = TcpStream(self.config.normalize_seq, conn.rules)
-                for pkt in p_later:
-                    tcp.add_primary(pkt, pkt.data, pkt.cmp_off, pkt.cmp_end)
-            conn.p_later, conn.s_later = [], []
-            if keep_ahead and conn.tcp.p_end_max is not None:
-                conn.tcp.skip_to_primary_end()
-                conn.s.extend(kept)
-            else:
-                conn.tcp.reset()
+            tcp.reset()
         return released, discarded
 
-    def _evict_for_room(self, now_ms, out) -> None:
+    def _evict_for_room(self, now_ms: float, out: list) -> None:
         """The table is full and a new connection arrives: forget an idle
         connection (the oldest, when it is idle: the usual case, in O(1)),
         else the least recently active of the 64 oldest, releasing what it
@@ -899,28 +677,42 @@ class Comparator:
             self.stats.connections_evicted["idle"] += 1
             return
         self.stats.connections_evicted["table-full"] += 1
-        self._flush_connection(victim, now_ms, ev.RELEASE_TABLE_FULL, out)
-        self._request(ev.CAUSE_TABLE_FULL, None, now_ms, out, answered=True, key=victim.key)
+        self._flush_connection(victim, now_ms, ev.ReleaseReason.TABLE_FULL, out)
+        self._request(ev.CheckpointCause.TABLE_FULL, None, now_ms, out, answered=True,
+                      key=victim.key)
 
-    def _relieve_memory(self, now_ms, out) -> None:
+    def _relieve_memory(self, now_ms: float, out: list) -> None:
         """Too many bytes queued: flush the connections holding the oldest
         frames until under the bound."""
-        limit = self.config.max_queued_bytes
+        limit = self._max_queued_bytes
         requested = False
         while self.queued_bytes + self.queued_frames * QUEUED_FRAME_OVERHEAD > limit:
             pkt = self._oldest_queued()
             if pkt is None:
                 break
-            self._flush_connection(pkt.conn, now_ms, ev.RELEASE_MEMORY_FULL, out)
+            conn = pkt.conn
+            self._flush_connection(conn, now_ms, ev.ReleaseReason.MEMORY_FULL, out)
             if not requested:
-                self._request(ev.CAUSE_MEMORY_FULL, pkt.conn, now_ms, out, answered=True)
+                self._request(ev.CheckpointCause.MEMORY_FULL, conn, now_ms, out, answered=True)
                 requested = True
 
-    def _oldest_queued(self):
+    def _oldest_queued(self) -> Packet | None:
         arrivals = self._arrivals
-        while arrivals and arrivals[0].done:
-            arrivals.popleft()
-        return arrivals[0] if arrivals else None
+        head = self._arrivals_head
+        n = len(arrivals)
+        while head < n and arrivals[head].left:
+            head += 1
+        self._arrivals_head = head
+        return arrivals[head] if head < n else None
+
+    def _held_arrivals(self) -> list[Packet]:
+        """The arrival list from its head: what may still be queued, oldest
+        first."""
+        return self._arrivals[self._arrivals_head:]
+
+    def _clear_arrivals(self) -> None:
+        self._arrivals = []
+        self._arrivals_head = 0
 
     def _compact_arrivals(self) -> None:
         """Frames that left out of arrival order pile up behind a long-held
@@ -930,26 +722,31 @@ class Comparator:
         ``max_queued_bytes`` is exceeded by at most that quarter; each
         compaction removes at least that many, so its cost per frame stays
         constant."""
-        self._arrivals = deque(p for p in self._arrivals if not p.done)
+        self._arrivals = [p for p in self._held_arrivals() if not p.left]
+        self._arrivals_head = 0
 
     # ------------------------------------------------------------------
     # time
 
-    def _start_clock(self, now_ms) -> None:
+    def _start_clock(self, now_ms: float) -> None:
         self._epoch_ms = now_ms
         self._next_scan_ms = now_ms + self.config.expired_scan_cycle_ms
 
-    def _tick_at_or_after(self, t_ms) -> float:
+    def _tick_at_or_after(self, t_ms: float) -> float:
         """The first scan tick at or after ``t_ms``."""
         cycle = self.config.expired_scan_cycle_ms
-        return self._epoch_ms - ((self._epoch_ms - t_ms) // cycle) * cycle
+        epoch = self._epoch_ms
+        assert epoch is not None
+        return epoch - ((epoch - t_ms) // cycle) * cycle
 
-    def _tick_after(self, t_ms) -> float:
+    def _tick_after(self, t_ms: float) -> float:
         """The first scan tick strictly after ``t_ms``."""
         cycle = self.config.expired_scan_cycle_ms
-        return self._epoch_ms + ((t_ms - self._epoch_ms) // cycle + 1) * cycle
+        epoch = self._epoch_ms
+        assert epoch is not None
+        return epoch + ((t_ms - epoch) // cycle + 1) * cycle
 
-    def get_timer(self):
+    def get_timer(self) -> float | None:
         """When ``handle_timer`` should next be called (ms), or None when no
         scan has anything to do.
 
@@ -964,17 +761,19 @@ class Comparator:
         follows a capture across a gap of days at no cost, and ``serve`` does
         not wake up every cycle for nothing.
         """
-        if self._next_scan_ms is None:
+        next_scan = self._next_scan_ms
+        if next_scan is None:
             return None
-        due = None
+        due: float | None = None
         timeout = self.config.compare_timeout_ms
         if timeout is not None and self.queued_frames:
             oldest = self._oldest_queued()
             if oldest is not None:
                 # the first tick where the age is strictly over the timeout
                 due = self._tick_after(oldest.arrival_ms + timeout)
-        if self._absent_since_ms is not None and not self._absent:
-            t = self._tick_after(self._absent_since_ms + self.absent_after_ms)
+        absent_since = self._absent_since_ms
+        if absent_since is not None and not self._absent:
+            t = self._tick_after(absent_since + self.absent_after_ms)
             due = t if due is None or t < due else due
         ftimeout = self.config.fragment_timeout_ms
         for reasm in self._reassembly:
@@ -990,9 +789,9 @@ class Comparator:
             due = t if due is None or t < due else due
         if due is None:
             return None
-        return due if due > self._next_scan_ms else self._next_scan_ms
+        return due if due > next_scan else next_scan
 
-    def handle_timer(self, now_ms) -> list:
+    def handle_timer(self, now_ms: float) -> list:
         """Run the periodic scan if one is due by ``now_ms``.
 
         A scan that finds frames queued longer than ``compare_timeout_ms``
@@ -1009,14 +808,16 @@ class Comparator:
         Never raises (see ``InternalError``).
         """
         out: list = []
-        if self._epoch_ms is None:
+        epoch = self._epoch_ms
+        next_scan = self._next_scan_ms
+        if epoch is None or next_scan is None:
             self._start_clock(now_ms)
             return out
-        if now_ms < self._next_scan_ms:
+        if now_ms < next_scan:
             return out
         cycle = self.config.expired_scan_cycle_ms
-        ticks = (now_ms - self._epoch_ms) // cycle
-        tick_ms = self._epoch_ms + ticks * cycle        # the last tick due
+        ticks = (now_ms - epoch) // cycle
+        tick_ms = epoch + ticks * cycle        # the last tick due
         self._next_scan_ms = tick_ms + cycle
         try:
             self._scan(tick_ms, out)
@@ -1027,34 +828,35 @@ class Comparator:
             out.append(ev.InternalError(exc, None, tick_ms))
         return out
 
-    def _scan(self, tick_ms, out) -> None:
+    def _scan(self, tick_ms: float, out: list) -> None:
         timeout = self.config.compare_timeout_ms
         if timeout is not None and self.queued_frames:
             if self.mode is ev.CheckpointMode.LOCAL:
                 limit = tick_ms - timeout
-                seen = set()
-                for pkt in self._arrivals:      # oldest first
-                    if pkt.done:
+                seen: set[bytes] = set()
+                for pkt in self._held_arrivals():      # oldest first
+                    if pkt.left:
                         continue
                     if pkt.arrival_ms >= limit:
                         break
-                    key = pkt.conn.key
-                    if key not in seen:
-                        seen.add(key)
-                        self._request(ev.CAUSE_TIMEOUT, pkt.conn, tick_ms, out)
+                    conn = pkt.conn
+                    if conn.key not in seen:
+                        seen.add(conn.key)
+                        self._request(ev.CheckpointCause.TIMEOUT, conn, tick_ms, out)
             else:
                 oldest = self._oldest_queued()
                 if oldest is not None and tick_ms - oldest.arrival_ms > timeout:
-                    self._request(ev.CAUSE_TIMEOUT, oldest.conn, tick_ms, out)
-        if (self._absent_since_ms is not None and not self._absent
-                and tick_ms - self._absent_since_ms > self.absent_after_ms):
+                    self._request(ev.CheckpointCause.TIMEOUT, oldest.conn, tick_ms, out)
+        absent_since = self._absent_since_ms
+        if (absent_since is not None and not self._absent
+                and tick_ms - absent_since > self.absent_after_ms):
             self._enter_absent(tick_ms, out)
         self._evict_idle(tick_ms)
         for reasm in self._reassembly:
             for dg, reason in reasm.expire(tick_ms, self.config.fragment_timeout_ms):
                 self._fail_datagram(dg, reason, out)
 
-    def _evict_idle(self, now_ms) -> None:
+    def _evict_idle(self, now_ms: float) -> None:
         """Forget connections idle for ``idle_timeout_ms`` with nothing
         queued.  Looks at the 256 oldest entries per scan; the active ones
         among them go to the back, so every connection is looked at in turn
@@ -1084,7 +886,7 @@ class Comparator:
         ``secondary_lost``)."""
         return self._absent
 
-    def secondary_lost(self, now_ms) -> list:
+    def secondary_lost(self, now_ms: float) -> list:
         """The secondary's input went away (its connection closed).  Frames
         keep being compared (and time out) as usual; once it has been gone
         longer than ``absent_after_ms``, a scan gives it up: every queued
@@ -1098,7 +900,7 @@ class Comparator:
             self._absent_since_ms = now_ms
         return []
 
-    def secondary_back(self, now_ms) -> list:
+    def secondary_back(self, now_ms: float) -> list:
         """The secondary's input is back.  If comparing had stopped, it
         resumes from a clean state: the connections are forgotten (nothing is
         queued in that mode), since the secondary now sending may be a new
@@ -1107,7 +909,7 @@ class Comparator:
         self._secondary_back(now_ms, out)
         return out
 
-    def _secondary_back(self, now_ms, out) -> None:
+    def _secondary_back(self, now_ms: float, out: list) -> None:
         if self._absent_since_ms is None:
             return
         self._absent_since_ms = None
@@ -1119,24 +921,25 @@ class Comparator:
             self.stats.connections_evicted["secondary-absent"] += 1
         out.append(ev.SecondaryAbsent(False, now_ms))
 
-    def _enter_absent(self, now_ms, out) -> None:
+    def _enter_absent(self, now_ms: float, out: list) -> None:
         self._absent = True
         self.stats.secondary_absent_periods += 1
         released = 0
         for conn in self.table:
             if conn.queued or conn.diverged:
-                released += self._flush_connection(conn, now_ms, ev.RELEASE_SECONDARY_ABSENT, out)[0]
+                released += self._flush_connection(conn, now_ms,
+                                                   ev.ReleaseReason.SECONDARY_ABSENT, out)[0]
         for reasm in self._reassembly:
             for dg, reason in reasm.drain():
                 self._fail_datagram(dg, reason, out)
-        self._arrivals.clear()
+        self._clear_arrivals()
         self._to_answer = {}
         out.append(ev.SecondaryAbsent(True, now_ms, released))
 
     # ------------------------------------------------------------------
     # checkpoints
 
-    def checkpoint(self, now_ms) -> list:
+    def checkpoint(self, now_ms: float) -> list:
         """A checkpoint happened: release every queued primary frame (per
         connection in order), discard the queued secondary frames, and reset
         the comparison state, so later traffic compares cleanly."""
@@ -1144,15 +947,15 @@ class Comparator:
         released = discarded = 0
         for conn in self.table:
             if conn.queued or conn.diverged or conn.tcp is not None:
-                r, d = self._flush_connection(conn, now_ms, ev.RELEASE_CHECKPOINT, out)
+                r, d = self._flush_connection(conn, now_ms, ev.ReleaseReason.CHECKPOINT, out)
                 released += r
                 discarded += d
         self.stats.checkpoints += 1
-        self._arrivals.clear()
+        self._clear_arrivals()
         out.append(ev.CheckpointDone(released, discarded, now_ms))
         return out
 
-    def checkpoint_connection(self, key, now_ms) -> list:
+    def checkpoint_connection(self, key: bytes | None, now_ms: float) -> list:
         """Checkpoint one connection, as if a checkpoint had happened for it
         alone: its primary frames are released in order, its secondary
         frames discarded (except those beyond what the primary has sent: no
@@ -1169,7 +972,7 @@ class Comparator:
             self._checkpoint_one(conn, now_ms, out)
         return out
 
-    def _checkpoint_one(self, conn, now_ms, out) -> None:
+    def _checkpoint_one(self, conn: Connection, now_ms: float, out: list) -> None:
         # A whole-table flush would also discard other connections'
         # secondary frames whose primary twins are still to come: after a
         # real checkpoint the secondary VM sends those again, but a capture
@@ -1179,14 +982,15 @@ class Comparator:
         # timeout: then no primary twin came in time, and keeping it would
         # only have the next scan ask again (for ever, if none ever comes).
         timeout = self.config.compare_timeout_ms
+        secondaries = list(conn.secondary_queue) + list(conn.secondary_later or ())
         keep_ahead = timeout is None or not any(
-            now_ms - pkt.arrival_ms > timeout for pkt in itertools.chain(conn.s, conn.s_later))
-        released, discarded = self._flush_connection(conn, now_ms, ev.RELEASE_CHECKPOINT, out,
-                                                     keep_ahead=keep_ahead)
+            now_ms - pkt.arrival_ms > timeout for pkt in secondaries)
+        released, discarded = self._flush_connection(conn, now_ms, ev.ReleaseReason.CHECKPOINT,
+                                                     out, keep_ahead=keep_ahead)
         self.stats.checkpoints += 1
         out.append(ev.CheckpointDone(released, discarded, now_ms, conn.key))
 
-    def set_mode(self, mode: ev.CheckpointMode, now_ms) -> list:
+    def set_mode(self, mode: ev.CheckpointMode, now_ms: float) -> list:
         """Switch between ``CheckpointMode.LOCAL`` and ``EXTERNAL`` (serve's
         QMP policy falls back to local checkpoints while QEMU is not in COLO
         state).  Entering LOCAL answers what is held: every connection with
@@ -1203,34 +1007,36 @@ class Comparator:
                     continue
                 held = conn.diverged
                 if not held and timeout is not None:
-                    oldest = min((q[0].arrival_ms for q in (conn.p, conn.s, conn.p_later,
-                                                            conn.s_later) if q), default=None)
-                    held = oldest is not None and now_ms - oldest > timeout
+                    heads = [q[0].arrival_ms for q in (conn.primary_queue, conn.secondary_queue,
+                                                       conn.primary_later, conn.secondary_later)
+                             if q]
+                    held = bool(heads) and now_ms - min(heads) > timeout
                 if held:
                     self._checkpoint_one(conn, now_ms, out)
         return out
 
-    def finish(self, now_ms) -> list:
+    def finish(self, now_ms: float) -> list:
         """End of input (or shutdown): flush what is still queued.  The frames
         are released with reason ``end`` and count as unmatched."""
         out: list = []
         try:
             for conn in self.table:
                 if conn.queued:
-                    self._flush_connection(conn, now_ms, ev.RELEASE_END, out)
+                    self._flush_connection(conn, now_ms, ev.ReleaseReason.END, out)
             for reasm in self._reassembly:
                 for dg, reason in reasm.drain():
                     self._fail_datagram(dg, reason, out)
         except Exception as exc:  # noqa: BLE001 - every primary frame must still leave
             out.append(ev.InternalError(exc, None, now_ms))
-            self._salvage(now_ms, ev.RELEASE_END, out)
-        self._arrivals.clear()
+            self._salvage(now_ms, ev.ReleaseReason.END, out)
+        self._clear_arrivals()
         return out
 
     # ------------------------------------------------------------------
     # internal errors
 
-    def _contain(self, exc, side, data, now_ms, l2, out, l3=-1, ethertype=0) -> None:
+    def _contain(self, exc: Exception, side: int, data: bytes, now_ms: float, l2: int,
+                 out: list, l3: int = -1, ethertype: int = 0) -> None:
         """The comparator failed on a frame (a bug of ours).  What it decided
         before failing stands (those frames have left, and the requests it
         raised are answered as usual).  The frame itself leaves, unless it
@@ -1244,48 +1050,65 @@ class Comparator:
         try:
             if self._to_answer:
                 self._answer_requests(now_ms, out)
-            if self._holds(data, l2, l3, ethertype) or any(type(e) is ev.Released and e.packet.data is data
-                                            for e in out):
+            if self._holds(data, l2, l3, ethertype) or self._released_in(data, out):
                 return
         except Exception:  # noqa: BLE001 - the frame must leave, whatever else fails
             self._to_answer = {}
-        pkt = Packet(side, data, l2, 0, now_ms, self.stats.frames_in[side] - 1)
-        out.extend(self._not_comparable(pkt, ev.REASON_INTERNAL_ERROR))
+        i = 0 if side == PRIMARY else 1
+        pkt = Packet(side, data, l2, 0, now_ms, self.stats.frames_in[i] - 1)
+        out.append(self._not_comparable(pkt, ev.REASON_INTERNAL_ERROR))
 
-    def _holds(self, data, l2, l3=-1, ethertype=0) -> bool:
+    @staticmethod
+    def _released_in(data: bytes, out: list) -> bool:
+        """Whether the frame ``data`` already left in one of ``out``'s events."""
+        for e in out:
+            if type(e) is Released and e.packet.data is data:
+                return True
+            if type(e) is Matched and e.data is data:
+                return True
+        return False
+
+    def _holds(self, data: bytes, l2: int, l3: int = -1, ethertype: int = 0) -> bool:
         """Whether the frame ``data`` sits in a queue (or a reassembly
         buffer), from where it will leave."""
         for reasm in self._reassembly:
             for dg in reasm.pending.values():
                 if any(f.data is data for f in dg.fragments):
                     return True
-        parsed = parse(data, l2, l3, ethertype) if len(data) >= l2 else (None,)
+        if len(data) < l2:
+            return False
+        parsed = parse(data, l2, l3, ethertype)
         conn = self._conns.get(parsed[1]) if parsed[0] is not None else None
         if conn is None:
             return False
-        return any(pkt.data is data or (pkt.fragments and any(f.data is data for f in pkt.fragments))
-                   for queue in (conn.p, conn.s, conn.p_later, conn.s_later) for pkt in queue)
+        for pkt in conn.all_queued():
+            if pkt.data is data:
+                return True
+            if pkt.fragments and any(f.data is data for f in pkt.fragments):
+                return True
+        return False
 
-    def _salvage(self, now_ms, reason, out, start: int = 0) -> None:
+    def _salvage(self, now_ms: float, reason: ev.ReleaseReason, out: list,
+                 start: int = 0) -> None:
         """The last resort when flushing fails: every primary frame still
         queued anywhere leaves (released with ``reason``), in per-connection
         order, the table and the reassembly buffers start empty, and the
         counts are recomputed.  Frames already in ``out[start:]`` are not
         released twice."""
-        already = {id(e.packet) for e in out[start:] if type(e) is ev.Released}
+        already = {id(e.packet) for e in out[start:] if type(e) is Released}
         for conn in list(self.table.conns.values()):
-            for queue in (conn.p, conn.p_later):
+            for queue in (conn.primary_queue, conn.primary_later or ()):
                 for pkt in queue:
                     for frame in (pkt.fragments or (pkt,)):
                         if id(frame) in already or frame.side != PRIMARY:
                             continue
-                        frame.done = True
+                        frame.left = True
                         already.add(id(frame))
                         self.stats.released_flushed[reason] += 1
-                        out.append(ev.Released(frame, reason, now_ms - frame.arrival_ms))
-            for queue in (conn.s, conn.s_later):
+                        out.append(Released(frame, reason, now_ms - frame.arrival_ms))
+            for queue in (conn.secondary_queue, conn.secondary_later or ()):
                 for pkt in queue:
-                    pkt.done = True
+                    pkt.left = True
         self.table = ConnectionTable(self.config.max_connections)
         self._conns = self.table.conns
         for reasm in self._reassembly:
@@ -1293,34 +1116,33 @@ class Comparator:
                 for dg, why in reasm.drain():
                     self._fail_datagram(dg, why, out)
         self._reassembly = (Reassembler(), Reassembler())
-        self._arrivals.clear()
+        self._clear_arrivals()
         self.queued_frames = self.queued_bytes = 0
 
     # ------------------------------------------------------------------
     # introspection
 
-    def top_connections(self, n: int = 10) -> dict:
+    def top_connections(self, n: int = 10) -> dict[str, list[Connection]]:
         """The connections now in the table with the most miscompares, and
         with the longest hold time (evicted connections take their counts
-        with them)."""
+        with them); ``flows.connection_summary`` shows one."""
         import heapq
         conns = list(self.table)
         worst = heapq.nlargest(n, (c for c in conns if c.miscompares), key=lambda c: c.miscompares)
         slowest = heapq.nlargest(n, (c for c in conns if c.released), key=lambda c: c.hold_max_ms)
-        return {"by_miscompares": [c.summary() for c in worst],
-                "by_hold": [c.summary() for c in slowest]}
+        return {"by_miscompares": worst, "by_hold": slowest}
 
-    def connections(self, limit: int | None = None) -> list[dict]:
+    def connections(self, limit: int | None = None) -> list[Connection]:
+        """The connections now in the table, the most recent ``limit``."""
         conns = list(self.table)
         if limit is not None:
             conns = conns[-limit:]
-        return [c.summary() for c in conns]
+        return conns
 
     def snapshot(self) -> dict:
         snap = self.stats.snapshot()
         snap["connections"]["now"] = len(self.table)
         snap["queued"] = {"frames": self.queued_frames, "bytes": self.queued_bytes,
-                          "primary": sum(len(c.p) for c in self.table),
-                          "secondary": sum(len(c.s) for c in self.table)}
+                          "primary": sum(len(c.primary_queue) for c in self.table),
+                          "secondary": sum(len(c.secondary_queue) for c in self.table)}
         return snap
-

@@ -63,23 +63,32 @@ outcome independent of how the two streams interleave.
 from __future__ import annotations
 
 from bisect import insort
+from typing import Final, Iterable
 
+from .events import MiscompareCause
 from .noise import STREAM_LOOKBACK, WAIT, stream_match
-from .packet import ACK, FIN, RST, SYN
+from .packet import ACK, FIN, RST, SYN, Packet
 
 #: a TCP noise rule's value is looked for up to this far past a difference
-MAX_HIDDEN = 64 * 1024
+MAX_HIDDEN: Final = 64 * 1024
 
-_MASK = 0xFFFFFFFF
-_HALF = 0x80000000
-_WRAP = 0x100000000
+_MASK: Final = 0xFFFFFFFF
+_HALF: Final = 0x80000000
+_WRAP: Final = 0x100000000
 
 
-def _seq_key(pkt):
+def _seq_key(pkt: Packet) -> int:
     return pkt.seq_abs
 
 
-def first_difference(a, b) -> int:
+def ack_covers(ack_max: int | None, ack: int) -> bool:
+    """The ACK gate's test: the secondary has acknowledged (``ack_max``, the
+    highest ack it sent, or None) at least as much as ``ack`` (both 32-bit
+    sequence numbers, compared in serial-number arithmetic)."""
+    return ack_max is not None and ((ack_max - ack) & _MASK) < _HALF
+
+
+def first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
     """Index of the first byte where ``a`` and ``b`` differ (they are known
     to differ within ``min(len)`` or to have different lengths)."""
     n = min(len(a), len(b))
@@ -117,17 +126,18 @@ class SeqNormalizer:
     __slots__ = ("seq_origin", "ack_origin")
 
     def __init__(self) -> None:
-        self.seq_origin = [None, None]   # per side
-        self.ack_origin = [None, None]
+        self.seq_origin: list[int | None] = [None, None]   # per side (0 primary)
+        self.ack_origin: list[int | None] = [None, None]
 
-    def apply(self, side: int, pkt) -> None:
+    def apply(self, side: int, pkt: Packet) -> None:
         """Rewrite ``pkt.seq``/``pkt.ack`` (not the frame) to relative numbers."""
         flags = pkt.flags
         origin = self.seq_origin[side]
         if origin is None:
             if flags & RST and not flags & SYN:
                 return      # an RST's sequence number says nothing about the stream
-            origin = self.seq_origin[side] = (pkt.seq + 1) & _MASK if flags & SYN else pkt.seq
+            origin = (pkt.seq + 1) & _MASK if flags & SYN else pkt.seq
+            self.seq_origin[side] = origin
         pkt.seq = (pkt.seq - origin) & _MASK
         if flags & ACK:
             a = self.ack_origin[side]
@@ -135,19 +145,49 @@ class SeqNormalizer:
                 a = self.ack_origin[side] = pkt.ack
             pkt.ack = (pkt.ack - a) & _MASK
 
-    def raw_seq(self, side: int, relative: int):
+    def raw_seq(self, side: int, relative: int) -> int | None:
         origin = self.seq_origin[side]
         return None if origin is None else (relative + origin) & _MASK
 
 
 class TcpStream:
-    """Byte-stream comparison state of one TCP connection."""
+    """Byte-stream comparison state of one TCP connection.
+
+    ``p_buf``/``s_buf`` hold each side's bytes from the verification point
+    ``base`` on, contiguous; what arrived beyond a gap waits in
+    ``p_pending``/``s_pending``.  In the bulk case (segments in sequence on
+    both sides) a segment costs one append to its side's buffer and one
+    ``startswith`` when the other side's twin arrives: no copies."""
 
     __slots__ = ("anchor", "base", "origin", "locked", "p_buf", "s_buf",
                  "p_pending", "s_pending", "p_end_max", "s_max_ack", "s_syn",
                  "s_rst", "p_rst", "p_rst_sent", "p_fin", "s_fin", "unknown",
-                 "p_first", "s_first", "gap_bytes", "norm", "masks", "p_seen", "s_seen",
-                 "plain")
+                 "p_first", "s_first", "gap_bytes", "norm", "masks", "p_seen", "s_seen")
+
+    anchor: int | None
+    base: int | None
+    origin: int | None
+    locked: bool
+    p_buf: bytearray
+    s_buf: bytearray
+    p_pending: list[tuple[int, bytes]]
+    s_pending: list[tuple[int, bytes]]
+    p_end_max: int | None
+    s_max_ack: int | None
+    s_syn: bool
+    s_rst: bool
+    p_rst: bool
+    p_rst_sent: bool
+    p_fin: int | None
+    s_fin: int | None
+    unknown: list[tuple[int, int]] | None
+    p_first: int | None
+    s_first: int | None
+    gap_bytes: int
+    norm: SeqNormalizer | None
+    masks: tuple | None
+    p_seen: bytes
+    s_seen: bytes
 
     def __init__(self, normalize: bool = False, masks: tuple = ()) -> None:
         #: relative sequence numbers per side (--normalize-seq), or None
@@ -158,8 +198,6 @@ class TcpStream:
         #: with masks: the last verified bytes of each side, for a rule's
         #: match to start in (noise.STREAM_LOOKBACK of them)
         self.p_seen = self.s_seen = b""
-        #: neither normalized nor masked: the comparator's fast path may take it
-        self.plain = self.norm is None and self.masks is None
         self.anchor = None       # an absolute sequence number near the action
         self.base = None         # next absolute sequence number to verify
         self.origin = None       # stream offset 0
@@ -206,30 +244,42 @@ class TcpStream:
         """The connection is over: both FINs verified, or both sides reset."""
         if self.p_rst and self.s_rst:
             return True
-        return self.p_fin is not None and self.base is not None and self.base > self.p_fin
+        p_fin, base = self.p_fin, self.base
+        return p_fin is not None and base is not None and base > p_fin
 
-    def stream_offset(self, abs_seq=None):
-        if self.origin is None:
+    def stream_offset(self, abs_seq: int | None = None) -> int | None:
+        origin = self.origin
+        if origin is None:
             return None
         if abs_seq is None:
             abs_seq = self.base
-        return abs_seq - self.origin
+        return None if abs_seq is None else abs_seq - origin
+
+    def ack_gate_open(self, pkt: Packet) -> bool:
+        """The ACK gate for one primary segment: it may leave only once the
+        secondary has acknowledged at least as much (a segment without ACK
+        passes).  The primary must never acknowledge client data that the
+        secondary has not: a failover could lose it."""
+        return not pkt.flags & ACK or ack_covers(self.s_max_ack, pkt.ack)
 
     # -- feeding ----------------------------------------------------------
 
-    def add_primary(self, pkt, data, off, end) -> None:
-        """Place a primary segment (already appended to the queue by the
-        caller) in the stream.  ``data[off:end]`` is its payload."""
+    def add_primary(self, pkt: Packet) -> None:
+        """Place a primary segment (the caller queues it) in the stream and
+        give it its stream positions ``seq_abs``/``end_abs``."""
         if self.norm is not None:
             self.norm.apply(0, pkt)
         flags = pkt.flags
         a = self.unwrap(pkt.seq)
         start = a + 1 if flags & SYN else a
+        off, end = pkt.cmp_off, pkt.cmp_end
         dend = start + (end - off)
+        end_abs = dend + 1 if flags & FIN else dend
         pkt.seq_abs = a
-        pkt.end_abs = dend + 1 if flags & FIN else dend
-        if self.p_end_max is None or pkt.end_abs > self.p_end_max:
-            self.p_end_max = pkt.end_abs
+        pkt.end_abs = end_abs
+        p_end_max = self.p_end_max
+        if p_end_max is None or end_abs > p_end_max:
+            self.p_end_max = end_abs
         if flags & RST:
             self.p_rst_sent = True
         if not self.locked:
@@ -240,12 +290,9 @@ class TcpStream:
         if flags & FIN:
             self.p_fin = dend
         if end > off:
-            payload = data[off:end]
-            if len(payload) < end - off:
-                payload = self._cut_short(True, start, payload, end - off)
-            self._add_data(True, start, payload)
+            self._add_payload(True, pkt.data, start, off, end)
 
-    def add_secondary(self, pkt, data, off, end) -> bool:
+    def add_secondary(self, pkt: Packet) -> bool:
         """Place a secondary segment.  Returns True when the caller should
         queue it (it brings new bytes), False when it is absorbed (no payload,
         or only bytes already held or already verified)."""
@@ -261,6 +308,7 @@ class TcpStream:
             self.s_syn = True
         if flags & RST:
             self.s_rst = True
+        off, end = pkt.cmp_off, pkt.cmp_end
         if not self.locked and not flags & (SYN | RST):
             # where the secondary's stream stands, even from a pure ACK
             self._position(False, self.unwrap(pkt.seq))
@@ -275,29 +323,46 @@ class TcpStream:
             self.s_fin = dend
         if end <= off:
             return False
+        return self._add_payload(False, pkt.data, start, off, end)
+
+    def _add_payload(self, primary: bool, data: bytes, start: int, off: int, end: int) -> bool:
+        """A segment's payload ``data[off:end]``, starting at stream position
+        ``start``, joins its side's stream.  Returns whether it brought bytes
+        not already held or verified."""
+        buf = self.p_buf if primary else self.s_buf
+        if (self.locked and end <= len(data)
+                and start == self.base + len(buf)):     # type: ignore[operator]
+            # in sequence: the bulk case
+            buf += data[off:end]
+            pending = self.p_pending if primary else self.s_pending
+            if pending:
+                self._merge(buf, pending)
+            return True
         payload = data[off:end]
         if len(payload) < end - off:
-            payload = self._cut_short(False, start, payload, end - off)
-        return self._add_data(False, start, payload)
+            payload = self._cut_short(start, payload, end - off)
+        return self._add_data(primary, start, payload)
 
-    def _cut_short(self, primary: bool, start: int, payload, length: int):
+    def _cut_short(self, start: int, payload: bytes, length: int) -> bytes:
         """A segment captured short of its length (snaplen): remember which
         sequence range was not captured, and pad it so the stream keeps its
         shape.  Differences inside such a range are not divergences: nothing
         is known of those bytes."""
-        if self.unknown is None:
-            self.unknown = []
-        elif len(self.unknown) > 32 and self.base is not None:
+        unknown = self.unknown
+        if unknown is None:
+            unknown = self.unknown = []
+        elif len(unknown) > 32 and self.base is not None:
             # forget ranges already behind the verification point
-            self.unknown = [r for r in self.unknown if r[1] > self.base]
-        self.unknown.append((start + len(payload), start + length))
+            base = self.base
+            unknown = self.unknown = [r for r in unknown if r[1] > base]
+        unknown.append((start + len(payload), start + length))
         return payload + bytes(length - len(payload))
 
-    def _unknown_until(self, pos: int):
+    def _unknown_until(self, pos: int) -> int | None:
         """End of the uncaptured range holding ``pos``, or None."""
         if not self.unknown:
             return None
-        best = None
+        best: int | None = None
         for lo, hi in self.unknown:
             if lo <= pos < hi and (best is None or hi > best):
                 best = hi
@@ -316,8 +381,9 @@ class TcpStream:
                 self.p_first = pos
         elif self.s_first is None:
             self.s_first = pos
-        if self.p_first is not None and self.s_first is not None:
-            self._lock(min(self.p_first, self.s_first))
+        p_first, s_first = self.p_first, self.s_first
+        if p_first is not None and s_first is not None:
+            self._lock(min(p_first, s_first))
 
     def _lock(self, base: int) -> None:
         self.base = base
@@ -329,17 +395,16 @@ class TcpStream:
         for primary in (True, False):
             pending = self.p_pending if primary else self.s_pending
             buf = self.p_buf if primary else self.s_buf
-            keep = []
-            for start, payload in pending:
-                if start + len(payload) <= base:
-                    continue          # before the origin: nothing to verify
-                keep.append((start, payload))
-            pending[:] = keep
+            pending[:] = [(start, payload) for start, payload in pending
+                          if start + len(payload) > base]   # before the origin: nothing to verify
             del buf[:]
             self._merge(buf, pending)
 
-    def _merge(self, buf: bytearray, pending: list) -> None:
-        buf_end = self.base + len(buf)
+    def _merge(self, buf: bytearray, pending: list[tuple[int, bytes]]) -> None:
+        """Move what of ``pending`` now joins ``buf`` onto it."""
+        base = self.base
+        assert base is not None
+        buf_end = base + len(buf)
         while pending and pending[0][0] <= buf_end:
             start, payload = pending.pop(0)
             stop = start + len(payload)
@@ -347,14 +412,16 @@ class TcpStream:
                 buf += payload[buf_end - start:]
                 buf_end = stop
 
-    def _add_data(self, primary: bool, start: int, payload) -> bool:
+    def _add_data(self, primary: bool, start: int, payload: bytes) -> bool:
         pending = self.p_pending if primary else self.s_pending
         if not self.locked:
             insort(pending, (start, payload))
             self._position(primary, start)
             return True
+        base = self.base
+        assert base is not None
         buf = self.p_buf if primary else self.s_buf
-        buf_end = self.base + len(buf)
+        buf_end = base + len(buf)
         stop = start + len(payload)
         if stop <= buf_end:
             return False              # nothing new (already held or verified)
@@ -368,27 +435,40 @@ class TcpStream:
 
     # -- verifying ----------------------------------------------------------
 
-    def advance(self):
+    def advance(self) -> tuple[MiscompareCause, int] | None:
         """Verify as far as both sides go.  Returns None, or
         ``(cause, abs_seq)`` at the first divergence."""
         if not self.locked:
             return None
         p_buf, s_buf = self.p_buf, self.s_buf
         while True:
-            n = min(len(p_buf), len(s_buf))
-            if n:
-                if p_buf[:n] != s_buf[:n]:
+            base = self.base
+            assert base is not None
+            n_p, n_s = len(p_buf), len(s_buf)
+            if n_p and n_s:
+                # a prefix test without copying either buffer (in step, the
+                # usual case, the two hold the same length: one comparison)
+                if n_p == n_s:
+                    n = n_p
+                    same = p_buf == s_buf
+                elif n_s < n_p:
+                    n = n_s
+                    same = p_buf.startswith(s_buf)
+                else:
+                    n = n_p
+                    same = s_buf.startswith(p_buf)
+                if not same:
                     i = first_difference(p_buf, s_buf)
-                    skip_to = self._unknown_until(self.base + i)
+                    skip_to = self._unknown_until(base + i)
                     if skip_to is not None:
                         # not captured on one side: step over what is unknown
-                        n = min(n, skip_to - self.base)
+                        n = min(n, skip_to - base)
                     elif self.masks is None:
-                        return "content", self.base + i
+                        return MiscompareCause.CONTENT, base + i
                     else:
                         hidden = self._hidden(i)
                         if hidden is None:
-                            return "content", self.base + i
+                            return MiscompareCause.CONTENT, base + i
                         if hidden == WAIT:
                             if not i:
                                 return None       # a value that may go on: more bytes first
@@ -396,32 +476,33 @@ class TcpStream:
                         else:
                             n = min(n, i + hidden)
                 if self.masks is not None:
-                    lookback = STREAM_LOOKBACK
-                    self.p_seen = (self.p_seen + p_buf[:n])[-lookback:]
-                    self.s_seen = (self.s_seen + s_buf[:n])[-lookback:]
+                    self.p_seen = (self.p_seen + p_buf[:n])[-STREAM_LOOKBACK:]
+                    self.s_seen = (self.s_seen + s_buf[:n])[-STREAM_LOOKBACK:]
                 del p_buf[:n]
                 del s_buf[:n]
-                self.base += n
-                self.anchor = self.base
+                self.base = self.anchor = base + n
                 continue
-            base = self.base
-            if self.p_fin == base and self.s_fin == base:
+            p_fin, s_fin = self.p_fin, self.s_fin
+            p_ended = p_fin is not None and p_fin == base
+            s_ended = s_fin is not None and s_fin == base
+            if p_ended and s_ended:
                 self.base = base + 1   # both ended here: the FIN is verified
                 continue
-            if (not p_buf and not s_buf and self.p_pending and self.s_pending
-                    and self.p_pending[0][0] == self.s_pending[0][0] > base):
+            p_pending, s_pending = self.p_pending, self.s_pending
+            if (not p_buf and not s_buf and p_pending and s_pending
+                    and p_pending[0][0] == s_pending[0][0] > base):
                 # Both sides go on from the same place after the same hole: a
                 # guest sends in order, so only a capture that lost packets
                 # looks like this.  Nothing is known of the hole; skip it.
-                gap_end = self.p_pending[0][0]
+                gap_end = p_pending[0][0]
                 self.gap_bytes += gap_end - base
                 self.base = self.anchor = gap_end
                 self.p_seen = self.s_seen = b""
-                self._merge(p_buf, self.p_pending)
-                self._merge(s_buf, self.s_pending)
+                self._merge(p_buf, p_pending)
+                self._merge(s_buf, s_pending)
                 continue
-            if (self.p_fin == base and s_buf) or (self.s_fin == base and p_buf):
-                return "stream-end", base
+            if (p_ended and s_buf) or (s_ended and p_buf):
+                return MiscompareCause.STREAM_END, base
             return None
 
     def _hidden(self, i: int):
@@ -430,51 +511,41 @@ class TcpStream:
         what it verified last and what it sent since, up to MAX_HIDDEN bytes
         past the difference (a value longer than that is cut there)."""
         p_buf, s_buf = self.p_buf, self.s_buf
+        base = self.base
+        assert base is not None
         stop = i + MAX_HIDDEN
-        end = self.base + len(p_buf)
-        p_ended = len(p_buf) > stop or self.p_fin == end
-        s_ended = len(s_buf) > stop or self.s_fin == self.base + len(s_buf)
-        p_text = self.p_seen + p_buf[:stop]
-        s_text = self.s_seen + s_buf[:stop]
+        p_ended = len(p_buf) > stop or self.p_fin == base + len(p_buf)
+        s_ended = len(s_buf) > stop or self.s_fin == base + len(s_buf)
+        p_text = self.p_seen + bytes(p_buf[:stop])
+        s_text = self.s_seen + bytes(s_buf[:stop])
         return stream_match(self.masks, p_text, len(self.p_seen) + i, p_ended,
                             s_text, len(self.s_seen) + i, s_ended)
 
-    def releasable(self, queue: list) -> int:
-        """How many segments at the head of the (sequence-ordered) primary
-        queue may leave now."""
+    def releasable(self, pkt: Packet) -> bool:
+        """Whether the primary segment at the head of its (sequence-ordered)
+        queue may leave now: every sequence number it covers is verified
+        (its bytes, its SYN and FIN), the secondary reset too if it is an
+        RST, and the ACK gate is open."""
         base = self.base
-        ack_max = self.s_max_ack
-        n = 0
-        for pkt in queue:
-            if pkt.end_abs == pkt.seq_abs:
-                # occupies no sequence space (pure ACK, bare RST): it only has
-                # to wait for what was sent before it
-                if base is not None and pkt.seq_abs > base:
-                    break
-            elif base is None or pkt.end_abs > base:
-                break
-            flags = pkt.flags
-            if flags & SYN and not self.s_syn:
-                break
-            if flags & RST and not self.s_rst:
-                break
-            if flags & ACK and (ack_max is None or ((ack_max - pkt.ack) & _MASK) >= _HALF):
-                break
-            n += 1
-        return n
+        if pkt.end_abs == pkt.seq_abs:
+            # occupies no sequence space (pure ACK, bare RST): it only has
+            # to wait for what was sent before it
+            if base is not None and pkt.seq_abs > base:
+                return False
+        elif base is None or pkt.end_abs > base:
+            return False
+        flags = pkt.flags
+        if flags & SYN and not self.s_syn:
+            return False
+        if flags & RST and not self.s_rst:
+            return False
+        return self.ack_gate_open(pkt)
 
-    def verified_secondaries(self, queue: list) -> int:
-        """How many segments at the head of the secondary queue hold only
-        verified bytes (they can be let go)."""
+    def verified(self, pkt: Packet) -> bool:
+        """Whether a queued secondary segment holds only verified bytes (it
+        can be let go)."""
         base = self.base
-        if base is None:
-            return 0
-        n = 0
-        for pkt in queue:
-            if pkt.end_abs > base:
-                break
-            n += 1
-        return n
+        return base is not None and pkt.end_abs <= base
 
     def reset(self) -> None:
         """After a checkpoint: the secondary now holds the primary's state, so
@@ -495,14 +566,17 @@ class TcpStream:
             self.locked = False
 
     def skip_to_primary_end(self) -> None:
-        """After ``Comparator.resolve``: the primary's bytes so far have left
-        unverified, so verification restarts at the primary's next sequence
-        number; what the secondary sent beyond it (it was ahead) is kept, and
-        what it sent below is forgotten.  Nothing else is reset: neither VM
-        was, and the secondary's acks and flags still stand."""
+        """After a checkpoint of this connection alone
+        (``Comparator.checkpoint_connection``): the primary's bytes so far
+        have left unverified, so verification restarts at the primary's next
+        sequence number; what the secondary sent beyond it (it was ahead) is
+        kept, and what it sent below is forgotten.  Nothing else is reset:
+        neither VM was, and the secondary's acks and flags still stand."""
         new_base = self.p_end_max
+        assert new_base is not None
         old_base = self.base
         s_buf = self.s_buf
+        ahead: bytes | bytearray
         if old_base is not None and self.locked and old_base + len(s_buf) > new_base:
             ahead = s_buf[new_base - old_base:] if new_base >= old_base else s_buf
         else:
@@ -527,7 +601,7 @@ class TcpStream:
         self._merge(self.s_buf, self.s_pending)
 
     @staticmethod
-    def find(queue: list, abs_seq: int):
+    def find(queue: Iterable[Packet], abs_seq: int) -> tuple[Packet | None, int]:
         """The queued segment whose payload holds ``abs_seq``, and the byte's
         offset inside the segment's data; ``(None, -1)`` if none does."""
         for pkt in queue:
@@ -538,7 +612,7 @@ class TcpStream:
         return None, -1
 
 
-def insert_segment(queue: list, pkt) -> None:
+def insert_segment(queue: list[Packet], pkt: Packet) -> None:
     """Keep a TCP queue in sequence order (stable for equal numbers)."""
     if not queue or queue[-1].seq_abs <= pkt.seq_abs:
         queue.append(pkt)
@@ -546,25 +620,28 @@ def insert_segment(queue: list, pkt) -> None:
         insort(queue, pkt, key=_seq_key)
 
 
-def datagrams_equal(p, s) -> bool:
-    if p.cmp_end - p.cmp_off != s.cmp_end - s.cmp_off:
+def datagrams_equal(p: Packet, s: Packet) -> bool:
+    """Whether two datagrams compare equal (their L4 parts, or ARP bodies)."""
+    length = p.cmp_end - p.cmp_off
+    if s.cmp_end - s.cmp_off != length:
         return False
-    a = p.data[p.cmp_off:p.cmp_end]
-    b = s.data[s.cmp_off:s.cmp_end]
-    if len(a) == len(b):
-        return a == b
+    a, b = p.data, s.data
+    if p.cmp_end <= len(a) and s.cmp_end <= len(b):
+        # both whole: the usual case
+        return a[p.cmp_off:p.cmp_end] == b[s.cmp_off:s.cmp_end]
     # a capture cut one of them short (snaplen): the lengths in their headers
     # agree, so compare what both captured
-    n = min(len(a), len(b))
-    return a[:n] == b[:n]
+    pa = a[p.cmp_off:p.cmp_end]
+    sb = b[s.cmp_off:s.cmp_end]
+    n = min(len(pa), len(sb))
+    return pa[:n] == sb[:n]
 
 
-def datagram_difference(p, s):
+def datagram_difference(p: Packet, s: Packet) -> tuple[MiscompareCause, int]:
     """(cause, offset in the compared region) for two unequal datagrams."""
-    from .events import MISCOMPARE_CONTENT, MISCOMPARE_LENGTH
     a = p.data[p.cmp_off:p.cmp_end]
     b = s.data[s.cmp_off:s.cmp_end]
     if p.cmp_end - p.cmp_off != s.cmp_end - s.cmp_off:
-        return MISCOMPARE_LENGTH, first_difference(a, b)
+        return MiscompareCause.LENGTH, first_difference(a, b)
     n = min(len(a), len(b))
-    return MISCOMPARE_CONTENT, first_difference(a[:n], b[:n])
+    return MiscompareCause.CONTENT, first_difference(a[:n], b[:n])

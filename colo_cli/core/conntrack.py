@@ -3,8 +3,9 @@
 A connection is keyed by (VLAN tags, addresses, L4 protocol, ports) as the
 frame arrives, with no direction normalisation: both inputs carry only
 guest-outbound traffic (QEMU does the same).  Each connection has a primary
-and a secondary queue.  TCP queues are kept in sequence order (lists sorted
-by ``seq_abs``), datagram queues in arrival order (deques).
+and a secondary queue (lists: the compiled core indexes them natively, and
+they are short in the common case): TCP queues in sequence order (by
+``seq_abs``), datagram queues in arrival order.
 
 The table is bounded (``max_connections``); when a new connection needs room
 the least recently active of the oldest entries is evicted.  Unlike QEMU, which clears the whole table and frees every
@@ -15,42 +16,57 @@ goes through the comparator, which releases its queued primary frames.
 from __future__ import annotations
 
 from collections import deque
+from typing import Iterator
 
-from .packet import KIND_TCP, KIND_UDP
+from .compare import TcpStream
+from .packet import KIND_TCP, KIND_UDP, Packet
 
 
 class Connection:
-    __slots__ = ("key", "kind", "p", "s", "p_later", "s_later", "stale", "tcp", "rules",
-                 "diverged", "last_ms", "compared", "miscompares", "released",
-                 "hold_sum_ms", "hold_max_ms")
+    """One flow: its queued frames, per side, and its comparison state."""
 
-    def __init__(self, key: bytes, kind: int, now_ms, normalize_seq: bool = False,
+    __slots__ = ("key", "kind", "primary_queue", "secondary_queue", "primary_later",
+                 "secondary_later", "stale", "tcp", "rules", "diverged", "last_ms", "compared",
+                 "miscompares", "released", "hold_sum_ms", "hold_max_ms")
+
+    key: bytes
+    kind: int
+    primary_queue: list[Packet]
+    secondary_queue: list[Packet]
+    primary_later: list[Packet] | None
+    secondary_later: list[Packet] | None
+    stale: deque[bytes] | None
+    tcp: TcpStream | None
+    rules: tuple
+    diverged: bool
+    last_ms: float
+    compared: int
+    miscompares: int
+    released: int
+    hold_sum_ms: float
+    hold_max_ms: float
+
+    def __init__(self, key: bytes, kind: int, now_ms: float, normalize_seq: bool = False,
                  rules: tuple = ()) -> None:
         self.key = key
         self.kind = kind
         #: the noise rules (--ignore) that apply to this connection
         self.rules = rules
-        if kind == KIND_TCP:
-            from .compare import TcpStream  # local: compare imports us
-            self.tcp = TcpStream(normalize_seq, rules)
-            self.p: list | deque = []
-            self.s: list | deque = []
-        else:
-            self.tcp = None
-            self.p = deque()
-            self.s = deque()
+        self.tcp = TcpStream(normalize_seq, rules) if kind == KIND_TCP else None
+        self.primary_queue = []
+        self.secondary_queue = []
         # TCP only: segments of a *new* connection on the same 4-tuple that one
         # side opened (SYN after its own FIN/RST) while the old connection is
-        # still being compared; they wait for it to finish.  (An empty tuple
-        # until needed: a flow that never uses them costs nothing.)
-        self.p_later: list | tuple = [] if kind == KIND_TCP else ()
-        self.s_later: list | tuple = [] if kind == KIND_TCP else ()
+        # still being compared; they wait for it to finish.  (None until
+        # needed: a flow that never uses them costs nothing.)
+        self.primary_later = None
+        self.secondary_later = None
         # Datagrams only: what the primary frames flushed at the last
         # checkpoint compared as, oldest first.  The secondary's copies of
         # them may still be in flight; they are recognised and absorbed
         # instead of being paired with the next primary datagram (the
         # datagram twin of TCP's "below the verification point").
-        self.stale: deque | tuple = ()
+        self.stale = None
         self.diverged = False
         self.last_ms = now_ms
         self.compared = 0          # datagram pairs compared (the datagram index)
@@ -59,12 +75,12 @@ class Connection:
         self.hold_sum_ms = 0.0
         self.hold_max_ms = 0.0
 
-    def reuse(self, key: bytes, now_ms) -> "Connection":
+    def reuse(self, key: bytes, now_ms: float) -> Connection:
         """Make an evicted, empty datagram connection a new one for ``key``
-        (its deques are kept: with many short flows through a full table,
+        (its queues are kept: with many short flows through a full table,
         every new flow would otherwise allocate two)."""
         self.key = key
-        self.stale = ()
+        self.stale = None
         self.diverged = False
         self.last_ms = now_ms
         self.compared = self.miscompares = self.released = 0
@@ -72,28 +88,31 @@ class Connection:
         return self
 
     @property
+    def has_later(self) -> bool:
+        """Segments of a next connection on this 4-tuple are waiting."""
+        return bool(self.primary_later) or bool(self.secondary_later)
+
+    @property
     def queued(self) -> int:
-        return len(self.p) + len(self.s) + len(self.p_later) + len(self.s_later)
+        return self.queued_primary + self.queued_secondary
 
     @property
     def queued_primary(self) -> int:
-        return len(self.p) + len(self.p_later)
+        later = self.primary_later
+        return len(self.primary_queue) + (len(later) if later is not None else 0)
 
     @property
     def queued_secondary(self) -> int:
-        return len(self.s) + len(self.s_later)
+        later = self.secondary_later
+        return len(self.secondary_queue) + (len(later) if later is not None else 0)
 
-    def summary(self) -> dict:
-        from .packet import describe_key, format_key
-        d = {"flow": format_key(self.key), **describe_key(self.key),
-             "queued_primary": self.queued_primary, "queued_secondary": self.queued_secondary,
-             "diverged": self.diverged, "miscompares": self.miscompares,
-             "released": self.released,
-             "hold_mean_ms": round(self.hold_sum_ms / self.released, 3) if self.released else 0.0,
-             "hold_max_ms": round(self.hold_max_ms, 3)}
-        if self.tcp is not None:
-            d["stream_offset"] = self.tcp.stream_offset()
-        return d
+    def all_queued(self) -> list[Packet]:
+        """Every queued frame (or reassembled datagram), both sides."""
+        out = list(self.primary_queue) + list(self.secondary_queue)
+        for later in (self.primary_later, self.secondary_later):
+            if later is not None:
+                out.extend(later)
+        return out
 
 
 class ConnectionTable:
@@ -111,18 +130,22 @@ class ConnectionTable:
 
     __slots__ = ("conns", "max_connections", "_order")
 
+    conns: dict[bytes, Connection]
+    max_connections: int
+    _order: deque[tuple[bytes, Connection]]
+
     def __init__(self, max_connections: int) -> None:
-        self.conns: dict[bytes, Connection] = {}
+        self.conns = {}
         self.max_connections = max_connections
-        self._order: deque = deque()
+        self._order = deque()
 
     def __len__(self) -> int:
         return len(self.conns)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Connection]:
         return iter(list(self.conns.values()))
 
-    def get(self, key: bytes):
+    def get(self, key: bytes) -> Connection | None:
         return self.conns.get(key)
 
     def add(self, conn: Connection) -> None:
@@ -144,8 +167,8 @@ class ConnectionTable:
 
     def _compact(self) -> None:
         conns = self.conns
-        seen = set()
-        fresh = deque()
+        seen: set[bytes] = set()
+        fresh: deque[tuple[bytes, Connection]] = deque()
         # keep each live connection's latest position only
         for key, conn in reversed(self._order):
             if conns.get(key) is conn and key not in seen:
@@ -153,7 +176,7 @@ class ConnectionTable:
                 fresh.appendleft((key, conn))
         self._order = fresh
 
-    def pop_oldest(self):
+    def pop_oldest(self) -> Connection | None:
         """The live connection at the front of the order, taken off it (or
         None)."""
         order, conns = self._order, self.conns
@@ -163,7 +186,7 @@ class ConnectionTable:
                 return conn
         return None
 
-    def peek_oldest(self):
+    def peek_oldest(self) -> Connection | None:
         """The live connection at the front of the order (left there), or
         None."""
         order, conns = self._order, self.conns
@@ -174,19 +197,18 @@ class ConnectionTable:
             order.popleft()          # lazily deleted entries
         return None
 
-    def recycle_oldest_datagram(self, key: bytes, now_ms):
+    def recycle_oldest_datagram(self, key: bytes, now_ms: float) -> Connection | None:
         """The oldest live connection, when it is an idle datagram one with
         no noise rules, re-keyed as ``key`` and moved to the back (its
-        deques kept); else None and nothing is changed."""
+        queues kept); else None and nothing is changed."""
         front = self.peek_oldest()
         if front is None:
             return None
-        old_key = front.key
-        order, conns = self._order, self.conns
-        if front.kind != KIND_UDP or front.rules or front.p or front.s:
+        if front.kind != KIND_UDP or front.rules or front.primary_queue or front.secondary_queue:
             return None
+        order, conns = self._order, self.conns
         order.popleft()
-        del conns[old_key]
+        del conns[front.key]
         front.reuse(key, now_ms)
         conns[key] = front
         order.append((key, front))
@@ -194,20 +216,16 @@ class ConnectionTable:
             self._compact()
         return front
 
-    def put_back(self, conns: list) -> None:
+    def put_back(self, conns: list[Connection]) -> None:
         """Return connections taken with ``oldest`` to the front, in order."""
         order = self._order
         for conn in reversed(conns):
             order.appendleft((conn.key, conn))
 
-    @property
-    def full(self) -> bool:
-        return len(self.conns) >= self.max_connections
-
-    def oldest(self, limit: int) -> list:
+    def oldest(self, limit: int) -> list[Connection]:
         """Up to ``limit`` live connections from the front of the order
         (taken off it: the caller requeues those it keeps)."""
-        out = []
+        out: list[Connection] = []
         order, conns = self._order, self.conns
         while order and len(out) < limit:
             key, conn = order.popleft()

@@ -129,10 +129,13 @@ class FrameDecoder:
         limit = self.max_record_len
         vnet = self.vnet_hdr_support
         while end - pos >= hdr:
+            # big-endian length words, read byte by byte (native in the
+            # compiled build: no struct call, no tuple per record)
+            length = (buf[pos] << 24) | (buf[pos + 1] << 16) | (buf[pos + 2] << 8) | buf[pos + 3]
             if vnet:
-                length, vnet_len = _unpack_be32x2(buf, pos)
+                vnet_len = ((buf[pos + 4] << 24) | (buf[pos + 5] << 16) | (buf[pos + 6] << 8)
+                            | buf[pos + 7])
             else:
-                length = _unpack_be32(buf, pos)[0]
                 vnet_len = 0
             if length > limit:
                 self.error = (f"oversized record: length prefix {length} exceeds "

@@ -47,35 +47,35 @@ What is compared, per kind (``spec/qemu-colo-compare.md`` section 7):
 
 from __future__ import annotations
 
-import ipaddress
 import struct
+from typing import Any, Final
 
-KIND_TCP = 1
-KIND_UDP = 2
-KIND_ICMP = 3      # ICMP and ICMPv6
-KIND_OTHER = 4     # any other IP protocol
-KIND_ARP = 5
-KIND_FRAGMENT = 6  # an IPv4 or IPv6 fragment (compared as a datagram)
+KIND_TCP: Final = 1
+KIND_UDP: Final = 2
+KIND_ICMP: Final = 3      # ICMP and ICMPv6
+KIND_OTHER: Final = 4     # any other IP protocol
+KIND_ARP: Final = 5
+KIND_FRAGMENT: Final = 6  # an IPv4 or IPv6 fragment (compared as a datagram)
 
 KIND_NAMES = {KIND_TCP: "tcp", KIND_UDP: "udp", KIND_ICMP: "icmp",
               KIND_OTHER: "ip", KIND_ARP: "arp", KIND_FRAGMENT: "fragment"}
 
 # TCP flags
-FIN = 0x01
-SYN = 0x02
-RST = 0x04
-PSH = 0x08
-ACK = 0x10
+FIN: Final = 0x01
+SYN: Final = 0x02
+RST: Final = 0x04
+PSH: Final = 0x08
+ACK: Final = 0x10
 
-ETH_IPV4 = 0x0800
-ETH_ARP = 0x0806
-ETH_IPV6 = 0x86DD
+ETH_IPV4: Final = 0x0800
+ETH_ARP: Final = 0x0806
+ETH_IPV6: Final = 0x86DD
 ETH_VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
 _TPID_BYTES = {tpid: tpid.to_bytes(2, "big") for tpid in ETH_VLAN_TPIDS}
 
 #: the largest virtio-net header (virtio_net_hdr_v1_hash); QEMU treats a
 #: longer one as "load wrong" and so do we.
-MAX_VNET_HDR_LEN = 20
+MAX_VNET_HDR_LEN: Final = 20
 
 # Why a frame was not compared.  Stable strings: they appear in reports,
 # JSON and metrics.
@@ -96,28 +96,26 @@ REASON_ICMP_TRUNCATED = "icmp-truncated"
 REASON_ARP_TRUNCATED = "arp-truncated"
 
 _u16 = struct.Struct(">H").unpack_from
-_tcp_fields = struct.Struct(">IIB B").unpack_from   # seq, ack, data offset, flags
-_ipv4_head = struct.Struct(">BxH").unpack_from       # ver/ihl, total length
 _ipv6_head = struct.Struct(">IHB").unpack_from       # ver/tc/flow, payload len, next header
 
 # Protocols whose first four L4 bytes are the source and destination ports
 # (QEMU uses the same list: TCP, UDP, DCCP, SCTP, UDP-Lite), plus ESP, whose
 # first four bytes are its SPI.
 _PORT_PROTOS = frozenset((6, 17, 33, 50, 132, 136))
-_AH = 51
+_AH: Final = 51
 
 # IPv6 extension headers that we walk through.  ESP (50) is not one: what
 # follows it is encrypted, so it is treated as the L4 protocol.
 _V6_EXT = frozenset((0, 43, 60, 135, 139, 140, 253, 254))
-_V6_FRAGMENT = 44
-_V6_NO_NEXT = 59
-_MAX_V6_EXT_HEADERS = 16
+_V6_FRAGMENT: Final = 44
+_V6_NO_NEXT: Final = 59
+_MAX_V6_EXT_HEADERS: Final = 16
 
-_ZERO_PORTS = b"\0\0\0\0"
+_ZERO_PORTS: Final = b"\0\0\0\0"
 _ECHO_TYPES = frozenset((0, 8, 128, 129))   # ICMP and ICMPv6 echo request/reply
 
 
-def parse(data: bytes, l2: int = 0, l3: int = -1, ethertype: int = 0):
+def parse(data: bytes, l2: int = 0, l3: int = -1, ethertype: int = 0) -> tuple:
     """Classify the Ethernet frame at ``data[l2:]``; or, with ``l3 >= 0``,
     the network-layer packet of EtherType ``ethertype`` at ``data[l3:]`` (a
     VLAN TPID there means the tag's TCI and the inner EtherType come first,
@@ -126,8 +124,9 @@ def parse(data: bytes, l2: int = 0, l3: int = -1, ethertype: int = 0):
     if l3 < 0:
         if end - l2 < 14:
             return None, REASON_SHORT_FRAME
-        etype = _u16(data, l2 + 12)[0]
-        l3 = l2 + 14
+        off = l2 + 12
+        etype = (data[off] << 8) | data[off + 1]
+        l3 = off + 2
     elif l3 > end:
         return None, REASON_SHORT_FRAME     # cut inside its link header
     else:
@@ -140,7 +139,7 @@ def parse(data: bytes, l2: int = 0, l3: int = -1, ethertype: int = 0):
         if end - l3 < 4:
             return None, REASON_SHORT_FRAME
         tags += _TPID_BYTES[etype] + data[l3:l3 + 2]
-        etype = _u16(data, l3 + 2)[0]
+        etype = (data[l3 + 2] << 8) | data[l3 + 3]
         l3 += 4
     if etype == ETH_IPV4:
         return _parse_ipv4(data, l3, end, tags)
@@ -151,10 +150,11 @@ def parse(data: bytes, l2: int = 0, l3: int = -1, ethertype: int = 0):
     return None, REASON_UNKNOWN_ETHERTYPE
 
 
-def _parse_ipv4(data, l3, end, tags):
+def _parse_ipv4(data: bytes, l3: int, end: int, tags: bytes) -> tuple:
     if end - l3 < 20:
         return None, REASON_IPV4_TRUNCATED
-    vihl, total = _ipv4_head(data, l3)
+    vihl = data[l3]
+    total = (data[l3 + 2] << 8) | data[l3 + 3]
     if vihl >> 4 != 4:
         return None, REASON_IPV4_BAD_VERSION
     ihl = (vihl & 15) * 4
@@ -167,20 +167,21 @@ def _parse_ipv4(data, l3, end, tags):
         return None, REASON_IPV4_TRUNCATED
     ip_end = l3 + total
     proto = data[l3 + 9]
-    addrs = data[l3 + 12:l3 + 20]
-    tail = tags + b"4"
-    frag = _u16(data, l3 + 6)[0] & 0x3FFF  # MF flag and fragment offset
+    frag = ((data[l3 + 6] << 8) | data[l3 + 7]) & 0x3FFF  # MF flag and fragment offset
     if frag:
+        addrs = data[l3 + 12:l3 + 20]
         if ip_end > end:
             return None, REASON_IPV4_TRUNCATED   # a cut fragment cannot be reassembled
         # keyed for reassembly by the IP ID (within one side only: the
         # replicas' IDs differ); seq = offset in bytes, ack = more fragments
         return (KIND_FRAGMENT, _fragment_key(b"4", tags, addrs, data[l3 + 4:l3 + 6], proto),
                 l4, ip_end, (frag & 0x1FFF) * 8, frag >> 13, proto)
-    return _parse_l4(data, addrs, tail, proto, l4, ip_end, min(ip_end, end), 1)
+    # the addresses are read where they sit (see _parse_l4)
+    return _parse_l4(data, b"", l3 + 12, tags + b"4" if tags else b"4", proto, l4, ip_end,
+                     min(ip_end, end), 1)
 
 
-def _parse_ipv6(data, l3, end, tags):
+def _parse_ipv6(data: bytes, l3: int, end: int, tags: bytes) -> tuple:
     if end - l3 < 40:
         return None, REASON_IPV6_TRUNCATED
     vtf, plen, nh = _ipv6_head(data, l3)
@@ -197,7 +198,8 @@ def _parse_ipv6(data, l3, end, tags):
     return _parse_v6_chain(data, data[l3 + 8:l3 + 40], tags, nh, off, ip_end, min(ip_end, end))
 
 
-def _parse_v6_chain(data, addrs, tags, nh, off, ip_end, cap_end):
+def _parse_v6_chain(data: bytes, addrs: bytes, tags: bytes, nh: int, off: int, ip_end: int,
+                    cap_end: int) -> tuple:
     """Walk IPv6 extension headers from ``off`` (next header ``nh``) to the
     L4 header.  ``cap_end`` is where the captured bytes stop (before
     ``ip_end`` when the capture was cut short)."""
@@ -234,7 +236,7 @@ def _parse_v6_chain(data, addrs, tags, nh, off, ip_end, cap_end):
     tail = tags + b"6"
     if nh == _V6_NO_NEXT:
         return KIND_OTHER, addrs + _ZERO_PORTS + b"\x3b" + tail, off, ip_end, 0, 0, 0
-    return _parse_l4(data, addrs, tail, nh, off, ip_end, cap_end, 58)
+    return _parse_l4(data, addrs, 0, tail, nh, off, ip_end, cap_end, 58)
 
 
 def _jumbo_end(data, off, end):
@@ -255,7 +257,8 @@ def _jumbo_end(data, off, end):
     return None
 
 
-def _parse_l4(data, addrs, tail, proto, l4, ip_end, cap_end, icmp_proto):
+def _parse_l4(data: bytes, addrs: bytes, addr_at: int, tail: bytes, proto: int, l4: int,
+              ip_end: int, cap_end: int, icmp_proto: int) -> tuple:
     """The L4 part.  ``ip_end`` is where the IP payload ends by its header;
     ``cap_end`` where the captured bytes stop.  A frame captured short of
     its IP length (snaplen) is still compared when its L4 header is whole:
@@ -263,25 +266,32 @@ def _parse_l4(data, addrs, tail, proto, l4, ip_end, cap_end, icmp_proto):
     compared (the comparator knows).
 
     The key is addresses + ports + protocol + VLAN tags + IP version
-    (``tail``): for untagged IPv4 the first twelve bytes are one slice of the
-    frame (source, destination, ports), which the comparator's fast path
-    takes directly."""
+    (``tail``).  ``addrs`` are the addresses, or b"" when they are the 8
+    bytes at ``addr_at`` in ``data`` (IPv4): with a 20-byte IP header they
+    and the ports are then one slice of the frame."""
     avail = cap_end - l4
+    if not addrs and (proto == 6 or proto == 17) and addr_at + 8 == l4 and avail >= 4:
+        head = data[addr_at:l4 + 4]       # addresses and ports, in one piece
+    else:
+        if not addrs:
+            addrs = data[addr_at:addr_at + 8]
+        head = addrs + data[l4:l4 + 4]
     if proto == 6:
         if avail < 20:
             return None, REASON_TCP_TRUNCATED
-        seq, ack, doff, flags = _tcp_fields(data, l4 + 4)
-        hlen = (doff >> 4) * 4
+        seq = (data[l4 + 4] << 24) | (data[l4 + 5] << 16) | (data[l4 + 6] << 8) | data[l4 + 7]
+        ack = (data[l4 + 8] << 24) | (data[l4 + 9] << 16) | (data[l4 + 10] << 8) | data[l4 + 11]
+        hlen = (data[l4 + 12] >> 4) * 4
+        flags = data[l4 + 13]
         if hlen < 20:
             return None, REASON_TCP_BAD_OFFSET
         if hlen > avail:
             return None, REASON_TCP_TRUNCATED
-        return (KIND_TCP, addrs + data[l4:l4 + 4] + b"\x06" + tail,
-                l4 + hlen, ip_end, seq, ack, flags)
+        return (KIND_TCP, head + _proto_tail(6, tail), l4 + hlen, ip_end, seq, ack, flags)
     if proto == 17:
         if avail < 8:
             return None, REASON_UDP_TRUNCATED
-        return KIND_UDP, addrs + data[l4:l4 + 4] + b"\x11" + tail, l4, ip_end, 0, 0, 0
+        return KIND_UDP, head + _proto_tail(17, tail), l4, ip_end, 0, 0, 0
     if proto == icmp_proto:
         # ICMP's header is 8 bytes, ICMPv6's fixed part 4.
         if avail < (8 if icmp_proto == 1 else 4):
@@ -294,14 +304,28 @@ def _parse_l4(data, addrs, tail, proto, l4, ip_end, cap_end, icmp_proto):
             ports = b"\0\0" + data[l4 + 4:l4 + 6]
         else:
             ports = _ZERO_PORTS
-        return KIND_ICMP, addrs + ports + bytes((proto,)) + tail, l4, ip_end, 0, 0, 0
+        return KIND_ICMP, addrs + ports + _proto_tail(proto, tail), l4, ip_end, 0, 0, 0
     if proto in _PORT_PROTOS and avail >= 4:
         ports = data[l4:l4 + 4]
     elif proto == _AH and avail >= 8:
         ports = data[l4 + 4:l4 + 8]   # the SPI, as QEMU keys AH
     else:
         ports = _ZERO_PORTS
-    return KIND_OTHER, addrs + ports + bytes((proto,)) + tail, l4, ip_end, 0, 0, 0
+    return KIND_OTHER, addrs + ports + _proto_tail(proto, tail), l4, ip_end, 0, 0, 0
+
+
+#: the last bytes of an untagged flow's key: its protocol and IP version
+_V4_TAILS: Final = [bytes((proto,)) + b"4" for proto in range(256)]
+_V6_TAILS: Final = [bytes((proto,)) + b"6" for proto in range(256)]
+
+
+def _proto_tail(proto: int, tail: bytes) -> bytes:
+    """The protocol byte and ``tail`` (VLAN tags and IP version)."""
+    if tail == b"4":
+        return _V4_TAILS[proto]
+    if tail == b"6":
+        return _V6_TAILS[proto]
+    return bytes((proto,)) + tail
 
 
 def _fragment_key(version: bytes, tags: bytes, addrs: bytes, ident: bytes, proto: int) -> bytes:
@@ -330,10 +354,10 @@ def parse_reassembled(payload: bytes, key: bytes, proto: int):
         if result[0] == KIND_FRAGMENT:
             return None, REASON_IPV6_BAD_EXTENSION   # a fragment inside a fragment
         return result
-    return _parse_l4(payload, addrs, tags + b"4", proto, 0, end, end, 1)
+    return _parse_l4(payload, addrs, 0, tags + b"4", proto, 0, end, end, 1)
 
 
-def _parse_arp(data, l3, end, tags):
+def _parse_arp(data: bytes, l3: int, end: int, tags: bytes) -> tuple:
     if end - l3 < 8:
         return None, REASON_ARP_TRUNCATED
     hlen, plen = data[l3 + 4], data[l3 + 5]
@@ -347,88 +371,6 @@ def _parse_arp(data, l3, end, tags):
     return KIND_ARP, bytes((plen,)) + spa + tpa + tags + b"a", l3, body_end, 0, 0, 0
 
 
-# --- presentation of keys (reports, JSON, the control socket) ---------------
-
-_PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 33: "dccp", 47: "gre", 50: "esp",
-                51: "ah", 58: "icmpv6", 59: "none", 132: "sctp", 136: "udplite",
-                2: "igmp", 89: "ospf", 103: "pim", 112: "vrrp"}
-
-
-def proto_name(proto: int) -> str:
-    return _PROTO_NAMES.get(proto, f"ip-proto-{proto}")
-
-
-def describe_key(key: bytes) -> dict:
-    """A connection key as a dict for humans and JSON: protocol, src, dst,
-    ports (when the protocol has them) and VLAN ids."""
-    try:
-        return _describe_key(key)
-    except (IndexError, ValueError, struct.error):
-        return {"protocol": "unknown", "key": key.hex()}
-
-
-def _vlan_ids(tags: bytes) -> list[int]:
-    """VLAN ids from the raw 4-byte tags (TPID, TCI) kept in a key."""
-    return [int.from_bytes(tags[i + 2:i + 4], "big") & 0x0FFF
-            for i in range(0, len(tags) - 3, 4)]
-
-
-def _describe_key(key: bytes) -> dict:
-    """Keys end in their kind: b"4"/b"6" (IP: addresses, ports, protocol,
-    tags) or b"a" (ARP: address length, sender and target, tags); a
-    reassembly key starts with b"F"."""
-    if key[:1] == b"F":
-        version, tags, addrs = fragment_context(key)
-        alen = len(addrs) // 2
-        mk = ipaddress.IPv6Address if version == b"6" else ipaddress.IPv4Address
-        rest = key[3 + len(tags) + 2 * alen:]
-        return {"protocol": proto_name(rest[-1]) + "-fragment", "src": str(mk(addrs[:alen])),
-                "dst": str(mk(addrs[alen:])), "vlan": _vlan_ids(tags),
-                "ip_id": int.from_bytes(rest[:-1], "big")}
-    kind = key[-1:]
-    if kind in (b"4", b"6"):
-        alen = 16 if kind == b"6" else 4
-        mk = ipaddress.IPv6Address if kind == b"6" else ipaddress.IPv4Address
-        ports = key[2 * alen:2 * alen + 4]
-        proto = key[2 * alen + 4]
-        out = {"protocol": proto_name(proto), "src": str(mk(key[:alen])),
-               "dst": str(mk(key[alen:2 * alen])), "vlan": _vlan_ids(key[2 * alen + 5:-1])}
-        if proto in (1, 58) and ports != _ZERO_PORTS:
-            out["echo_id"] = int.from_bytes(ports[2:], "big")
-        if proto in (6, 17, 33, 132, 136):
-            out["sport"] = int.from_bytes(ports[:2], "big")
-            out["dport"] = int.from_bytes(ports[2:], "big")
-        return out
-    if kind == b"a":
-        plen = key[0]
-        spa, tpa = key[1:1 + plen], key[1 + plen:1 + 2 * plen]
-        vlans = _vlan_ids(key[1 + 2 * plen:-1])
-        if plen == 4:
-            spa, tpa = str(ipaddress.IPv4Address(spa)), str(ipaddress.IPv4Address(tpa))
-        else:
-            spa, tpa = spa.hex(), tpa.hex()
-        return {"protocol": "arp", "src": spa, "dst": tpa, "vlan": vlans}
-    return {"protocol": "unknown", "key": key.hex()}
-
-
-def format_key(key: bytes) -> str:
-    """One-line form: ``tcp 10.0.0.1:40000 > 10.0.0.2:80 vlan 5``."""
-    d = describe_key(key)
-    if "src" not in d:
-        return f"{d['protocol']} {d.get('key', '')}".strip()
-    src, dst = d["src"], d["dst"]
-    if ":" in src and "sport" in d:
-        src, dst = f"[{src}]", f"[{dst}]"
-    if "sport" in d:
-        src, dst = f"{src}:{d['sport']}", f"{dst}:{d['dport']}"
-    text = f"{d['protocol']} {src} > {dst}"
-    if "echo_id" in d:
-        text += f" id {d['echo_id']}"
-    if d.get("vlan"):
-        text += " vlan " + ".".join(str(v) for v in d["vlan"])
-    return text
-
-
 class Packet:
     """One frame as the comparator holds it.
 
@@ -437,28 +379,66 @@ class Packet:
     ``replay`` the captured bytes) and the frame, from its link-layer header
     (Ethernet, or a capture's own), starts at ``l2``.
     ``index`` numbers the frames of one side from 0, in arrival order.
-    The remaining fields are filled in by the comparator.  A reassembled
-    IP datagram is a Packet too: its ``data`` is the reassembled IP payload
-    (``l2`` 0) and ``fragments`` the frames it arrived in.
+
+    What ``parse`` found is set by ``classify`` (``kind`` stays 0 for a frame
+    that was not comparable); ``seq_abs``/``end_abs`` are the 64-bit stream
+    positions the TCP comparison gives a segment; ``left`` turns True when
+    the frame has left the comparator (released, consumed, discarded), which
+    is how the arrival list knows what is still held; ``conn`` is the
+    connection holding it.  A reassembled IP datagram is a Packet too: its
+    ``data`` is the reassembled IP payload (``l2`` 0) and ``fragments`` the
+    frames it arrived in.
     """
     __slots__ = ("side", "data", "l2", "vnet_hdr_len", "arrival_ms", "index",
                  "kind", "key", "cmp_off", "cmp_end", "seq", "ack", "flags",
-                 "seq_abs", "end_abs", "done", "conn", "fragments")
+                 "seq_abs", "end_abs", "left", "conn", "fragments")
 
-    def __init__(self, side, data, l2, vnet_hdr_len, arrival_ms, index):
+    side: int
+    data: bytes
+    l2: int
+    vnet_hdr_len: int
+    arrival_ms: float
+    index: int
+    kind: int
+    key: bytes | None
+    cmp_off: int
+    cmp_end: int
+    seq: int
+    ack: int
+    flags: int
+    seq_abs: int
+    end_abs: int
+    left: bool
+    conn: Any
+    fragments: list[Packet] | None
+
+    def __init__(self, side: int, data: bytes, l2: int, vnet_hdr_len: int, arrival_ms: float,
+                 index: int) -> None:
         self.side = side
         self.data = data
         self.l2 = l2
         self.vnet_hdr_len = vnet_hdr_len
         self.arrival_ms = arrival_ms
         self.index = index
-        self.kind = None
+        self.kind = 0
         self.key = None
-        self.seq_abs = 0
-        self.end_abs = 0
-        self.done = False
+        self.cmp_off = self.cmp_end = 0
+        self.seq = self.ack = self.flags = 0
+        self.seq_abs = self.end_abs = 0
+        self.left = False
         self.conn = None
         self.fragments = None   # for a reassembled datagram: the frames it came in
+
+    def classify(self, kind: int, key: bytes, cmp_off: int, cmp_end: int, seq: int, ack: int,
+                 flags: int) -> None:
+        """Take what ``parse`` found (its seven fields, in order)."""
+        self.kind = kind
+        self.key = key
+        self.cmp_off = cmp_off
+        self.cmp_end = cmp_end
+        self.seq = seq
+        self.ack = ack
+        self.flags = flags
 
     @property
     def frame(self) -> bytes:
@@ -469,6 +449,17 @@ class Packet:
     @property
     def vnet_header(self) -> bytes:
         return self.data[self.l2 - self.vnet_hdr_len:self.l2]
+
+    @property
+    def compared(self) -> bytes:
+        """What is compared of it (for TCP: the payload)."""
+        return self.data[self.cmp_off:self.cmp_end]
+
+    @property
+    def frames(self) -> int:
+        """How many frames it stands for (a reassembled datagram came in
+        several)."""
+        return 1 if self.fragments is None else len(self.fragments)
 
     def __repr__(self) -> str:
         return f"Packet({self.side!r}, #{self.index}, {len(self.data)} B)"

@@ -23,6 +23,8 @@ bypasses its primary fragments and drops its secondary ones, with a reason.
 
 from __future__ import annotations
 
+from typing import Any
+
 #: the largest reassembled IP payload (IPv4: 65535 - 20; IPv6 without
 #: jumbograms: 65535).
 MAX_DATAGRAM = 65535
@@ -36,12 +38,12 @@ FAIL_INCOMPLETE = "fragment-incomplete"   # still incomplete at the end of input
 class Datagram:
     __slots__ = ("key", "fragments", "pieces", "total", "first_ms", "size", "proto")
 
-    def __init__(self, key: bytes, proto: int, now_ms) -> None:
+    def __init__(self, key: bytes, proto: int, now_ms: float) -> None:
         self.key = key
         self.proto = proto
-        self.fragments: list = []     # the original frames, in arrival order
-        self.pieces: list = []        # (offset, bytes), in arrival order
-        self.total = None             # payload length, once the last fragment is seen
+        self.fragments: list[Any] = []    # the original frames (Packet), in arrival order
+        self.pieces: list[tuple[int, bytes]] = []   # (offset, bytes), in arrival order
+        self.total: int | None = None     # payload length, once the last fragment is seen
         self.first_ms = now_ms
         self.size = 0                 # bytes of fragment payload held
 
@@ -68,11 +70,13 @@ class Datagram:
             if reach == self.total:
                 # the usual case: no overlap, nothing missing
                 return b"".join(data for _, data in ordered), 0, 0
-        buf = bytearray(self.total)
-        filled = bytearray(self.total)
+        total = self.total
+        assert total is not None
+        buf = bytearray(total)
+        filled = bytearray(total)
         overlap = conflict = 0
         for off, data in self.pieces:
-            end = min(off + len(data), self.total)
+            end = min(off + len(data), total)
             for i in range(off, end):
                 if filled[i]:
                     overlap += 1
@@ -107,7 +111,7 @@ class Reassembler:
             now_ms) -> tuple:
         """Add one fragment.  Returns ``(complete, failed)``: the datagram it
         completed (or None) and a list of ``(datagram, reason)`` that failed."""
-        failed = []
+        failed: list = []
         dg = self.pending.get(key)
         if dg is None:
             dg = self.pending[key] = Datagram(key, proto, now_ms)

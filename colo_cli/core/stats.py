@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import ClassVar
 
 #: bump when the snapshot's keys change incompatibly.
 SNAPSHOT_VERSION = 1
@@ -33,14 +34,14 @@ class Histogram:
     __slots__ = ("buckets", "counted", "zero", "sum", "max", "min")
 
     #: values at or below this are recorded in one "zero" bucket
-    FLOOR = 1e-3
+    FLOOR: ClassVar[float] = 1e-3
 
     def __init__(self) -> None:
         self.buckets: dict[int, int] = {}
         self.counted = 0
-        #: values of exactly zero, counted by the hot path with a bare
-        #: increment (a frame released the moment it arrives) and folded into
-        #: the lowest bucket when read
+        #: values of exactly zero, counted with a bare increment (a frame
+        #: released the moment it arrives) and folded into the lowest bucket
+        #: when read
         self.zero = 0
         self.sum = 0.0
         self.max = 0.0
@@ -59,6 +60,11 @@ class Histogram:
             self.zero = 0
 
     def add(self, value: float) -> None:
+        if value == 0.0:
+            # released the moment it arrived (the frame that completes a
+            # pair): the common case, one increment
+            self.zero += 1
+            return
         self.counted += 1
         self.sum += value
         if value > self.max:
@@ -72,16 +78,6 @@ class Histogram:
             idx = e * _SUB_BUCKETS + int((m - 0.5) * 2 * _SUB_BUCKETS)
         b = self.buckets
         b[idx] = b.get(idx, 0) + 1
-
-    def merge(self, other: "Histogram") -> None:
-        self._fold_zero()
-        other._fold_zero()
-        for k, v in other.buckets.items():
-            self.buckets[k] = self.buckets.get(k, 0) + v
-        self.counted += other.counted
-        self.sum += other.sum
-        self.max = max(self.max, other.max)
-        self.min = min(self.min, other.min)
 
     @staticmethod
     def bucket_upper(idx: int) -> float:
@@ -165,26 +161,26 @@ class Stats:
         self.bytes_in = [0, 0]           # Ethernet frame bytes (no length word, no vnet header)
         # primary frames out
         self.released_match = 0
-        self.released_flushed = Counter()   # by reason: checkpoint, queue-full, ...
+        self.released_flushed: Counter[str] = Counter()   # by reason: checkpoint, queue-full, ...
         self.released_bytes = 0          # Ethernet frame bytes, as bytes_in
-        self.bypassed = Counter()           # primary, by reason
+        self.bypassed: Counter[str] = Counter()           # primary, by reason
         # secondary frames: consumed by a match, absorbed (pure ACKs,
         # duplicates of compared data), discarded at a checkpoint, dropped
         # (not comparable, by reason)
         self.secondary_matched = 0
         self.secondary_absorbed = 0
         self.secondary_discarded = 0
-        self.dropped = Counter()            # "side:reason"
-        self.miscompares = Counter()        # "kind:cause"
-        self.checkpoint_requests = Counter()  # by cause
+        self.dropped: Counter[str] = Counter()            # "side:reason"
+        self.miscompares: Counter[str] = Counter()        # "kind:cause"
+        self.checkpoint_requests: Counter[str] = Counter()  # by cause
         self.checkpoints = 0
         self.connections_created = 0
-        self.connections_evicted = Counter()  # idle, table-full
+        self.connections_evicted: Counter[str] = Counter()  # idle, table-full
         self.queue_high_water = [0, 0]      # longest queue of any connection, by side
         self.queued_bytes_high_water = 0
         self.hold = Histogram()             # ms each released primary frame waited
         self.truncated = [0, 0]             # frames compared on their captured part only
-        self.ignored = Counter()            # noise rule -> datagrams it let match
+        self.ignored: Counter[str] = Counter()            # noise rule -> datagrams it let match
         self.fragments_in = [0, 0]
         self.reassembled = [0, 0]           # datagrams put back together
         self.secondary_absent_periods = 0   # times comparing stopped for want of a secondary
