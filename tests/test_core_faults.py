@@ -23,6 +23,17 @@ def flow_frame(i, n=0):
     return udp_frame(b"f%d-%d" % (i, n), sport=1000 + i % 60000, dport=2000 + i // 60000)
 
 
+def in_flow_order(out, sent):
+    """``out`` holds each frame of ``sent`` once, and each flow's frames in
+    the order sent (the flow: bytes 34-38 of the frame, its UDP ports)."""
+    def by_flow(frames):
+        flows = {}
+        for f in frames:
+            flows.setdefault(f[34:38], []).append(f)
+        return flows
+    return sorted(out) == sorted(sent) and by_flow(out) == by_flow(sent)
+
+
 def run_timers(c, until_ms):
     """Run every scan due by ``until_ms`` at its own tick, as serve's timer
     would; returns (events, number of scans run)."""
@@ -269,35 +280,70 @@ def test_an_exception_in_a_scan_is_an_event():
     c = FailingScan(Config(compare_timeout_ms=100, expired_scan_cycle_ms=100))
     c.receive(P, flow_frame(1), 0)
     events = c.handle_timer(200)
-    assert [type(e).__name__ for e in events][-1] == "InternalError"
-    assert isinstance(events[-1].error, TypeError) and events[-1].side is None
+    (error,) = [e for e in events if isinstance(e, InternalError)]
+    assert isinstance(error.error, TypeError) and error.side is None
 
 
 # -- gaps left in the core (colo_cli/core is being rewritten elsewhere; these
 #    flip to passing, and strict xfail then fails, once it is fixed) ----------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core gap: Comparator.handle_timer drops the requests of a scan that raised "
-    "(self._to_answer = {}) and releases nothing, so a scan that keeps failing holds "
-    "every queued primary frame for ever (a stalled primary, not one lost frame)"))
-def test_a_scan_that_keeps_failing_still_lets_the_overdue_frames_go():
-    """A bug of ours in the periodic scan, on every scan (here the idle
-    eviction, which runs after the timeout requests): the frames past the
+class FailingIdleScan(Comparator):
+    """The periodic scan fails every time, in its idle eviction (which runs
+    after the timeout requests).  A subclass: the compiled core's instances
+    take no attributes."""
+    _evict_idle = None      # not callable
+
+
+class FailingTimeoutScan(Comparator):
+    """The periodic scan fails every time, as it raises its first timeout
+    request (before the request is made)."""
+
+    def _request(self, cause, conn, now_ms, out, answered=False, key=None):
+        if cause == "timeout" and not answered:
+            raise RuntimeError("injected")
+        super()._request(cause, conn, now_ms, out, answered, key)
+
+
+@pytest.mark.parametrize("mode", [CheckpointMode.LOCAL, CheckpointMode.EXTERNAL])
+@pytest.mark.parametrize("cls", [FailingIdleScan, FailingTimeoutScan])
+def test_a_scan_that_keeps_failing_still_lets_the_overdue_frames_go(cls, mode):
+    """A bug of ours in the periodic scan, on every scan: the frames past the
     timeout must still leave, each once, in per-connection order, within the
-    timeout plus two scan cycles, as they would without the bug (release
-    policy: the core answers its own requests).  Today the scan raises its
-    requests, fails, forgets them, and does the same on every later tick:
-    nothing ever leaves."""
-    c = Comparator(Config(compare_timeout_ms=100, expired_scan_cycle_ms=100),
-                   mode=CheckpointMode.LOCAL)
+    timeout plus two scan cycles, as they would without the bug (the core
+    checkpoints the connections concerned itself: a scan that fails before
+    its request would otherwise never ask anyone).  Before, the scan raised
+    its requests, failed, forgot them, and did the same on every later tick:
+    nothing ever left."""
+    c = cls(Config(compare_timeout_ms=100, expired_scan_cycle_ms=100), mode=mode)
     frames = [flow_frame(i, n) for n in range(2) for i in range(3)]
     for f in frames:
         assert c.receive(P, f, 0) == []
-    c._evict_idle = None        # not callable: every scan fails after its requests
+    late = flow_frame(7)
+    assert c.receive(P, late, 150) == []
     events, _scans = run_timers(c, 300)
     assert any(isinstance(e, InternalError) for e in events)
-    assert sorted(out_frames(events)) == sorted(frames)
+    assert in_flow_order(out_frames(events), frames + [late])
+    assert all(e.hold_ms <= 100 + 2 * 100 for e in events if isinstance(e, Released))
     assert c.queued_frames == 0
+    # and the comparator goes on comparing
+    assert releases(c.receive(P, flow_frame(8), 400) + c.receive(S, flow_frame(8), 401)) == [
+        (flow_frame(8), "match")]
+
+
+def test_when_the_scan_and_its_fallback_fail_every_queued_frame_leaves():
+    class FailingEverywhere(FailingIdleScan):
+        def _checkpoint_one(self, conn, now_ms, out):
+            raise RuntimeError("injected")
+
+    c = FailingEverywhere(Config(compare_timeout_ms=100, expired_scan_cycle_ms=100),
+                          mode=CheckpointMode.LOCAL)
+    frames = [flow_frame(i, n) for n in range(2) for i in range(3)]
+    for f in frames:
+        c.receive(P, f, 0)
+    events = c.handle_timer(200)
+    assert [type(e) for e in events].count(InternalError) == 2
+    assert in_flow_order(out_frames(events), frames)
+    assert c.queued_frames == 0 and len(c.table) == 0
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -339,11 +385,6 @@ def test_what_a_flush_remembers_for_late_twins_stays_within_the_memory_bound():
     assert held <= limit + flows * 4096, f"{held / 2**20:.1f} MiB held for a {limit >> 20} MiB bound"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core gap: Comparator.handle_timer sets _next_scan_ms = tick_ms + cycle in float "
-    "milliseconds; past 2**53 ms a cycle no longer changes the value, so get_timer() "
-    "returns the tick just handled for ever (replay now guards against it, see "
-    "replay.run_scans; the core's timer should still move on, or refuse such a clock)"))
 def test_the_timer_moves_on_whatever_the_clock_reads():
     c = Comparator(Config(compare_timeout_ms=100, expired_scan_cycle_ms=100),
                    mode=CheckpointMode.LOCAL)
@@ -359,3 +400,29 @@ def test_the_timer_moves_on_whatever_the_clock_reads():
         handled.append(due)
         c.handle_timer(due)
     assert c.queued_frames == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.floats(0, 2.0 ** 80, allow_nan=False),
+                          st.integers(0, 10_000).map(float)), min_size=1, max_size=6),
+       st.sampled_from([(100, 100), (3000, 1000), (0.5, 0.25)]))
+def test_each_scan_is_later_than_the_last_and_every_frame_leaves(arrivals, timing):
+    """Whatever the clock reads (here up to 2**80 ms), the timer never comes
+    back to a tick it has handled, and a few scans let every frame go."""
+    timeout, cycle = timing
+    c = Comparator(Config(compare_timeout_ms=timeout, expired_scan_cycle_ms=cycle),
+                   mode=CheckpointMode.LOCAL)
+    sent = []
+    for i, t in enumerate(sorted(arrivals)):
+        sent.append(flow_frame(i))
+        c.receive(P, sent[-1], t)
+    out, last = [], None
+    for _ in range(4 * len(sent) + 8):
+        due = c.get_timer()
+        if due is None or c.queued_frames == 0:
+            break
+        assert last is None or due > last
+        out += c.handle_timer(due)
+        last = due
+    assert c.queued_frames == 0
+    assert sorted(out_frames(out)) == sorted(sent)

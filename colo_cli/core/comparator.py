@@ -37,7 +37,8 @@ House rules
   policy) nobody outside can, so the core answers each request itself, on
   the connection concerned, at the end of the call that raised it.
 * **A bug of ours costs one frame, not the comparator**: the public methods
-  never raise; see ``InternalError``.
+  never raise; see ``InternalError``.  A scan that fails checkpoints the
+  connections it had to decide on, so nothing stays held for want of one.
 
 The public methods, and the QEMU function each one stands for
 --------------------------------------------------------------
@@ -104,6 +105,7 @@ From how that one path is built, not from a second copy of it:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import deque
 from typing import Any, Final
 
@@ -136,6 +138,13 @@ QUEUED_FRAME_OVERHEAD: Final = 256
 
 def _last_ms(conn: Connection) -> float:
     return conn.last_ms
+
+
+def _after(t_ms: float, later_ms: float) -> float:
+    """``later_ms`` if it is after ``t_ms``, else the next float after
+    ``t_ms``: past 2**53 ms a float no longer holds a millisecond step (nor,
+    further on, a scan cycle), and a timer that adds one must still move."""
+    return later_ms if later_ms > t_ms else math.nextafter(t_ms, math.inf)
 
 
 # Python subclasses are allowed (the compiled class stays open to them): the
@@ -737,14 +746,15 @@ class Comparator:
         cycle = self.config.expired_scan_cycle_ms
         epoch = self._epoch_ms
         assert epoch is not None
-        return epoch - ((epoch - t_ms) // cycle) * cycle
+        tick = epoch - ((epoch - t_ms) // cycle) * cycle
+        return tick if tick >= t_ms else t_ms     # (rounded, past 2**53 ms)
 
     def _tick_after(self, t_ms: float) -> float:
         """The first scan tick strictly after ``t_ms``."""
         cycle = self.config.expired_scan_cycle_ms
         epoch = self._epoch_ms
         assert epoch is not None
-        return epoch + ((t_ms - epoch) // cycle + 1) * cycle
+        return _after(t_ms, epoch + ((t_ms - epoch) // cycle + 1) * cycle)
 
     def get_timer(self) -> float | None:
         """When ``handle_timer`` should next be called (ms), or None when no
@@ -805,7 +815,9 @@ class Comparator:
         If several scans are overdue (a loop that slept, a capture with a gap
         of hours) they collapse into the last one: ages only grow, so it alone
         decides, and the decision is the one QEMU's last tick would take.
-        Never raises (see ``InternalError``).
+        Never raises (see ``InternalError``); a scan that fails still lets
+        the frames past the timeout go (see ``_scan_failed``), so a scan
+        that fails every time costs checkpoints, never a stalled primary.
         """
         out: list = []
         epoch = self._epoch_ms
@@ -816,33 +828,77 @@ class Comparator:
         if now_ms < next_scan:
             return out
         cycle = self.config.expired_scan_cycle_ms
-        ticks = (now_ms - epoch) // cycle
-        tick_ms = epoch + ticks * cycle        # the last tick due
-        self._next_scan_ms = tick_ms + cycle
+        tick_ms = epoch + ((now_ms - epoch) // cycle) * cycle     # the last tick due
+        # Past 2**53 ms (a clock gone wrong: 285,000 years) float
+        # milliseconds no longer step by a cycle, and the grid arithmetic
+        # rounds: the tick handled is never before the one that was due,
+        # and the next one is always after now_ms, so the timer moves on
+        # whatever the clock reads.
+        if tick_ms > now_ms:
+            tick_ms = now_ms
+        if tick_ms < next_scan:
+            tick_ms = next_scan
+        self._next_scan_ms = _after(now_ms, tick_ms + cycle)
         try:
             self._scan(tick_ms, out)
             if self._to_answer:
                 self._answer_requests(tick_ms, out)
         except Exception as exc:  # noqa: BLE001 - a bug of ours must not stop the scans
-            self._to_answer = {}
             out.append(ev.InternalError(exc, None, tick_ms))
+            self._scan_failed(tick_ms, out)
         return out
+
+    def _scan_failed(self, tick_ms: float, out: list) -> None:
+        """The scan failed (a bug of ours): what it had to decide is done
+        here instead, plainly, so that a scan that fails every time stalls
+        nothing.  Every connection that raised a request before the failure,
+        and every one holding a frame past the timeout, is checkpointed on
+        its own at once, whatever the mode (nobody outside may ever be asked:
+        the scan may fail before its request), and fragments past their
+        timeout are given up.  Should that fail too, every queued primary
+        frame leaves (``_salvage``)."""
+        start = len(out)
+        keys, self._to_answer = self._to_answer, {}
+        try:
+            timeout = self.config.compare_timeout_ms
+            if timeout is not None:
+                for conn in self._overdue_connections(tick_ms - timeout):
+                    if conn.key not in keys:
+                        keys[conn.key] = None
+                        self._request(ev.CheckpointCause.TIMEOUT, conn, tick_ms, out,
+                                      answered=True)
+            for key in keys:
+                held = self._conns.get(key)
+                if held is not None:
+                    self._checkpoint_one(held, tick_ms, out)
+            for reasm in self._reassembly:
+                for dg, reason in reasm.expire(tick_ms, self.config.fragment_timeout_ms):
+                    self._fail_datagram(dg, reason, out)
+        except Exception as exc:  # noqa: BLE001 - the last resort: nothing stays held
+            out.append(ev.InternalError(exc, None, tick_ms))
+            self._to_answer = {}
+            self._salvage(tick_ms, ev.ReleaseReason.CHECKPOINT, out, start)
+
+    def _overdue_connections(self, limit_ms: float) -> list[Connection]:
+        """The connections holding a frame that arrived before ``limit_ms``,
+        in the order of their oldest such frame."""
+        overdue: dict[bytes, Connection] = {}
+        for pkt in self._held_arrivals():      # oldest first
+            if pkt.left:
+                continue
+            if pkt.arrival_ms >= limit_ms:
+                break
+            conn = pkt.conn
+            if conn.key not in overdue:
+                overdue[conn.key] = conn
+        return list(overdue.values())
 
     def _scan(self, tick_ms: float, out: list) -> None:
         timeout = self.config.compare_timeout_ms
         if timeout is not None and self.queued_frames:
             if self.mode is ev.CheckpointMode.LOCAL:
-                limit = tick_ms - timeout
-                seen: set[bytes] = set()
-                for pkt in self._held_arrivals():      # oldest first
-                    if pkt.left:
-                        continue
-                    if pkt.arrival_ms >= limit:
-                        break
-                    conn = pkt.conn
-                    if conn.key not in seen:
-                        seen.add(conn.key)
-                        self._request(ev.CheckpointCause.TIMEOUT, conn, tick_ms, out)
+                for conn in self._overdue_connections(tick_ms - timeout):
+                    self._request(ev.CheckpointCause.TIMEOUT, conn, tick_ms, out)
             else:
                 oldest = self._oldest_queued()
                 if oldest is not None and tick_ms - oldest.arrival_ms > timeout:
