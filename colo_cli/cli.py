@@ -136,8 +136,10 @@ def comparator_options(f):
                      show_default=True, metavar="MIB",
                      help="Memory for queued frames, both sides: their bytes plus 256 bytes "
                           "each of bookkeeping (TCP payload waiting to be compared counts "
-                          "twice in RSS).  Past it, the connections holding the oldest frames "
-                          "are flushed (released) and a checkpoint requested."),
+                          "twice in RSS), and what flushed datagram flows keep to recognise "
+                          "late copies (forgotten first).  Past it, the connections holding "
+                          "the oldest frames are flushed (released) and a checkpoint "
+                          "requested."),
     ]
     for option in reversed(options):
         f = option(f)

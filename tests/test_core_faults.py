@@ -346,13 +346,6 @@ def test_when_the_scan_and_its_fallback_fail_every_queued_frame_leaves():
     assert c.queued_frames == 0 and len(c.table) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core gap: Comparator._flush_connection keeps a copy of every flushed, unpaired "
-    "primary datagram's compared bytes in Connection.stale (for its late secondary "
-    "twin), counted against no limit: up to max_queue_size frames per connection, so "
-    "a primary-only flood in per-flow bursts holds connections x max_queue_size x "
-    "frame size beyond --max-queued-mib (serve: 382 MiB peak RSS against the stated "
-    "100 MiB bound, measured 2026-12-07)"))
 def test_what_a_flush_remembers_for_late_twins_stays_within_the_memory_bound():
     """A silent secondary and a primary that sends each flow's datagrams in a
     burst: each burst fills the queued-bytes limit and is flushed (released)
@@ -383,6 +376,73 @@ def test_what_a_flush_remembers_for_late_twins_stays_within_the_memory_bound():
         tracemalloc.stop()
     assert c.stats.snapshot()["checkpoint_requests"].get("memory-full", 0) >= flows - 1
     assert held <= limit + flows * 4096, f"{held / 2**20:.1f} MiB held for a {limit >> 20} MiB bound"
+
+
+def test_short_of_room_what_is_remembered_goes_before_any_queued_frame():
+    """What a flushed flow remembers for late copies is forgotten, oldest
+    first, before a queued frame is flushed for room: here flow 1's memory
+    of 40 flushed datagrams makes room for flow 2's queue, which stays
+    queued (no memory-full request) and is then compared as usual; flow 1's
+    late copies, no longer recognised, are compared like any datagram."""
+    def big(flow, n):
+        return udp_frame(b"%d-%d" % (flow, n) + b"x" * 1000, sport=1000 + flow)
+
+    limit = 60 * (len(big(1, 0)) + 256)
+    c = Comparator(Config(max_queued_bytes=limit, compare_timeout_ms=None),
+                   mode=CheckpointMode.LOCAL)
+    first = [big(1, n) for n in range(40)]
+    for f in first:
+        c.receive(P, f, 0)
+    key = c.connections()[0].key
+    assert len(out_frames(c.checkpoint_connection(key, 1))) == 40
+    # with room, a late copy is recognised (and absorbed) ...
+    c.receive(S, first[0], 2)
+    assert c.stats.secondary_absorbed == 1
+    # ... 50 frames of another flow then need the room it holds
+    second = [big(2, n) for n in range(50)]
+    for f in second:
+        assert c.receive(P, f, 3) == []
+    assert c.stats.checkpoint_requests["memory-full"] == 0
+    assert c.queued_frames == 50
+    events = []
+    for f in second:
+        events += c.receive(S, f, 4)
+    assert [r for _, r in releases(events)] == ["match"] * 50
+    c.receive(S, first[1], 5)                   # no longer recognised: queued
+    assert c.stats.secondary_absorbed == 1 and c.queued_frames == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("PSck"), st.integers(0, 3), st.integers(0, 2),
+                          st.integers(1, 1400)), max_size=120),
+       st.integers(8_000, 60_000))
+def test_what_is_remembered_is_all_counted_and_within_the_bound(ops, limit):
+    """Random datagram traffic on four flows with checkpoints of one flow
+    (k) or of all (c) and a small memory bound: after every call, every
+    flow's memory of flushed datagrams is counted, the count is exact, and
+    what is held (queued and remembered) stays within the bound, unless the
+    queues alone exceed it (then a flush follows at the next frame)."""
+    from colo_cli.core.conntrack import STALE_ENTRY_OVERHEAD, STALE_RECORD_OVERHEAD
+    from colo_cli.core.comparator import QUEUED_FRAME_OVERHEAD
+    c = Comparator(Config(max_queued_bytes=limit, compare_timeout_ms=None, max_queue_size=8,
+                          max_connections=3), mode=CheckpointMode.LOCAL)
+    for t, (op, flow, n, size) in enumerate(ops):
+        frame = udp_frame(b"%d" % n + b"z" * size, sport=4000 + flow)
+        if op in "PS":
+            c.receive(P if op == "P" else S, frame, t)
+        elif op == "k":
+            c.checkpoint_connection(frame[26:38], t)
+        else:
+            c.checkpoint(t)
+        stale = c._stale
+        counted = len(stale.records) * STALE_RECORD_OVERHEAD + sum(
+            len(b) + STALE_ENTRY_OVERHEAD for _, remembered in stale.records for b in remembered)
+        assert stale.held_bytes == counted
+        live = {id(remembered) for conn, remembered in stale.records if conn.stale is remembered}
+        for conn in c.table:
+            assert conn.stale is None or id(conn.stale) in live
+        queued = c.queued_bytes + c.queued_frames * QUEUED_FRAME_OVERHEAD
+        assert queued + stale.held_bytes <= max(limit, queued)
 
 
 def test_the_timer_moves_on_whatever_the_clock_reads():

@@ -106,13 +106,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import deque
 from typing import Any, Final
 
 from . import events as ev
 from .compare import TcpStream, datagram_difference, datagrams_equal, insert_segment
 from .config import Config
-from .conntrack import Connection, ConnectionTable
+from .conntrack import Connection, ConnectionTable, StaleMemory
 from .events import Matched, Released
 from .noise import mask_datagram, rules_for
 from .packet import (KIND_FRAGMENT, KIND_NAMES, KIND_TCP, KIND_UDP, MAX_VNET_HDR_LEN,
@@ -170,6 +169,9 @@ class Comparator:
         self._next_scan_ms: float | None = None
         self._reassembly: tuple[Reassembler, Reassembler] = (Reassembler(), Reassembler())
         self._conns: dict[bytes, Connection] = self.table.conns   # the table's dict
+        #: what flushed datagram connections remember for late secondary
+        #: copies, counted with the queues against max_queued_bytes
+        self._stale: StaleMemory = StaleMemory()
         #: who performs checkpoints (see CheckpointMode)
         self.mode: ev.CheckpointMode = ev.CheckpointMode(mode)
         #: LOCAL: connections to checkpoint at the end of this call (a dict:
@@ -260,7 +262,8 @@ class Comparator:
             self._receive_fragment(pkt, parsed, now_ms, out)
         else:
             self._dispatch(pkt, primary, parsed, now_ms, out)
-        if self.queued_bytes + self.queued_frames * QUEUED_FRAME_OVERHEAD > self._max_queued_bytes:
+        if (self.queued_bytes + self.queued_frames * QUEUED_FRAME_OVERHEAD + self._stale.held_bytes
+                > self._max_queued_bytes):
             self._relieve_memory(now_ms, out)
 
     def _dispatch(self, pkt: Packet, primary: bool, parsed: tuple, now_ms: float,
@@ -331,6 +334,7 @@ class Comparator:
                 # one, becomes the new one in place, its deques kept
                 recycled = table.recycle_oldest_datagram(key, now_ms)
                 if recycled is not None:
+                    self._stale.forget(recycled)
                     self.stats.connections_evicted["idle"] += 1
                     self.stats.connections_created += 1
                     return recycled
@@ -477,13 +481,13 @@ class Comparator:
         oldest queued secondary one of the same connection."""
         stale = conn.stale
         if stale and not primary:
-            if stale[0] == pkt.compared:
+            if stale[-1] == pkt.compared:
                 # the secondary's copy of a datagram flushed at the checkpoint
-                stale.popleft()
+                self._stale.absorbed(conn)
                 pkt.left = True
                 self.stats.secondary_absorbed += pkt.frames
                 return
-            stale.clear()      # the secondary has moved past them
+            self._stale.forget(conn)      # the secondary has moved past them
         queue = conn.primary_queue if primary else conn.secondary_queue
         queue.append(pkt)
         self._enqueue(queue, pkt, primary)
@@ -642,8 +646,14 @@ class Comparator:
             # remember what the flushed primaries compare as, in case their
             # secondary copies are still to come (see Connection.stale);
             # those already paired with a queued secondary are not waited for
-            unpaired = list(pqueue)[len(squeue):]
-            conn.stale = deque(p.compared for p in unpaired) if unpaired else None
+            stale = self._stale
+            stale.remember(conn, [p.compared for p in pqueue[len(squeue):]])
+            if stale.held_bytes:
+                # within what the queues leave of the memory bound
+                room = (self._max_queued_bytes - self.queued_bytes
+                        - self.queued_frames * QUEUED_FRAME_OVERHEAD)
+                while stale.held_bytes > room and stale.trim():
+                    pass
         pqueue.clear()
         squeue.clear()
         conn.diverged = False
@@ -673,7 +683,7 @@ class Comparator:
         front = table.pop_oldest()
         if front is not None and not front.queued:
             self.stats.connections_evicted["idle"] += 1
-            table.remove(front)
+            self._forget(front)
             return
         sample = ([front] if front is not None else []) + table.oldest(63)
         if not sample:
@@ -681,21 +691,32 @@ class Comparator:
         idle = [c for c in sample if not c.queued]
         victim = min(idle or sample, key=_last_ms)
         table.put_back([c for c in sample if c is not victim])
-        table.remove(victim)
+        self._forget(victim)
         if idle:
             self.stats.connections_evicted["idle"] += 1
             return
         self.stats.connections_evicted["table-full"] += 1
         self._flush_connection(victim, now_ms, ev.ReleaseReason.TABLE_FULL, out)
+        self._stale.forget(victim)      # (gone: no late copy will find it)
         self._request(ev.CheckpointCause.TABLE_FULL, None, now_ms, out, answered=True,
                       key=victim.key)
 
+    def _forget(self, conn: Connection) -> None:
+        """``conn`` leaves the table (nothing queued), with what it
+        remembered."""
+        self.table.remove(conn)
+        self._stale.forget(conn)
+
     def _relieve_memory(self, now_ms: float, out: list) -> None:
-        """Too many bytes queued: flush the connections holding the oldest
-        frames until under the bound."""
+        """Too many bytes held: forget what flushed connections remember
+        (oldest first; see ``StaleMemory``), then flush the connections
+        holding the oldest frames, until under the bound."""
         limit = self._max_queued_bytes
         requested = False
-        while self.queued_bytes + self.queued_frames * QUEUED_FRAME_OVERHEAD > limit:
+        stale = self._stale
+        while self.queued_bytes + self.queued_frames * QUEUED_FRAME_OVERHEAD + stale.held_bytes > limit:
+            if stale.trim():
+                continue
             pkt = self._oldest_queued()
             if pkt is None:
                 break
@@ -921,7 +942,7 @@ class Comparator:
         table = self.table
         for conn in table.oldest(256):
             if conn.last_ms <= limit and not conn.queued:
-                table.remove(conn)
+                self._forget(conn)
                 self.stats.connections_evicted["idle"] += 1
             else:
                 table.requeue(conn)
@@ -973,7 +994,7 @@ class Comparator:
             return
         self._absent = False
         for conn in self.table:
-            self.table.remove(conn)
+            self._forget(conn)
             self.stats.connections_evicted["secondary-absent"] += 1
         out.append(ev.SecondaryAbsent(False, now_ms))
 
@@ -1167,6 +1188,7 @@ class Comparator:
                     pkt.left = True
         self.table = ConnectionTable(self.config.max_connections)
         self._conns = self.table.conns
+        self._stale = StaleMemory()
         for reasm in self._reassembly:
             with contextlib.suppress(Exception):
                 for dg, why in reasm.drain():

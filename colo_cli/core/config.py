@@ -29,6 +29,8 @@ class Config:
     #: QUEUED_FRAME_OVERHEAD each for what holds them (so tiny frames cannot
     #: multiply the memory the bound names).  TCP payload waiting to be
     #: compared is held once more, in its stream: up to twice this for TCP.
+    #: What flushed datagram connections remember for late secondary copies
+    #: counts against it too, and is forgotten first (``StaleMemory``).
     max_queued_bytes: int = 256 * 1024 * 1024
     #: a connection with nothing queued and no traffic for this long is
     #: forgotten (its TCP comparison state with it).
