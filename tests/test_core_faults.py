@@ -284,8 +284,8 @@ def test_an_exception_in_a_scan_is_an_event():
     assert isinstance(error.error, TypeError) and error.side is None
 
 
-# -- gaps left in the core (colo_cli/core is being rewritten elsewhere; these
-#    flip to passing, and strict xfail then fails, once it is fixed) ----------
+# -- a scan that fails, what a flush remembers, a clock past 2**53 ms (each
+#    was a gap of the core, held as a strict xfail until it was closed) ------
 
 class FailingIdleScan(Comparator):
     """The periodic scan fails every time, in its idle eviction (which runs
