@@ -116,7 +116,7 @@ from .events import Matched, Released
 from .noise import mask_datagram, rules_for
 from .packet import (KIND_FRAGMENT, KIND_NAMES, KIND_TCP, KIND_UDP, MAX_VNET_HDR_LEN,
                      REASON_BAD_VNET_HDR, REASON_IPV4_TRUNCATED, REASON_IPV6_TRUNCATED, RST,
-                     SYN, Packet, parse, parse_reassembled)
+                     SYN, Packet, parse_into, parse_reassembled)
 from .reassembly import Datagram, Reassembler
 from .stats import Stats
 
@@ -243,36 +243,35 @@ class Comparator:
         if vnet_hdr_len > MAX_VNET_HDR_LEN or l2 > size:
             out.append(self._not_comparable(pkt, REASON_BAD_VNET_HDR))
             return
-        parsed = parse(data, l2, l3, ethertype)
-        if parsed[0] is None:
-            out.append(self._not_comparable(pkt, parsed[1]))
+        reason = parse_into(pkt, l3, ethertype)
+        if reason:
+            out.append(self._not_comparable(pkt, reason))
             return
-        kind: int = parsed[0]
-        cmp_end: int = parsed[3]
-        if cmp_end > size:
+        if pkt.cmp_end > size:
             if not cut:
                 # an IP length beyond the frame, and no capture to blame
+                key = pkt.key
+                assert key is not None
                 out.append(self._not_comparable(
-                    pkt, REASON_IPV6_TRUNCATED if parsed[1][-1:] == b"6" else REASON_IPV4_TRUNCATED))
+                    pkt, REASON_IPV6_TRUNCATED if key[-1:] == b"6" else REASON_IPV4_TRUNCATED))
                 return
             # captured short of its IP length (snaplen): only the captured
             # part can be compared
             stats.truncated[i] += 1
-        if kind == KIND_FRAGMENT:
-            self._receive_fragment(pkt, parsed, now_ms, out)
+        if pkt.kind == KIND_FRAGMENT:
+            self._receive_fragment(pkt, now_ms, out)
         else:
-            self._dispatch(pkt, primary, parsed, now_ms, out)
+            self._dispatch(pkt, primary, now_ms, out)
         if (self.queued_bytes + self.queued_frames * QUEUED_FRAME_OVERHEAD + self._stale.held_bytes
                 > self._max_queued_bytes):
             self._relieve_memory(now_ms, out)
 
-    def _dispatch(self, pkt: Packet, primary: bool, parsed: tuple, now_ms: float,
-                  out: list) -> None:
+    def _dispatch(self, pkt: Packet, primary: bool, now_ms: float, out: list) -> None:
         """A parsed, comparable frame (or reassembled datagram) joins its
         connection and is compared."""
-        kind: int = parsed[0]
-        key: bytes = parsed[1]
-        pkt.classify(kind, key, parsed[2], parsed[3], parsed[4], parsed[5], parsed[6])
+        key = pkt.key
+        assert key is not None
+        kind = pkt.kind
         conn = self._conns.get(key)
         if conn is None:
             conn = self._new_connection(key, kind, now_ms, out)
@@ -286,27 +285,30 @@ class Comparator:
 
     # -- fragments -----------------------------------------------------------
 
-    def _receive_fragment(self, pkt: Packet, parsed: tuple, now_ms: float, out: list) -> None:
-        _, key, off, end, offset, more, proto = parsed
+    def _receive_fragment(self, pkt: Packet, now_ms: float, out: list) -> None:
+        # (parse_into gave a fragment: seq its offset, ack its MF flag,
+        # flags its protocol)
+        key = pkt.key
+        assert key is not None
         primary = pkt.side == PRIMARY
-        pkt.key = key
         self.stats.fragments_in[0 if primary else 1] += 1
         reasm = self._reassembly[0 if primary else 1]
-        done, failed = reasm.add(pkt, key, offset, more, proto, pkt.data[off:end], now_ms)
+        done, failed = reasm.add(pkt, key, pkt.seq, pkt.ack, pkt.flags,
+                                 pkt.data[pkt.cmp_off:pkt.cmp_end], now_ms)
         for dg, reason in failed:
             self._fail_datagram(dg, reason, out)
         if done is None:
             return
         payload = reasm.complete_payload(done)
-        parsed = parse_reassembled(payload, key, done.proto)
         first = done.fragments[0]
         whole = Packet(pkt.side, payload, 0, 0, first.arrival_ms, first.index)
         whole.fragments = done.fragments
-        if parsed[0] is None:
-            self._fail_datagram(done, parsed[1], out)
+        reason = parse_reassembled(whole, key, done.proto)
+        if reason:
+            self._fail_datagram(done, reason, out)
             return
         self.stats.reassembled[0 if primary else 1] += 1
-        self._dispatch(whole, primary, parsed, now_ms, out)
+        self._dispatch(whole, primary, now_ms, out)
 
     def _fail_datagram(self, dg: Datagram, reason: str, out: list) -> None:
         """A datagram that cannot be reassembled (or compared): its primary
@@ -1154,8 +1156,10 @@ class Comparator:
                     return True
         if len(data) < l2:
             return False
-        parsed = parse(data, l2, l3, ethertype)
-        conn = self._conns.get(parsed[1]) if parsed[0] is not None else None
+        probe = Packet(PRIMARY, data, l2, 0, 0.0, 0)
+        conn = None
+        if not parse_into(probe, l3, ethertype) and probe.key is not None:
+            conn = self._conns.get(probe.key)
         if conn is None:
             return False
         for pkt in conn.all_queued():

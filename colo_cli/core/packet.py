@@ -17,6 +17,11 @@ Either way ``parse`` returns a tuple:
   fragments ``seq`` is the fragment offset and MF flag).
 * ``(None, reason)`` for a frame that cannot be compared (``REASON_*``).
 
+The comparator calls ``parse_into`` instead, the one implementation of
+both: it writes those seven fields into the frame's ``Packet`` and returns
+the reason, or "" for a comparable frame, so that no tuple is built and no
+number boxed per frame.
+
 Nothing here raises on bad input: every malformed or truncated frame comes
 back with a reason, so the comparator can count it and bypass it.
 
@@ -95,8 +100,6 @@ REASON_UDP_TRUNCATED = "udp-truncated"
 REASON_ICMP_TRUNCATED = "icmp-truncated"
 REASON_ARP_TRUNCATED = "arp-truncated"
 
-_u16 = struct.Struct(">H").unpack_from
-_ipv6_head = struct.Struct(">IHB").unpack_from       # ver/tc/flow, payload len, next header
 
 # Protocols whose first four L4 bytes are the source and destination ports
 # (QEMU uses the same list: TCP, UDP, DCCP, SCTP, UDP-Lite), plus ESP, whose
@@ -120,126 +123,146 @@ def parse(data: bytes, l2: int = 0, l3: int = -1, ethertype: int = 0) -> tuple:
     the network-layer packet of EtherType ``ethertype`` at ``data[l3:]`` (a
     VLAN TPID there means the tag's TCI and the inner EtherType come first,
     as after an Ethernet header).  See the module doc."""
+    pkt = Packet(0, data, l2, 0, 0.0, 0)
+    reason = parse_into(pkt, l3, ethertype)
+    if reason:
+        return None, reason
+    return pkt.kind, pkt.key, pkt.cmp_off, pkt.cmp_end, pkt.seq, pkt.ack, pkt.flags
+
+
+def parse_into(pkt: Packet, l3: int = -1, ethertype: int = 0) -> str:
+    """``parse`` for the frame ``pkt.data[pkt.l2:]``, into ``pkt``: its
+    ``kind``, ``key``, ``cmp_off``, ``cmp_end``, ``seq``, ``ack`` and
+    ``flags`` are set, and "" returned, for a comparable frame; else the
+    reason, and ``pkt`` is left as it was."""
+    data = pkt.data
     end = len(data)
     if l3 < 0:
-        if end - l2 < 14:
-            return None, REASON_SHORT_FRAME
-        off = l2 + 12
+        off = pkt.l2 + 12
+        if end - off < 2:
+            return REASON_SHORT_FRAME
         etype = (data[off] << 8) | data[off + 1]
         l3 = off + 2
     elif l3 > end:
-        return None, REASON_SHORT_FRAME     # cut inside its link header
+        return REASON_SHORT_FRAME     # cut inside its link header
     else:
         etype = ethertype
     tags = b""
     # 802.1Q / 802.1ad tags, stacked too.  The tags are part of the key, so
     # different VLANs are different connections; they are not compared.
     # A tag in the key is its TPID and TCI, as the frame carries them.
-    while etype in ETH_VLAN_TPIDS:
+    while etype == 0x8100 or etype == 0x88A8 or etype == 0x9100:
         if end - l3 < 4:
-            return None, REASON_SHORT_FRAME
+            return REASON_SHORT_FRAME
         tags += _TPID_BYTES[etype] + data[l3:l3 + 2]
         etype = (data[l3 + 2] << 8) | data[l3 + 3]
         l3 += 4
     if etype == ETH_IPV4:
-        return _parse_ipv4(data, l3, end, tags)
+        return _parse_ipv4(pkt, data, l3, end, tags)
     if etype == ETH_IPV6:
-        return _parse_ipv6(data, l3, end, tags)
+        return _parse_ipv6(pkt, data, l3, end, tags)
     if etype == ETH_ARP:
-        return _parse_arp(data, l3, end, tags)
-    return None, REASON_UNKNOWN_ETHERTYPE
+        return _parse_arp(pkt, data, l3, end, tags)
+    return REASON_UNKNOWN_ETHERTYPE
 
 
-def _parse_ipv4(data: bytes, l3: int, end: int, tags: bytes) -> tuple:
+def _parse_ipv4(pkt: Packet, data: bytes, l3: int, end: int, tags: bytes) -> str:
     if end - l3 < 20:
-        return None, REASON_IPV4_TRUNCATED
+        return REASON_IPV4_TRUNCATED
     vihl = data[l3]
     total = (data[l3 + 2] << 8) | data[l3 + 3]
     if vihl >> 4 != 4:
-        return None, REASON_IPV4_BAD_VERSION
+        return REASON_IPV4_BAD_VERSION
     ihl = (vihl & 15) * 4
     if ihl < 20:
-        return None, REASON_IPV4_BAD_IHL
+        return REASON_IPV4_BAD_IHL
     if total < ihl:
-        return None, REASON_IPV4_BAD_LENGTH
+        return REASON_IPV4_BAD_LENGTH
     l4 = l3 + ihl
     if l4 > end:
-        return None, REASON_IPV4_TRUNCATED
+        return REASON_IPV4_TRUNCATED
     ip_end = l3 + total
     proto = data[l3 + 9]
     frag = ((data[l3 + 6] << 8) | data[l3 + 7]) & 0x3FFF  # MF flag and fragment offset
     if frag:
         addrs = data[l3 + 12:l3 + 20]
         if ip_end > end:
-            return None, REASON_IPV4_TRUNCATED   # a cut fragment cannot be reassembled
+            return REASON_IPV4_TRUNCATED   # a cut fragment cannot be reassembled
         # keyed for reassembly by the IP ID (within one side only: the
         # replicas' IDs differ); seq = offset in bytes, ack = more fragments
-        return (KIND_FRAGMENT, _fragment_key(b"4", tags, addrs, data[l3 + 4:l3 + 6], proto),
-                l4, ip_end, (frag & 0x1FFF) * 8, frag >> 13, proto)
+        pkt.classify(KIND_FRAGMENT, _fragment_key(b"4", tags, addrs, data[l3 + 4:l3 + 6], proto),
+                     l4, ip_end, (frag & 0x1FFF) * 8, frag >> 13, proto)
+        return ""
     # the addresses are read where they sit (see _parse_l4)
-    return _parse_l4(data, b"", l3 + 12, tags + b"4" if tags else b"4", proto, l4, ip_end,
-                     min(ip_end, end), 1)
+    return _parse_l4(pkt, data, b"", l3 + 12, tags + b"4" if tags else b"4", proto, l4, ip_end,
+                     ip_end if ip_end < end else end, 1)
 
 
-def _parse_ipv6(data: bytes, l3: int, end: int, tags: bytes) -> tuple:
+def _parse_ipv6(pkt: Packet, data: bytes, l3: int, end: int, tags: bytes) -> str:
     if end - l3 < 40:
-        return None, REASON_IPV6_TRUNCATED
-    vtf, plen, nh = _ipv6_head(data, l3)
-    if vtf >> 28 != 6:
-        return None, REASON_IPV6_BAD_VERSION
+        return REASON_IPV6_TRUNCATED
+    if data[l3] >> 4 != 6:
+        return REASON_IPV6_BAD_VERSION
+    plen = (data[l3 + 4] << 8) | data[l3 + 5]
+    nh = data[l3 + 6]
     off = l3 + 40
     if plen == 0 and nh == 0:
         # Possibly a jumbogram: the real length is in a Hop-by-Hop option.
-        ip_end = _jumbo_end(data, off, end)
-        if ip_end is None:
-            return None, REASON_IPV6_BAD_EXTENSION
+        jumbo_end = _jumbo_end(data, off, end)
+        if jumbo_end is None:
+            return REASON_IPV6_BAD_EXTENSION
+        ip_end = jumbo_end
     else:
         ip_end = off + plen
-    return _parse_v6_chain(data, data[l3 + 8:l3 + 40], tags, nh, off, ip_end, min(ip_end, end))
+    return _parse_v6_chain(pkt, data, data[l3 + 8:l3 + 40], tags, nh, off, ip_end,
+                           ip_end if ip_end < end else end)
 
 
-def _parse_v6_chain(data: bytes, addrs: bytes, tags: bytes, nh: int, off: int, ip_end: int,
-                    cap_end: int) -> tuple:
+def _parse_v6_chain(pkt: Packet, data: bytes, addrs: bytes, tags: bytes, nh: int, off: int,
+                    ip_end: int, cap_end: int) -> str:
     """Walk IPv6 extension headers from ``off`` (next header ``nh``) to the
     L4 header.  ``cap_end`` is where the captured bytes stop (before
     ``ip_end`` when the capture was cut short)."""
     for _ in range(_MAX_V6_EXT_HEADERS):
         if nh in _V6_EXT:
             if cap_end - off < 8:
-                return None, REASON_IPV6_BAD_EXTENSION if cap_end == ip_end else REASON_IPV6_TRUNCATED
+                return REASON_IPV6_BAD_EXTENSION if cap_end == ip_end else REASON_IPV6_TRUNCATED
             nh, hlen = data[off], (data[off + 1] + 1) * 8
         elif nh == _AH:
             if cap_end - off < 8:
-                return None, REASON_IPV6_BAD_EXTENSION if cap_end == ip_end else REASON_IPV6_TRUNCATED
+                return REASON_IPV6_BAD_EXTENSION if cap_end == ip_end else REASON_IPV6_TRUNCATED
             nh, hlen = data[off], (data[off + 1] + 2) * 4
         elif nh == _V6_FRAGMENT:
             if cap_end - off < 8:
-                return None, REASON_IPV6_BAD_EXTENSION if cap_end == ip_end else REASON_IPV6_TRUNCATED
-            frag = _u16(data, off + 2)[0]
+                return REASON_IPV6_BAD_EXTENSION if cap_end == ip_end else REASON_IPV6_TRUNCATED
+            frag = (data[off + 2] << 8) | data[off + 3]
             if frag & 0xFFF9:
                 if cap_end < ip_end:
-                    return None, REASON_IPV6_TRUNCATED
+                    return REASON_IPV6_TRUNCATED
                 inner = data[off]
-                return (KIND_FRAGMENT, _fragment_key(b"6", tags, addrs, data[off + 4:off + 8], inner),
-                        off + 8, ip_end, frag & 0xFFF8, frag & 1, inner)
+                pkt.classify(KIND_FRAGMENT,
+                             _fragment_key(b"6", tags, addrs, data[off + 4:off + 8], inner),
+                             off + 8, ip_end, frag & 0xFFF8, frag & 1, inner)
+                return ""
             # An atomic fragment (offset 0, M clear) is a whole datagram.
             nh, hlen = data[off], 8
         else:
             break
         off += hlen
         if off > ip_end:
-            return None, REASON_IPV6_BAD_EXTENSION
+            return REASON_IPV6_BAD_EXTENSION
         if off > cap_end:
-            return None, REASON_IPV6_TRUNCATED
+            return REASON_IPV6_TRUNCATED
     else:
-        return None, REASON_IPV6_BAD_EXTENSION
+        return REASON_IPV6_BAD_EXTENSION
     tail = tags + b"6"
     if nh == _V6_NO_NEXT:
-        return KIND_OTHER, addrs + _ZERO_PORTS + b"\x3b" + tail, off, ip_end, 0, 0, 0
-    return _parse_l4(data, addrs, 0, tail, nh, off, ip_end, cap_end, 58)
+        pkt.classify(KIND_OTHER, addrs + _ZERO_PORTS + b"\x3b" + tail, off, ip_end, 0, 0, 0)
+        return ""
+    return _parse_l4(pkt, data, addrs, 0, tail, nh, off, ip_end, cap_end, 58)
 
 
-def _jumbo_end(data, off, end):
+def _jumbo_end(data: bytes, off: int, end: int) -> int | None:
     """End of an IPv6 jumbogram, from its Hop-by-Hop Jumbo Payload option."""
     if end - off < 8:
         return None
@@ -257,8 +280,8 @@ def _jumbo_end(data, off, end):
     return None
 
 
-def _parse_l4(data: bytes, addrs: bytes, addr_at: int, tail: bytes, proto: int, l4: int,
-              ip_end: int, cap_end: int, icmp_proto: int) -> tuple:
+def _parse_l4(pkt: Packet, data: bytes, addrs: bytes, addr_at: int, tail: bytes, proto: int,
+              l4: int, ip_end: int, cap_end: int, icmp_proto: int) -> str:
     """The L4 part.  ``ip_end`` is where the IP payload ends by its header;
     ``cap_end`` where the captured bytes stop.  A frame captured short of
     its IP length (snaplen) is still compared when its L4 header is whole:
@@ -278,24 +301,27 @@ def _parse_l4(data: bytes, addrs: bytes, addr_at: int, tail: bytes, proto: int, 
         head = addrs + data[l4:l4 + 4]
     if proto == 6:
         if avail < 20:
-            return None, REASON_TCP_TRUNCATED
-        seq = (data[l4 + 4] << 24) | (data[l4 + 5] << 16) | (data[l4 + 6] << 8) | data[l4 + 7]
-        ack = (data[l4 + 8] << 24) | (data[l4 + 9] << 16) | (data[l4 + 10] << 8) | data[l4 + 11]
+            return REASON_TCP_TRUNCATED
         hlen = (data[l4 + 12] >> 4) * 4
-        flags = data[l4 + 13]
         if hlen < 20:
-            return None, REASON_TCP_BAD_OFFSET
+            return REASON_TCP_BAD_OFFSET
         if hlen > avail:
-            return None, REASON_TCP_TRUNCATED
-        return (KIND_TCP, head + _proto_tail(6, tail), l4 + hlen, ip_end, seq, ack, flags)
+            return REASON_TCP_TRUNCATED
+        pkt.classify(KIND_TCP, head + _proto_tail(6, tail), l4 + hlen, ip_end,
+                     (data[l4 + 4] << 24) | (data[l4 + 5] << 16) | (data[l4 + 6] << 8) | data[l4 + 7],
+                     (data[l4 + 8] << 24) | (data[l4 + 9] << 16) | (data[l4 + 10] << 8)
+                     | data[l4 + 11],
+                     data[l4 + 13])
+        return ""
     if proto == 17:
         if avail < 8:
-            return None, REASON_UDP_TRUNCATED
-        return KIND_UDP, head + _proto_tail(17, tail), l4, ip_end, 0, 0, 0
+            return REASON_UDP_TRUNCATED
+        pkt.classify(KIND_UDP, head + _proto_tail(17, tail), l4, ip_end, 0, 0, 0)
+        return ""
     if proto == icmp_proto:
         # ICMP's header is 8 bytes, ICMPv6's fixed part 4.
         if avail < (8 if icmp_proto == 1 else 4):
-            return None, REASON_ICMP_TRUNCATED
+            return REASON_ICMP_TRUNCATED
         # Echo requests and replies are keyed by their identifier, so two ping
         # sessions between the same hosts are compared separately and their
         # interleaving does not matter.  Other ICMP between two addresses is
@@ -304,14 +330,16 @@ def _parse_l4(data: bytes, addrs: bytes, addr_at: int, tail: bytes, proto: int, 
             ports = b"\0\0" + data[l4 + 4:l4 + 6]
         else:
             ports = _ZERO_PORTS
-        return KIND_ICMP, addrs + ports + _proto_tail(proto, tail), l4, ip_end, 0, 0, 0
+        pkt.classify(KIND_ICMP, addrs + ports + _proto_tail(proto, tail), l4, ip_end, 0, 0, 0)
+        return ""
     if proto in _PORT_PROTOS and avail >= 4:
         ports = data[l4:l4 + 4]
     elif proto == _AH and avail >= 8:
         ports = data[l4 + 4:l4 + 8]   # the SPI, as QEMU keys AH
     else:
         ports = _ZERO_PORTS
-    return KIND_OTHER, addrs + ports + _proto_tail(proto, tail), l4, ip_end, 0, 0, 0
+    pkt.classify(KIND_OTHER, addrs + ports + _proto_tail(proto, tail), l4, ip_end, 0, 0, 0)
+    return ""
 
 
 #: the last bytes of an untagged flow's key: its protocol and IP version
@@ -343,32 +371,36 @@ def fragment_context(key: bytes) -> tuple[bytes, bytes, bytes]:
     return version, key[3:3 + ntags], key[3 + ntags:3 + ntags + alen]
 
 
-def parse_reassembled(payload: bytes, key: bytes, proto: int):
-    """Parse a reassembled IP payload (``payload`` starts at what followed
-    the IPv4 header, or the IPv6 Fragment header) as ``parse`` would a whole
-    datagram; ``key`` is its fragments' reassembly key."""
+def parse_reassembled(whole: Packet, key: bytes, proto: int) -> str:
+    """Parse a reassembled IP payload (``whole.data``, which starts at what
+    followed the IPv4 header, or the IPv6 Fragment header) into ``whole`` as
+    ``parse_into`` would a whole datagram; ``key`` is its fragments'
+    reassembly key."""
     version, tags, addrs = fragment_context(key)
+    payload = whole.data
     end = len(payload)
     if version == b"6":
-        result = _parse_v6_chain(payload, addrs, tags, proto, 0, end, end)
-        if result[0] == KIND_FRAGMENT:
-            return None, REASON_IPV6_BAD_EXTENSION   # a fragment inside a fragment
-        return result
-    return _parse_l4(payload, addrs, 0, tags + b"4", proto, 0, end, end, 1)
+        reason = _parse_v6_chain(whole, payload, addrs, tags, proto, 0, end, end)
+        if not reason and whole.kind == KIND_FRAGMENT:
+            whole.kind = 0
+            return REASON_IPV6_BAD_EXTENSION   # a fragment inside a fragment
+        return reason
+    return _parse_l4(whole, payload, addrs, 0, tags + b"4", proto, 0, end, end, 1)
 
 
-def _parse_arp(data: bytes, l3: int, end: int, tags: bytes) -> tuple:
+def _parse_arp(pkt: Packet, data: bytes, l3: int, end: int, tags: bytes) -> str:
     if end - l3 < 8:
-        return None, REASON_ARP_TRUNCATED
+        return REASON_ARP_TRUNCATED
     hlen, plen = data[l3 + 4], data[l3 + 5]
     body_end = l3 + 8 + 2 * (hlen + plen)
     if body_end > end:
-        return None, REASON_ARP_TRUNCATED
+        return REASON_ARP_TRUNCATED
     spa = data[l3 + 8 + hlen:l3 + 8 + hlen + plen]
     tpa = data[l3 + 8 + 2 * hlen + plen:body_end]
     # Keyed by who asks about whom, so requests for different addresses are
     # compared separately and in order.
-    return KIND_ARP, bytes((plen,)) + spa + tpa + tags + b"a", l3, body_end, 0, 0, 0
+    pkt.classify(KIND_ARP, bytes((plen,)) + spa + tpa + tags + b"a", l3, body_end, 0, 0, 0)
+    return ""
 
 
 class Packet:
