@@ -75,17 +75,17 @@ def counting_s(pairs: list[bytes]) -> float:
         size = len(f)
         conn = conns[i % FLOWS]
         # secondary arrives, is queued
-        stats.bytes_in[1] += size - l2
-        index = stats.frames_in[1]
-        stats.frames_in[1] = index + 1
-        if depth > stats.queue_high_water[1]:
-            stats.queue_high_water[1] = depth
+        index = stats.s_frames_in
+        stats.s_frames_in = index + 1
+        stats.s_bytes_in += size - l2
+        if depth > stats.s_queue_high_water:
+            stats.s_queue_high_water = depth
         if size > stats.queued_bytes_high_water:
             stats.queued_bytes_high_water = size
         # primary arrives, matches, leaves
-        stats.bytes_in[0] += size - l2
-        index = stats.frames_in[0]
-        stats.frames_in[0] = index + 1
+        index = stats.p_frames_in
+        stats.p_frames_in = index + 1
+        stats.p_bytes_in += size - l2
         conn.compared += 1
         stats.secondary_matched += 1
         stats.released_match += 1

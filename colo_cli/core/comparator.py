@@ -128,6 +128,9 @@ except ImportError:      # not needed to run: only mypyc reads it
 
 PRIMARY: Final = ev.Side.PRIMARY
 SECONDARY: Final = ev.Side.SECONDARY
+#: ``Side.PRIMARY`` as a plain int: the compiled core compares an int with
+#: another natively, with an enum member through a generic call
+_PRIMARY: Final = 0
 
 #: What holding one queued frame costs beyond its bytes (its Packet, its
 #: queue and arrival-list slots), measured with tracemalloc on CPython 3.11:
@@ -220,15 +223,21 @@ class Comparator:
         if self._epoch_ms is None:
             self._start_clock(now_ms)
         stats = self.stats
-        primary = side == PRIMARY
+        primary = side == _PRIMARY
         i = 0 if primary else 1
         size = len(data)
         # frame bytes, as a capture has them: serve's length words and vnet
         # headers are not counted, so serve and replay count alike
-        stats.bytes_in[i] += size - l2 if size >= l2 else 0
+        frame_bytes = size - l2 if size >= l2 else 0
         # frames_in is this frame's index
-        index = stats.frames_in[i]
-        stats.frames_in[i] = index + 1
+        if primary:
+            index = stats.p_frames_in
+            stats.p_frames_in = index + 1
+            stats.p_bytes_in += frame_bytes
+        else:
+            index = stats.s_frames_in
+            stats.s_frames_in = index + 1
+            stats.s_bytes_in += frame_bytes
         pkt = Packet(side, data, l2, vnet_hdr_len, now_ms, index)
         if self._absent_since_ms is not None:
             if primary and self._absent:
@@ -290,7 +299,7 @@ class Comparator:
         # flags its protocol)
         key = pkt.key
         assert key is not None
-        primary = pkt.side == PRIMARY
+        primary = pkt.side == _PRIMARY
         self.stats.fragments_in[0 if primary else 1] += 1
         reasm = self._reassembly[0 if primary else 1]
         done, failed = reasm.add(pkt, key, pkt.seq, pkt.ack, pkt.flags,
@@ -320,7 +329,7 @@ class Comparator:
         """The event for a frame that is not compared: a primary one is
         bypassed (it leaves at once), a secondary one dropped."""
         pkt.left = True
-        if pkt.side == PRIMARY:
+        if pkt.side == _PRIMARY:
             self.stats.bypassed[reason] += 1
             return ev.Bypassed(pkt, reason)
         self.stats.dropped["secondary:" + reason] += 1
@@ -376,10 +385,11 @@ class Comparator:
         if queued_bytes > stats.queued_bytes_high_water:
             stats.queued_bytes_high_water = queued_bytes
         depth = len(queue)
-        high = stats.queue_high_water
-        i = 0 if primary else 1
-        if depth > high[i]:
-            high[i] = depth
+        if primary:
+            if depth > stats.p_queue_high_water:
+                stats.p_queue_high_water = depth
+        elif depth > stats.s_queue_high_water:
+            stats.s_queue_high_water = depth
 
     # -- TCP ---------------------------------------------------------------
 
@@ -1134,7 +1144,7 @@ class Comparator:
         except Exception:  # noqa: BLE001 - the frame must leave, whatever else fails
             self._to_answer = {}
         i = 0 if side == PRIMARY else 1
-        pkt = Packet(side, data, l2, 0, now_ms, self.stats.frames_in[i] - 1)
+        pkt = Packet(side, data, l2, 0, now_ms, self.stats.frames_in[i] - 1)   # (its index)
         out.append(self._not_comparable(pkt, ev.REASON_INTERNAL_ERROR))
 
     @staticmethod

@@ -154,11 +154,15 @@ class Histogram:
 
 class Stats:
     """Everything the comparator counts.  Plain attributes for the per-frame
-    counters (cheap to bump), Counters for the rare, keyed ones."""
+    counters (cheap to bump: one per side rather than a list indexed by
+    side, whose items the compiled core would box), Counters for the rare,
+    keyed ones."""
 
     def __init__(self) -> None:
-        self.frames_in = [0, 0]          # by side
-        self.bytes_in = [0, 0]           # Ethernet frame bytes (no length word, no vnet header)
+        self.p_frames_in = 0             # frames in, primary and secondary
+        self.s_frames_in = 0
+        self.p_bytes_in = 0              # Ethernet frame bytes (no length word, no vnet header)
+        self.s_bytes_in = 0
         # primary frames out
         self.released_match = 0
         self.released_flushed: Counter[str] = Counter()   # by reason: checkpoint, queue-full, ...
@@ -176,7 +180,8 @@ class Stats:
         self.checkpoints = 0
         self.connections_created = 0
         self.connections_evicted: Counter[str] = Counter()  # idle, table-full
-        self.queue_high_water = [0, 0]      # longest queue of any connection, by side
+        self.p_queue_high_water = 0         # longest queue of any connection, per side
+        self.s_queue_high_water = 0
         self.queued_bytes_high_water = 0
         self.hold = Histogram()             # ms each released primary frame waited
         self.truncated = [0, 0]             # frames compared on their captured part only
@@ -186,6 +191,21 @@ class Stats:
         self.secondary_absent_periods = 0   # times comparing stopped for want of a secondary
 
     @property
+    def frames_in(self) -> list[int]:
+        """Frames in, [primary, secondary] (a copy)."""
+        return [self.p_frames_in, self.s_frames_in]
+
+    @property
+    def bytes_in(self) -> list[int]:
+        """Frame bytes in, [primary, secondary] (a copy)."""
+        return [self.p_bytes_in, self.s_bytes_in]
+
+    @property
+    def queue_high_water(self) -> list[int]:
+        """Longest queue of any connection, [primary, secondary] (a copy)."""
+        return [self.p_queue_high_water, self.s_queue_high_water]
+
+    @property
     def released_total(self) -> int:
         return self.released_match + sum(self.released_flushed.values())
 
@@ -193,8 +213,8 @@ class Stats:
         """A JSON-ready dict with stable keys."""
         return {
             "version": SNAPSHOT_VERSION,
-            "frames_in": {"primary": self.frames_in[0], "secondary": self.frames_in[1]},
-            "bytes_in": {"primary": self.bytes_in[0], "secondary": self.bytes_in[1]},
+            "frames_in": {"primary": self.p_frames_in, "secondary": self.s_frames_in},
+            "bytes_in": {"primary": self.p_bytes_in, "secondary": self.s_bytes_in},
             "released": {"match": self.released_match, **dict(sorted(self.released_flushed.items())),
                          "total": self.released_total},
             "released_bytes": self.released_bytes,
@@ -209,8 +229,8 @@ class Stats:
             "secondary_absent_periods": self.secondary_absent_periods,
             "connections": {"created": self.connections_created,
                             "evicted": dict(sorted(self.connections_evicted.items()))},
-            "queue_high_water": {"primary": self.queue_high_water[0],
-                                 "secondary": self.queue_high_water[1]},
+            "queue_high_water": {"primary": self.p_queue_high_water,
+                                 "secondary": self.s_queue_high_water},
             "queued_bytes_high_water": self.queued_bytes_high_water,
             "hold_ms": self.hold.to_dict(),
             "hold_seconds": self.hold.to_cumulative(),
