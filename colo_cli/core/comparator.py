@@ -109,7 +109,7 @@ import math
 from typing import Any, Final
 
 from . import events as ev
-from .compare import TcpStream, datagram_difference, datagrams_equal, insert_segment
+from .compare import UNSET, TcpStream, datagram_difference, datagrams_equal, insert_segment
 from .config import Config
 from .conntrack import Connection, ConnectionTable, StaleMemory
 from .events import Matched, Released
@@ -642,7 +642,7 @@ class Comparator:
             if tcp is None:
                 # datagrams pair in order: those beyond the primary's are ahead
                 kept = list(squeue)[n_primary:]
-            elif tcp.p_end_max is not None:
+            elif tcp.p_end_max != UNSET:
                 end = tcp.p_end_max
                 kept = [pkt for pkt in squeue if pkt.end_abs > end]
         keep = set(map(id, kept))
@@ -679,7 +679,7 @@ class Comparator:
             for pkt in p_later:
                 tcp.add_primary(pkt)
         conn.primary_later = conn.secondary_later = None
-        if keep_ahead and tcp.p_end_max is not None:
+        if keep_ahead and tcp.p_end_max != UNSET:
             tcp.skip_to_primary_end()
             squeue.extend(kept)
         else:

@@ -76,16 +76,23 @@ _MASK: Final = 0xFFFFFFFF
 _HALF: Final = 0x80000000
 _WRAP: Final = 0x100000000
 
+#: a stream position or an ack not known yet.  TcpStream's positions are
+#: plain ints with this value rather than ``int | None``: the compiled core
+#: keeps an int attribute unboxed, and boxes (allocates) an optional one on
+#: every write.  Absolute positions start at 2**32 and move by less than
+#: 2**31 at a time, so no real one comes near it.
+UNSET: Final = -(1 << 62)
+
 
 def _seq_key(pkt: Packet) -> int:
     return pkt.seq_abs
 
 
-def ack_covers(ack_max: int | None, ack: int) -> bool:
+def ack_covers(ack_max: int, ack: int) -> bool:
     """The ACK gate's test: the secondary has acknowledged (``ack_max``, the
-    highest ack it sent, or None) at least as much as ``ack`` (both 32-bit
+    highest ack it sent, or UNSET) at least as much as ``ack`` (both 32-bit
     sequence numbers, compared in serial-number arithmetic)."""
-    return ack_max is not None and ((ack_max - ack) & _MASK) < _HALF
+    return ack_max != UNSET and ((ack_max - ack) & _MASK) < _HALF
 
 
 def first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
@@ -164,25 +171,25 @@ class TcpStream:
                  "s_rst", "p_rst", "p_rst_sent", "p_fin", "s_fin", "unknown",
                  "p_first", "s_first", "gap_bytes", "norm", "masks", "p_seen", "s_seen")
 
-    anchor: int | None
-    base: int | None
-    origin: int | None
+    anchor: int
+    base: int
+    origin: int
     locked: bool
     p_buf: bytearray
     s_buf: bytearray
     p_pending: list[tuple[int, bytes]]
     s_pending: list[tuple[int, bytes]]
-    p_end_max: int | None
-    s_max_ack: int | None
+    p_end_max: int
+    s_max_ack: int
     s_syn: bool
     s_rst: bool
     p_rst: bool
     p_rst_sent: bool
-    p_fin: int | None
-    s_fin: int | None
+    p_fin: int
+    s_fin: int
     unknown: list[tuple[int, int]] | None
-    p_first: int | None
-    s_first: int | None
+    p_first: int
+    s_first: int
     gap_bytes: int
     norm: SeqNormalizer | None
     masks: tuple | None
@@ -198,25 +205,26 @@ class TcpStream:
         #: with masks: the last verified bytes of each side, for a rule's
         #: match to start in (noise.STREAM_LOOKBACK of them)
         self.p_seen = self.s_seen = b""
-        self.anchor = None       # an absolute sequence number near the action
-        self.base = None         # next absolute sequence number to verify
-        self.origin = None       # stream offset 0
+        # (positions not known yet are UNSET)
+        self.anchor = UNSET      # an absolute sequence number near the action
+        self.base = UNSET        # next absolute sequence number to verify
+        self.origin = UNSET      # stream offset 0
         self.locked = False      # base fixed (both sides seen, SYN, or checkpoint)
         self.p_buf = bytearray()  # primary bytes from base on, contiguous
         self.s_buf = bytearray()
         self.p_pending = []      # (start, bytes) beyond a gap, or before lock
         self.s_pending = []
-        self.p_end_max = None    # highest primary end seen (the primary's snd_nxt)
-        self.s_max_ack = None    # highest ack the secondary sent (32-bit)
+        self.p_end_max = UNSET   # highest primary end seen (the primary's snd_nxt)
+        self.s_max_ack = UNSET   # highest ack the secondary sent (32-bit)
         self.s_syn = False
         self.s_rst = False
         self.p_rst = False       # a primary RST was released
         self.p_rst_sent = False  # a primary RST arrived
-        self.p_fin = None        # absolute position of each side's FIN
-        self.s_fin = None
+        self.p_fin = UNSET       # absolute position of each side's FIN
+        self.s_fin = UNSET
         self.unknown = None      # [(start, end)] not captured (snaplen), either side
-        self.p_first = None      # lowest stream position each side showed before lock
-        self.s_first = None
+        self.p_first = UNSET     # lowest stream position each side showed before lock
+        self.s_first = UNSET
         self.gap_bytes = 0       # skipped: missing on both sides (capture loss)
 
     # -- sequence numbers -------------------------------------------------
@@ -225,7 +233,7 @@ class TcpStream:
         """32-bit sequence number -> 64-bit absolute one, nearest the anchor.
         Absolute numbers are congruent to the raw ones modulo 2**32."""
         a = self.anchor
-        if a is None:
+        if a == UNSET:
             a = self.anchor = _WRAP | seq
             return a
         d = (seq - a) & _MASK
@@ -237,23 +245,27 @@ class TcpStream:
         """That side has closed this connection (sent a FIN or an RST): a SYN
         it sends now opens a new connection on the same 4-tuple."""
         if primary:
-            return self.p_fin is not None or self.p_rst_sent
-        return self.s_fin is not None or self.s_rst
+            return self.p_fin != UNSET or self.p_rst_sent
+        return self.s_fin != UNSET or self.s_rst
 
     def finished(self) -> bool:
         """The connection is over: both FINs verified, or both sides reset."""
         if self.p_rst and self.s_rst:
             return True
-        p_fin, base = self.p_fin, self.base
-        return p_fin is not None and base is not None and base > p_fin
+        p_fin = self.p_fin
+        return p_fin != UNSET and self.base > p_fin      # (an UNSET base is below any)
 
     def stream_offset(self, abs_seq: int | None = None) -> int | None:
+        """Stream offset of ``abs_seq`` (default: the verification point),
+        or None when not known."""
         origin = self.origin
-        if origin is None:
+        if origin == UNSET:
             return None
         if abs_seq is None:
+            if self.base == UNSET:
+                return None
             abs_seq = self.base
-        return None if abs_seq is None else abs_seq - origin
+        return abs_seq - origin
 
     def ack_gate_open(self, pkt: Packet) -> bool:
         """The ACK gate for one primary segment: it may leave only once the
@@ -277,8 +289,7 @@ class TcpStream:
         end_abs = dend + 1 if flags & FIN else dend
         pkt.seq_abs = a
         pkt.end_abs = end_abs
-        p_end_max = self.p_end_max
-        if p_end_max is None or end_abs > p_end_max:
+        if end_abs > self.p_end_max:        # (UNSET is below any)
             self.p_end_max = end_abs
         if flags & RST:
             self.p_rst_sent = True
@@ -302,7 +313,7 @@ class TcpStream:
         if flags & ACK:
             ack = pkt.ack
             m = self.s_max_ack
-            if m is None or ((ack - m) & _MASK) < _HALF:
+            if m == UNSET or ((ack - m) & _MASK) < _HALF:
                 self.s_max_ack = ack
         if flags & SYN:
             self.s_syn = True
@@ -351,7 +362,7 @@ class TcpStream:
         unknown = self.unknown
         if unknown is None:
             unknown = self.unknown = []
-        elif len(unknown) > 32 and self.base is not None:
+        elif len(unknown) > 32 and self.base != UNSET:
             # forget ranges already behind the verification point
             base = self.base
             unknown = self.unknown = [r for r in unknown if r[1] > base]
@@ -377,19 +388,19 @@ class TcpStream:
         a stray early segment on one side move the origin depending on when
         the other side's first segment arrived)."""
         if primary:
-            if self.p_first is None:
+            if self.p_first == UNSET:
                 self.p_first = pos
-        elif self.s_first is None:
+        elif self.s_first == UNSET:
             self.s_first = pos
         p_first, s_first = self.p_first, self.s_first
-        if p_first is not None and s_first is not None:
-            self._lock(min(p_first, s_first))
+        if p_first != UNSET and s_first != UNSET:
+            self._lock(p_first if p_first < s_first else s_first)
 
     def _lock(self, base: int) -> None:
         self.base = base
         self.anchor = base
         self.p_seen = self.s_seen = b""
-        if self.origin is None:
+        if self.origin == UNSET:
             self.origin = base
         self.locked = True
         for primary in (True, False):
@@ -403,7 +414,6 @@ class TcpStream:
     def _merge(self, buf: bytearray, pending: list[tuple[int, bytes]]) -> None:
         """Move what of ``pending`` now joins ``buf`` onto it."""
         base = self.base
-        assert base is not None
         buf_end = base + len(buf)
         while pending and pending[0][0] <= buf_end:
             start, payload = pending.pop(0)
@@ -419,7 +429,6 @@ class TcpStream:
             self._position(primary, start)
             return True
         base = self.base
-        assert base is not None
         buf = self.p_buf if primary else self.s_buf
         buf_end = base + len(buf)
         stop = start + len(payload)
@@ -443,7 +452,6 @@ class TcpStream:
         p_buf, s_buf = self.p_buf, self.s_buf
         while True:
             base = self.base
-            assert base is not None
             n_p, n_s = len(p_buf), len(s_buf)
             if n_p and n_s:
                 # a prefix test without copying either buffer (in step, the
@@ -483,8 +491,8 @@ class TcpStream:
                 self.base = self.anchor = base + n
                 continue
             p_fin, s_fin = self.p_fin, self.s_fin
-            p_ended = p_fin is not None and p_fin == base
-            s_ended = s_fin is not None and s_fin == base
+            p_ended = p_fin == base      # (base is known here: never UNSET)
+            s_ended = s_fin == base
             if p_ended and s_ended:
                 self.base = base + 1   # both ended here: the FIN is verified
                 continue
@@ -512,7 +520,6 @@ class TcpStream:
         past the difference (a value longer than that is cut there)."""
         p_buf, s_buf = self.p_buf, self.s_buf
         base = self.base
-        assert base is not None
         stop = i + MAX_HIDDEN
         p_ended = len(p_buf) > stop or self.p_fin == base + len(p_buf)
         s_ended = len(s_buf) > stop or self.s_fin == base + len(s_buf)
@@ -530,9 +537,9 @@ class TcpStream:
         if pkt.end_abs == pkt.seq_abs:
             # occupies no sequence space (pure ACK, bare RST): it only has
             # to wait for what was sent before it
-            if base is not None and pkt.seq_abs > base:
+            if base != UNSET and pkt.seq_abs > base:
                 return False
-        elif base is None or pkt.end_abs > base:
+        elif base == UNSET or pkt.end_abs > base:
             return False
         flags = pkt.flags
         if flags & SYN and not self.s_syn:
@@ -545,7 +552,7 @@ class TcpStream:
         """Whether a queued secondary segment holds only verified bytes (it
         can be let go)."""
         base = self.base
-        return base is not None and pkt.end_abs <= base
+        return base != UNSET and pkt.end_abs <= base
 
     def reset(self) -> None:
         """After a checkpoint: the secondary now holds the primary's state, so
@@ -554,15 +561,15 @@ class TcpStream:
         self.s_buf = bytearray()
         self.p_pending = []
         self.s_pending = []
-        self.s_max_ack = None
+        self.s_max_ack = UNSET
         self.s_syn = self.s_rst = self.p_rst = self.p_rst_sent = False
-        self.p_fin = self.s_fin = None
+        self.p_fin = self.s_fin = UNSET
         self.unknown = None
-        self.p_first = self.s_first = None
-        if self.p_end_max is not None:
+        self.p_first = self.s_first = UNSET
+        if self.p_end_max != UNSET:
             self._lock(self.p_end_max)
         else:
-            self.base = None
+            self.base = UNSET
             self.locked = False
 
     def skip_to_primary_end(self) -> None:
@@ -573,11 +580,11 @@ class TcpStream:
         kept, and what it sent below is forgotten.  Nothing else is reset:
         neither VM was, and the secondary's acks and flags still stand."""
         new_base = self.p_end_max
-        assert new_base is not None
+        assert new_base != UNSET
         old_base = self.base
         s_buf = self.s_buf
         ahead: bytes | bytearray
-        if old_base is not None and self.locked and old_base + len(s_buf) > new_base:
+        if old_base != UNSET and self.locked and old_base + len(s_buf) > new_base:
             ahead = s_buf[new_base - old_base:] if new_base >= old_base else s_buf
         else:
             ahead = bytearray()
@@ -585,13 +592,13 @@ class TcpStream:
                    for st, pl in self.s_pending if st + len(pl) > new_base]
         self.p_buf = bytearray()
         self.p_pending = []
-        self.p_fin = None
+        self.p_fin = UNSET
         self.p_seen = self.s_seen = b""
-        if self.s_fin is not None and self.s_fin < new_base:
-            self.s_fin = None
-        self.p_first = self.s_first = None
+        if self.s_fin != UNSET and self.s_fin < new_base:
+            self.s_fin = UNSET
+        self.p_first = self.s_first = UNSET
         self.base = self.anchor = new_base
-        if self.origin is None:
+        if self.origin == UNSET:
             self.origin = new_base
         self.locked = True
         self.s_buf = bytearray(ahead)
