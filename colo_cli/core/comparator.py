@@ -381,10 +381,14 @@ class Comparator:
             self._compact_arrivals()
         queued_bytes = self.queued_bytes + len(pkt.data)
         self.queued_bytes = queued_bytes
+        self._note_high_water(primary, len(queue), queued_bytes)
+
+    def _note_high_water(self, primary: bool, depth: int, queued_bytes: int) -> None:
+        """A frame of that side is held with ``depth`` frames in its
+        connection's queue and ``queued_bytes`` in all."""
         stats = self.stats
         if queued_bytes > stats.queued_bytes_high_water:
             stats.queued_bytes_high_water = queued_bytes
-        depth = len(queue)
         if primary:
             if depth > stats.p_queue_high_water:
                 stats.p_queue_high_water = depth
@@ -490,7 +494,10 @@ class Comparator:
     def _receive_datagram(self, conn: Connection, pkt: Packet, primary: bool, now_ms: float,
                           out: list) -> None:
         """Datagrams pair in order: the oldest queued primary one with the
-        oldest queued secondary one of the same connection."""
+        oldest queued secondary one of the same connection.  A datagram
+        that arrives with none of its side queued and one of the other's
+        pairs with that one at once; if they are equal it is never queued
+        (the common case: no queue grows and shrinks for it)."""
         stale = conn.stale
         if stale and not primary:
             if stale[-1] == pkt.compared:
@@ -500,36 +507,58 @@ class Comparator:
                 self.stats.secondary_absorbed += pkt.frames
                 return
             self._stale.forget(conn)      # the secondary has moved past them
-        queue = conn.primary_queue if primary else conn.secondary_queue
-        queue.append(pkt)
-        self._enqueue(queue, pkt, primary)
+        pqueue, squeue = conn.primary_queue, conn.secondary_queue
+        own = pqueue if primary else squeue
+        if not own and not conn.diverged:
+            other = squeue if primary else pqueue
+            if other:
+                head = other[0]
+                if self._pair_datagrams(conn, pkt if primary else head,
+                                        head if primary else pkt, pkt, now_ms, out):
+                    # (held for a moment, as far as the high-water marks go)
+                    self._note_high_water(primary, 1, self.queued_bytes + len(pkt.data))
+                    return
+        own.append(pkt)
+        self._enqueue(own, pkt, primary)
         if not conn.diverged:
-            pqueue, squeue = conn.primary_queue, conn.secondary_queue
-            while pqueue and squeue:
-                pp = pqueue[0]
-                ss = squeue[0]
-                if datagrams_equal(pp, ss) or (conn.rules and self._equal_but_noise(conn, pp, ss)):
-                    pqueue.pop(0)
-                    squeue.pop(0)
-                    conn.compared += 1
-                    self.stats.secondary_matched += ss.frames
-                    self._leave(ss)
-                    self._release(conn, pp, ev.ReleaseReason.MATCH, now_ms, out)
-                    continue
-                cause, offset = datagram_difference(pp, ss)
-                conn.diverged = True
-                conn.miscompares += 1
-                kind = KIND_NAMES[conn.kind]
-                self.stats.miscompares[kind + ":" + cause] += 1
-                out.append(ev.Miscompare(conn.key, kind, cause, offset, None, conn.compared,
-                                         pp, ss, pp.cmp_off + offset, ss.cmp_off + offset,
-                                         now_ms))
-                self._request(ev.CheckpointCause.MISCOMPARE, conn, now_ms, out)
-                break
+            while pqueue and squeue and self._pair_datagrams(conn, pqueue[0], squeue[0], None,
+                                                              now_ms, out):
+                pass
         limit = self._max_queue_size
-        if len(conn.primary_queue) > limit or len(conn.secondary_queue) > limit:
+        if len(pqueue) > limit or len(squeue) > limit:
             self._flush_connection(conn, now_ms, ev.ReleaseReason.QUEUE_FULL, out)
             self._request(ev.CheckpointCause.QUEUE_FULL, conn, now_ms, out, answered=True)
+
+    def _pair_datagrams(self, conn: Connection, pp: Packet, ss: Packet,
+                        arrived: Packet | None, now_ms: float, out: list) -> bool:
+        """Compare the primary datagram ``pp`` with the secondary one ``ss``,
+        each the oldest of its side on ``conn``: queued, except ``arrived``
+        (one of them, or None), which has just arrived.  Equal: both leave,
+        the primary released, and True.  Else False, and a miscompare when
+        both were queued (the caller queues ``arrived`` and asks again)."""
+        if datagrams_equal(pp, ss) or (conn.rules and self._equal_but_noise(conn, pp, ss)):
+            if pp is not arrived:
+                conn.primary_queue.pop(0)
+            if ss is not arrived:
+                conn.secondary_queue.pop(0)
+                self._leave(ss)
+            else:
+                ss.left = True
+            conn.compared += 1
+            self.stats.secondary_matched += ss.frames
+            self._release(conn, pp, ev.ReleaseReason.MATCH, now_ms, out, pp is not arrived)
+            return True
+        if arrived is not None:
+            return False
+        cause, offset = datagram_difference(pp, ss)
+        conn.diverged = True
+        conn.miscompares += 1
+        kind = KIND_NAMES[conn.kind]
+        self.stats.miscompares[kind + ":" + cause] += 1
+        out.append(ev.Miscompare(conn.key, kind, cause, offset, None, conn.compared,
+                                 pp, ss, pp.cmp_off + offset, ss.cmp_off + offset, now_ms))
+        self._request(ev.CheckpointCause.MISCOMPARE, conn, now_ms, out)
+        return False
 
     def _equal_but_noise(self, conn: Connection, p: Packet, s: Packet) -> bool:
         """Whether two datagrams differ only where the noise rules say bytes
@@ -560,10 +589,14 @@ class Comparator:
             arrivals.pop()
 
     def _release(self, conn: Connection, pkt: Packet, reason: ev.ReleaseReason, now_ms: float,
-                 out: list) -> None:
-        """A queued primary frame leaves toward the client: counted, and its
-        event appended (a reassembled datagram leaves as its fragments)."""
-        self._leave(pkt)
+                 out: list, queued: bool = True) -> None:
+        """A primary frame leaves toward the client (from its queue, unless
+        not ``queued``: paired as it arrived): counted, and its event
+        appended (a reassembled datagram leaves as its fragments)."""
+        if queued:
+            self._leave(pkt)
+        else:
+            pkt.left = True
         fragments = pkt.fragments
         if fragments is not None:
             for frag in fragments:
