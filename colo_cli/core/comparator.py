@@ -413,18 +413,17 @@ class Comparator:
                     conn.secondary_later = later
             later.append(pkt)
             self._enqueue(later, pkt, primary)
+            self._progress_tcp(conn, tcp, now_ms, out)
         elif primary:
             tcp.add_primary(pkt)     # gives it its stream positions
-            insert_segment(conn.primary_queue, pkt)
-            self._enqueue(conn.primary_queue, pkt, True)
+            self._progress_tcp(conn, tcp, now_ms, out, pkt)
         elif tcp.add_secondary(pkt):
-            insert_segment(conn.secondary_queue, pkt)
-            self._enqueue(conn.secondary_queue, pkt, False)
+            self._progress_tcp(conn, tcp, now_ms, out, pkt)
         else:
             # nothing new in it (a pure ACK, a duplicate): absorbed
             pkt.left = True
             self.stats.secondary_absorbed += pkt.frames
-        self._progress_tcp(conn, tcp, now_ms, out)
+            self._progress_tcp(conn, tcp, now_ms, out)
         limit = self._max_queue_size
         if conn.queued_primary > limit or conn.queued_secondary > limit:
             self._flush_connection(conn, now_ms, ev.ReleaseReason.QUEUE_FULL, out)
@@ -449,30 +448,65 @@ class Comparator:
                 self._leave(pkt)
                 self.stats.secondary_absorbed += pkt.frames
 
-    def _progress_tcp(self, conn: Connection, tcp: TcpStream, now_ms: float, out: list) -> None:
+    def _progress_tcp(self, conn: Connection, tcp: TcpStream, now_ms: float, out: list,
+                      arrived: Packet | None = None) -> None:
         """Verify what both sides have sent, let the verified secondary
-        segments go and release the primary ones that may leave."""
+        segments go and release the primary ones that may leave.
+
+        ``arrived``: a segment that has just arrived (placed in its stream,
+        not yet queued).  It joins its queue only if it cannot leave at
+        once: in step, the common case, a segment is verified or released as
+        it comes, and no queue grows and shrinks for it."""
         if not conn.diverged:
             bad = tcp.advance()
             if bad is not None:
+                if arrived is not None:
+                    self._queue_segment(conn, arrived)     # (where the miscompare finds it)
+                    arrived = None
                 self._tcp_miscompare(conn, tcp, bad[0], bad[1], now_ms, out)
         squeue = conn.secondary_queue
+        if arrived is not None and arrived.side != _PRIMARY:
+            if squeue or not tcp.verified(arrived):
+                self._queue_segment(conn, arrived)
+            else:
+                arrived.left = True
+                self._note_high_water(False, 1, self.queued_bytes + len(arrived.data))
+                self.stats.secondary_matched += arrived.frames
+            arrived = None
         while squeue and tcp.verified(squeue[0]):
             done = squeue.pop(0)
             self.stats.secondary_matched += done.frames
             self._leave(done)
         pqueue = conn.primary_queue
+        if arrived is not None:
+            if pqueue or not tcp.releasable(arrived):
+                self._queue_segment(conn, arrived)
+            else:
+                self._note_high_water(True, 1, self.queued_bytes + len(arrived.data))
+                self._release_segment(conn, tcp, arrived, False, now_ms, out)
         while pqueue and tcp.releasable(pqueue[0]):
-            pkt = pqueue.pop(0)
-            if pkt.flags & RST:
-                tcp.p_rst = True
-            self._release(conn, pkt, ev.ReleaseReason.MATCH, now_ms, out)
+            self._release_segment(conn, tcp, pqueue.pop(0), True, now_ms, out)
         if conn.has_later and not pqueue and not squeue and tcp.finished():
             # the old connection on this 4-tuple is over: compare the new one
             self._start_next_connection(conn)
             new_tcp = conn.tcp
             assert new_tcp is not None
             self._progress_tcp(conn, new_tcp, now_ms, out)
+
+    def _queue_segment(self, conn: Connection, pkt: Packet) -> None:
+        """A segment that cannot leave yet joins its side's queue (in
+        sequence order)."""
+        primary = pkt.side == _PRIMARY
+        queue = conn.primary_queue if primary else conn.secondary_queue
+        insert_segment(queue, pkt)
+        self._enqueue(queue, pkt, primary)
+
+    def _release_segment(self, conn: Connection, tcp: TcpStream, pkt: Packet, queued: bool,
+                         now_ms: float, out: list) -> None:
+        """A primary segment that may leave leaves (see TcpStream.releasable)."""
+        if pkt.flags & RST:
+            tcp.p_rst = True
+        self._release(conn, pkt, ev.ReleaseReason.MATCH, now_ms, out, queued)
 
     def _tcp_miscompare(self, conn: Connection, tcp: TcpStream, cause: ev.MiscompareCause,
                         at: int, now_ms: float, out: list) -> None:
