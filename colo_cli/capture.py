@@ -45,6 +45,7 @@ import sys
 import zlib
 from typing import BinaryIO, Iterator
 
+from .errors import ColoError, os_error_text
 from .linklayer import LINKTYPES_READ
 
 __all__ = [
@@ -201,7 +202,7 @@ def describe_linktype(linktype: int) -> str:
     return "%s (%d)" % (name, linktype) if name else str(linktype)
 
 
-class CaptureError(Exception):
+class CaptureError(ColoError):
     """Unreadable capture.
 
     ``str(e)`` is one line that starts with the capture's display name, e.g.
@@ -482,7 +483,7 @@ class CaptureReader:
 
     def _read_error(self, exc: OSError) -> CaptureError:
         return self._fail("read error after %s: %s"
-                          % (_plural(self.packets, "packet"), exc.strerror or exc))
+                          % (_plural(self.packets, "packet"), os_error_text(exc)))
 
     def _check_linktype(self) -> None:
         if (self._linktypes is not None and self.linktype is not None
@@ -604,7 +605,7 @@ class CaptureReader:
         except _Damage as exc:
             raise self._fail(str(exc)) from None
         except OSError as exc:
-            raise self._fail("read error: %s" % (exc.strerror or exc)) from None
+            raise self._fail("read error: %s" % os_error_text(exc)) from None
         self._check_linktype()
 
     def _ng_next_block(self) -> tuple | None:
@@ -942,7 +943,7 @@ def open_capture(path: str, *, linktypes=LINKTYPES_READ,
             # would only copy every byte once more.
             fileobj = open(path, "rb", buffering=0)
         except OSError as exc:
-            raise CaptureError("%s: cannot open: %s" % (name, exc.strerror or exc)) from None
+            raise CaptureError("%s: cannot open: %s" % (name, os_error_text(exc))) from None
         owns_file = True
     reader = CaptureReader(name, fileobj, owns_file, linktypes)
     try:
@@ -973,7 +974,7 @@ def _open_format(reader: CaptureReader) -> None:
         try:
             reader._open_pcap(first)
         except OSError as exc:
-            raise reader._fail("cannot read: %s" % (exc.strerror or exc)) from None
+            raise reader._fail("cannot read: %s" % os_error_text(exc)) from None
     elif first == _PCAPNG_SHB_MAGIC:
         reader._open_pcapng()
     elif len(first) < 4:
@@ -987,7 +988,7 @@ def _sniff(reader: CaptureReader) -> bytes:
     try:
         src.fill(4)
     except OSError as exc:
-        raise reader._fail("cannot read: %s" % (exc.strerror or exc)) from None
+        raise reader._fail("cannot read: %s" % os_error_text(exc)) from None
     return src.buf[src.pos:src.pos + 4]
 
 

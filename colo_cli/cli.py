@@ -18,17 +18,10 @@ import sys
 import click
 
 from . import __version__
-
-EXIT_SAME = 0
-EXIT_DIVERGE = 1
-EXIT_TROUBLE = 2
-EXIT_INTERRUPTED = 130
+from .errors import (EXIT_DIVERGE, EXIT_INTERRUPTED, EXIT_SAME, EXIT_TROUBLE, ColoError,
+                     os_error_text)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-class Trouble(Exception):
-    """An error to report in one line and exit 2."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -341,7 +334,7 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
       colo-compare replay --json --no-timeout a.pcapng b.pcapng > report.json
       colo-compare replay --filter 'tcp port 80' --start 10s a.pcap.gz b.pcapng.zst
     """
-    from .capture import CaptureError, LikeInputWriter, PcapngWriter, open_capture
+    from .capture import LikeInputWriter, PcapngWriter, open_capture
     from .render import make_console, print_replay_report, replay_json
     from .replay import replay as run_replay
 
@@ -376,11 +369,8 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
         return
     with contextlib.ExitStack() as stack:
         stack.enter_context(_terminate_as_interrupt())
-        try:
-            p_reader = stack.enter_context(open_capture(primary))
-            s_reader = stack.enter_context(open_capture(secondary))
-        except CaptureError as e:
-            raise Trouble(str(e)) from None
+        p_reader = stack.enter_context(open_capture(primary))
+        s_reader = stack.enter_context(open_capture(secondary))
         _check_filter(selection, p_reader, s_reader)
 
         def like_primary(path):
@@ -398,14 +388,10 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
                 _linktype(p_reader), _linktype(s_reader))
         progress = stack.enter_context(_progress(p_reader, quiet or as_json))
         _tune_gc()
-        try:
-            result = run_replay(p_reader, s_reader, config, hold=hold, vnet_hdr_len=vnet_hdr_len,
-                                on_release=on_release, on_unmatched=on_unmatched,
-                                on_progress=progress, on_miscompare=on_miscompare,
-                                selection=selection)
-        except _input_errors(selection) as e:
-            # (a filter can fail on a pcapng's later link type, too)
-            raise Trouble(str(e)) from None
+        result = run_replay(p_reader, s_reader, config, hold=hold, vnet_hdr_len=vnet_hdr_len,
+                            on_release=on_release, on_unmatched=on_unmatched,
+                            on_progress=progress, on_miscompare=on_miscompare,
+                            selection=selection)
     verdict = result.verdict
     if verdict == "incomparable":
         # never a quiet "match": the exit status and stderr say it, even with -q
@@ -443,23 +429,10 @@ def _selection(direction, filter_expr, start_ns, end_ns):
     from .replay import Selection
     bpf = None
     if filter_expr is not None:
-        from .bpf import BpfFilter, FilterError
-        try:
-            bpf = BpfFilter(filter_expr)
-        except FilterError as e:
-            raise Trouble(str(e)) from None
+        from .bpf import BpfFilter
+        bpf = BpfFilter(filter_expr)
     return Selection(direction=None if direction == "any" else direction, bpf=bpf,
                      start_ns=start_ns, end_ns=end_ns)
-
-
-def _input_errors(selection) -> tuple:
-    """What a replay can raise about its input: a capture, and with a
-    filter (libpcap is only loaded then) the filter."""
-    from .capture import CaptureError
-    if selection is None or selection.bpf is None:
-        return (CaptureError,)
-    from .bpf import FilterError
-    return (CaptureError, FilterError)
 
 
 def _check_filter(selection, *readers) -> None:
@@ -493,11 +466,8 @@ def _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color, selec
             p.close()
             raise
     _tune_gc()
-    try:
-        result = learn_noise(open_pair, config, hold=hold, vnet_hdr_len=vnet_hdr_len,
-                             selection=selection)
-    except _input_errors(selection) as e:
-        raise Trouble(str(e)) from None
+    result = learn_noise(open_pair, config, hold=hold, vnet_hdr_len=vnet_hdr_len,
+                         selection=selection)
     with stdout_guard():
         if as_json:
             click.echo(json.dumps(learn_json(result), indent=1))
@@ -578,7 +548,7 @@ def _open_output(path):
         try:
             f = open(path, "wb")
         except OSError as e:
-            raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
+            raise ColoError(f"{path}: cannot write: {os_error_text(e)}") from None
         with _writing(f, path) as out:
             yield out
         return
@@ -588,7 +558,7 @@ def _open_output(path):
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(real) + ".", suffix=".part",
                                    dir=os.path.dirname(real))
     except OSError as e:
-        raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
+        raise ColoError(f"{path}: cannot write: {os_error_text(e)}") from None
     try:
         with _writing(os.fdopen(fd, "wb"), path) as out:
             yield out
@@ -596,7 +566,7 @@ def _open_output(path):
             os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, real)
         except OSError as e:
-            raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
+            raise ColoError(f"{path}: cannot write: {os_error_text(e)}") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -649,8 +619,8 @@ class _Output:
         if isinstance(e, BrokenPipeError):
             if self._name == "standard output":
                 return e
-            return Trouble(f"{self._name}: cannot write: its reader went away")
-        return Trouble(f"{self._name}: cannot write: {e.strerror or e}")
+            return ColoError(f"{self._name}: cannot write: its reader went away")
+        return ColoError(f"{self._name}: cannot write: {os_error_text(e)}")
 
 
 def _umask() -> int:
@@ -821,7 +791,7 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
           --outdev unix:/run/colo/compare_out.sock --control /run/colo/ctl \\
           --qmp unix:/run/colo/serve-qmp.sock
     """
-    from .serve import ServeError, ServeOptions
+    from .serve import ServeOptions
     from .serve import serve as run_serve
 
     names = [("--primary-in", primary_in), ("--secondary-in", secondary_in), ("--outdev", outdev)]
@@ -860,11 +830,7 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
                            debug=bool((click.get_current_context().obj or {}).get("debug")),
                            metrics_listen=metrics_listen)
     _tune_gc()
-    try:
-        rc = run_serve(options)
-    except ServeError as e:
-        raise Trouble(str(e)) from None
-    sys.exit(rc)
+    sys.exit(run_serve(options))
 
 
 # -- stats ------------------------------------------------------------------------
@@ -920,8 +886,8 @@ def stats(report, control_path, as_json, fmt, watch, top, output_path, quiet, ve
           -o /var/lib/node_exporter/textfile/colo.prom
       colo-compare replay --json a.pcap b.pcap > r.json; colo-compare stats r.json
     """
-    from .control import ControlError, query
-    from .metrics import TOP_MAX, ReportError, from_report, from_serve, prometheus
+    from .control import query
+    from .metrics import TOP_MAX, from_serve, prometheus, read_report
     from .render import make_console, print_stats, stats_renderables
 
     if as_json:
@@ -939,23 +905,9 @@ def stats(report, control_path, as_json, fmt, watch, top, output_path, quiet, ve
 
     def fetch() -> dict:
         if report:
-            try:
-                with open(report, "rb") as f:
-                    data = json.load(f)
-            except OSError as e:
-                raise Trouble(f"{report}: {e.strerror or e}") from None
-            except ValueError:
-                raise Trouble(f"{report}: not JSON (expected a 'replay --json' report)") from None
-            try:
-                return from_report(data, report)
-            except ReportError as e:
-                raise Trouble(str(e)) from None
-        try:
-            # one more than shown: whether the lists go on
-            return from_serve(query(control_path, {"cmd": "stats", "top": min(top + 1, TOP_MAX)}),
-                              top)
-        except ControlError as e:
-            raise Trouble(str(e)) from None
+            return read_report(report)
+        # one more than shown: whether the lists go on
+        return from_serve(query(control_path, {"cmd": "stats", "top": min(top + 1, TOP_MAX)}), top)
 
     if watch is not None:
         import time as _time
@@ -1001,7 +953,7 @@ def _write_atomically(path: str, text: str) -> None:
         with _open_output(path) as f:
             f.write(text.encode())
     except OSError as e:
-        raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
+        raise ColoError(f"{path}: cannot write: {os_error_text(e)}") from None
 
 
 # -- completion ---------------------------------------------------------------------
@@ -1084,12 +1036,12 @@ def main(argv=None) -> None:
     except (click.Abort, KeyboardInterrupt) as e:
         click.echo("colo-compare: interrupted", err=True)
         rc = 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
-    except Trouble as e:
+    except ColoError as e:
         if debug:
             import traceback
             traceback.print_exc()
         click.echo(_one_line(f"colo-compare: {e}"), err=True)
-        rc = EXIT_TROUBLE
+        rc = e.exit_status
     except click.ClickException as e:
         click.echo(_one_line(f"colo-compare: {e.format_message()}"), err=True)
         rc = e.exit_code

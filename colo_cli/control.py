@@ -29,12 +29,13 @@ import stat
 import struct
 
 from . import __version__
+from .errors import ColoError, os_error_text
 
 LINE_MAX = 64 * 1024
 PROTOCOL_VERSION = 1
 
 
-class ControlError(Exception):
+class ControlError(ColoError):
     """A one-line message for the user of ``stats``."""
 
 
@@ -58,12 +59,12 @@ class ControlServer:
         try:
             _remove_stale_socket(self.path)
         except OSError as e:
-            raise ServeError(f"--control {self.path}: {e.strerror or e}") from None
+            raise ServeError(f"--control {self.path}: {os_error_text(e)}") from None
         old = os.umask(0o177)
         try:
             self._srv = await asyncio.start_unix_server(self._client, self.path, limit=LINE_MAX)
         except OSError as e:
-            raise ServeError(f"--control {self.path}: cannot listen: {e.strerror or e}") from None
+            raise ServeError(f"--control {self.path}: cannot listen: {os_error_text(e)}") from None
         finally:
             os.umask(old)
         os.chmod(self.path, stat.S_IRUSR | stat.S_IWUSR)
@@ -155,7 +156,7 @@ def query(path: str, request: dict, timeout_s: float = 5.0) -> dict:
         except PermissionError:
             raise ControlError(f"{path}: permission denied") from None
         except OSError as e:
-            raise ControlError(f"{path}: {e.strerror or e}") from None
+            raise ControlError(f"{path}: {os_error_text(e)}") from None
         sock.sendall(json.dumps(request).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
@@ -164,7 +165,7 @@ def query(path: str, request: dict, timeout_s: float = 5.0) -> dict:
             except socket.timeout:
                 raise ControlError(f"{path}: no answer within {timeout_s:g} s") from None
             except OSError as e:
-                raise ControlError(f"{path}: {e.strerror or e}") from None
+                raise ControlError(f"{path}: {os_error_text(e)}") from None
             if not chunk:
                 break
             buf += chunk

@@ -53,6 +53,7 @@ from .core.framing import (MSG_CHECKPOINT, MSG_DO_CHECKPOINT, MSG_GET_XEN_INIT,
                            MSG_PROXY_INIT, FrameDecoder, NotifyDecoder, encode_notify)
 from .core.packet import format_key
 from .endpoints import Endpoint
+from .errors import ColoError, os_error_text
 from .systemd import Notifier, log_stamper
 
 POLICY_RELEASE = "release"   # checkpoint at once, locally: the primary wins
@@ -67,7 +68,7 @@ BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 2.0
 
 
-class ServeError(Exception):
+class ServeError(ColoError):
     """Cannot start: a one-line message for the user."""
 
 
@@ -240,7 +241,7 @@ class Link:
             sock.bind(ep.address)
             sock.listen(4)
         except OSError as e:
-            raise ServeError(f"--{self.name} {ep}: cannot listen: {_reason(e)}") from None
+            raise ServeError(f"--{self.name} {ep}: cannot listen: {os_error_text(e)}") from None
         sock.setblocking(False)
         self.listener = sock
         self.loop.add_reader(sock, self._accept)
@@ -261,7 +262,7 @@ class Link:
                 await self.loop.sock_connect(sock, ep.address)
             except OSError as e:
                 sock.close()
-                self.last_error = _reason(e)
+                self.last_error = os_error_text(e)
                 if self.last_error != reported:
                     # before the first connection this is startup, where a peer
                     # not there yet is normal (--connect-timeout decides); once
@@ -287,7 +288,7 @@ class Link:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self.serve.log(f"{self.name}: accept failed: {_reason(e)}", 0)
+            self.serve.log(f"{self.name}: accept failed: {os_error_text(e)}", 0)
             return
         sock.setblocking(False)
         if self.sock is not None:
@@ -335,7 +336,7 @@ class Link:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self._drop(_reason(e))
+            self._drop(os_error_text(e))
             return
         if not data:
             self._drop("closed by the peer")
@@ -353,7 +354,7 @@ class Link:
             self.frames_out += self.out.send(sock)
             self.bytes_out += before - self.out.bytes
         except OSError as e:
-            self._drop(_reason(e))
+            self._drop(os_error_text(e))
             return
         if self.out.frames:
             self.writer_registered = True
@@ -419,14 +420,6 @@ class Link:
                       "queued_bytes_high_water": self.out.high_water,
                       "dropped_frames": self.out.dropped})
         return d
-
-
-def _reason(e: OSError) -> str:
-    if e.errno == errno.EADDRINUSE:
-        return "address already in use"
-    if e.errno == errno.ECONNREFUSED:
-        return "connection refused"
-    return (e.strerror or str(e)).lower() if e.strerror else str(e)
 
 
 def _addr_text(addr) -> str:
@@ -547,7 +540,8 @@ class Server:
         try:
             f.write(json.dumps(record, separators=(",", ":")) + "\n")
         except (OSError, ValueError) as e:
-            self.log(f"--events: cannot write: {e}; events are no longer written", -1)
+            why = os_error_text(e) if isinstance(e, OSError) else str(e)
+            self.log(f"--events: cannot write: {why}; events are no longer written", -1)
             self._events_file = None
 
     # -- start and stop -------------------------------------------------------------
@@ -558,7 +552,7 @@ class Server:
                 self._events_file = (sys.stdout if o.events_path == "-"
                                      else open(o.events_path, "a", buffering=1))
             except OSError as e:
-                raise ServeError(f"--events {o.events_path}: {_reason(e)}") from None
+                raise ServeError(f"--events {o.events_path}: {os_error_text(e)}") from None
         if o.control_path:
             from .control import ControlServer
             self._control = ControlServer(self, o.control_path)
@@ -571,7 +565,7 @@ class Server:
                 await self._metrics.start()
             except OSError as e:
                 where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                raise ServeError(f"--metrics-listen {where}: cannot listen: {_reason(e)}") from None
+                raise ServeError(f"--metrics-listen {where}: cannot listen: {os_error_text(e)}") from None
         for link in self.links:
             if link.endpoint.server:
                 link.open_server()

@@ -809,10 +809,10 @@ def test_error_with_a_newline_in_the_file_name_is_one_line(cli, tmp_path):
 def test_debug_with_a_missing_file_in_process_shows_the_error(cli, tmp_path):
     """In-process, --debug lets the error propagate (for a traceback) or
     exits 2; either way it names the file."""
-    from colo_cli.cli import Trouble
+    from colo_cli.errors import ColoError
     try:
         r = cli("--debug", "replay", tmp_path / "nope.pcap", MATCH_S)
-    except Trouble as e:
+    except ColoError as e:
         assert "nope.pcap: cannot open" in str(e)
     else:
         assert r.rc == 2 and "nope.pcap" in r.err

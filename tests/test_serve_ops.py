@@ -450,7 +450,7 @@ def test_config_errors_are_one_line(tmp_path, content, message):
     r = subprocess.run([PY, "-m", "colo_cli", "serve", "--config", str(tmp_path / "missing.toml")],
                        capture_output=True, text=True, timeout=30,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert r.returncode == 2 and "missing.toml: cannot read: No such file or directory" in r.stderr
+    assert r.returncode == 2 and "missing.toml: cannot read: no such file or directory" in r.stderr
 
 
 def test_underscored_keys_as_qemu_spells_them(tmp_path, monkeypatch):

@@ -1,0 +1,39 @@
+"""How errors leave colo-compare: one base class, one exit status each,
+one way to say what the operating system said.
+
+Every error meant for the user is a :class:`ColoError` (or a subclass
+named after where it arises: ``CaptureError``, ``ServeError``...).  Its
+``str()`` is the whole message, one line, naming what it is about (a file,
+an option and its value); the command line (``cli.main``) catches it in
+one place, prints ``colo-compare: MESSAGE`` on stderr and exits with the
+error's ``exit_status``.  Nothing below the command line prints an error
+or exits.
+
+Exit statuses, like diff(1)/cmp(1): 0 same (or a clean stop), 1 a
+divergence, 2 trouble, 130 interrupted (128 + the signal's number for
+another signal).
+"""
+
+from __future__ import annotations
+
+EXIT_SAME = 0
+EXIT_DIVERGE = 1
+EXIT_TROUBLE = 2
+EXIT_INTERRUPTED = 130
+
+
+class ColoError(Exception):
+    """An error to report in one line (``str(e)``) and exit with
+    ``exit_status`` (trouble, unless a subclass says otherwise)."""
+
+    exit_status = EXIT_TROUBLE
+
+
+def os_error_text(e: OSError) -> str:
+    """What went wrong, in the words every message of colo-compare uses:
+    the system's reason in lower case ("address already in use", "no such
+    file or directory"), without the errno number or the file name (the
+    message names what it is about itself)."""
+    if e.strerror:
+        return e.strerror[:1].lower() + e.strerror[1:]
+    return str(e)
