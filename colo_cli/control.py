@@ -26,10 +26,10 @@ import json
 import os
 import socket
 import stat
-import struct
 
 from . import __version__
 from .errors import ColoError, os_error_text
+from .sockets import peer_uid, remove_stale_socket
 
 LINE_MAX = 64 * 1024
 PROTOCOL_VERSION = 1
@@ -39,15 +39,6 @@ class ControlError(ColoError):
     """A one-line message for the user of ``stats``."""
 
 
-def peer_uid(sock: socket.socket) -> int | None:
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except (OSError, AttributeError):
-        return None
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
-
-
 class ControlServer:
     def __init__(self, server, path: str) -> None:
         self.server = server
@@ -55,9 +46,9 @@ class ControlServer:
         self._srv = None
 
     async def start(self) -> None:
-        from .serve import ServeError, _remove_stale_socket
+        from .serve import ServeError
         try:
-            _remove_stale_socket(self.path)
+            remove_stale_socket(self.path)
         except OSError as e:
             raise ServeError(f"--control {self.path}: {os_error_text(e)}") from None
         old = os.umask(0o177)

@@ -32,13 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import os
 import signal
 import socket
-import stat
-import struct
 import sys
 import time
 from collections import deque
@@ -54,6 +51,7 @@ from .core.framing import (MSG_CHECKPOINT, MSG_DO_CHECKPOINT, MSG_GET_XEN_INIT,
 from .core.packet import format_key
 from .endpoints import Endpoint
 from .errors import ColoError, os_error_text
+from .sockets import addr_text, peer_name, remove_stale_socket
 from .systemd import Notifier, log_stamper
 
 POLICY_RELEASE = "release"   # checkpoint at once, locally: the primary wins
@@ -232,7 +230,7 @@ class Link:
         ep = self.endpoint
         try:
             if ep.kind == "unix":
-                _remove_stale_socket(ep.path)
+                remove_stale_socket(ep.path)
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             else:
                 family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
@@ -277,7 +275,7 @@ class Link:
             reported = ""
             backoff = ep.reconnect_s or BACKOFF_START_S
             self._lost.clear()
-            self._adopt(sock, _peer_name(sock, ep))
+            self._adopt(sock, peer_name(sock, ep))
             await self._lost.wait()
             if not self.closed:
                 await asyncio.sleep(ep.reconnect_s or BACKOFF_START_S)
@@ -295,7 +293,7 @@ class Link:
             self._read_what_is_left()
             if self.sock is not None:
                 self._drop("replaced by a new connection")
-        self._adopt(sock, _addr_text(addr) or "unix peer")
+        self._adopt(sock, addr_text(addr) or "unix peer")
 
     def _read_what_is_left(self) -> None:
         """Before a new peer replaces this one, take what the old one has
@@ -420,43 +418,6 @@ class Link:
                       "queued_bytes_high_water": self.out.high_water,
                       "dropped_frames": self.out.dropped})
         return d
-
-
-def _addr_text(addr) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host = addr[0]
-        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
-    return str(addr) if addr else ""
-
-
-def _peer_name(sock, ep: Endpoint) -> str:
-    if ep.kind == "unix":
-        return ep.path
-    with contextlib.suppress(OSError):
-        return _addr_text(sock.getpeername())
-    return str(ep)
-
-
-def _remove_stale_socket(path: str) -> None:
-    """A unix socket left behind by a process that died: remove it, unless
-    something still listens there (then bind fails with a clear error)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-    except OSError:
-        pass
-    else:
-        raise OSError(errno.EADDRINUSE, "address already in use")
-    finally:
-        probe.close()
 
 
 # -- the server --------------------------------------------------------------------------
