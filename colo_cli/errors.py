@@ -16,6 +16,8 @@ another signal).
 
 from __future__ import annotations
 
+import os
+
 EXIT_SAME = 0
 EXIT_DIVERGE = 1
 EXIT_TROUBLE = 2
@@ -31,9 +33,15 @@ class ColoError(Exception):
 
 def os_error_text(e: OSError) -> str:
     """What went wrong, in the words every message of colo-compare uses:
-    the system's reason in lower case ("address already in use", "no such
-    file or directory"), without the errno number or the file name (the
-    message names what it is about itself)."""
-    if e.strerror:
-        return e.strerror[:1].lower() + e.strerror[1:]
-    return str(e)
+    the system's reason for the error number, in lower case ("address
+    already in use", "no such file or directory"), without the number or
+    the file name (the message names what it is about itself).
+
+    The error number's own text, not ``strerror``: asyncio replaces that
+    with sentences of its own ("Connect call failed ('127.0.0.1', 9)",
+    "error while attempting to bind on address ...").  An OSError without
+    a number is its message."""
+    if e.errno is None:
+        return str(e)
+    text = os.strerror(e.errno)
+    return text[:1].lower() + text[1:]

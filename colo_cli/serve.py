@@ -516,7 +516,9 @@ class Server:
                 raise ServeError(f"--events {o.events_path}: {os_error_text(e)}") from None
         if o.control_path:
             from .control import ControlServer
-            self._control = ControlServer(self, o.control_path)
+            self._control = ControlServer(o.control_path, stats=self.stats_reply,
+                                          connections=self.connections_reply,
+                                          checkpoint=lambda: self.checkpoint("control"))
             await self._control.start()
         if o.metrics_listen is not None:
             from .metrics_http import MetricsServer
@@ -987,6 +989,16 @@ class Server:
         self._arm_timer()
 
     # -- introspection (the control socket) ----------------------------------------------
+    def stats_reply(self, top: int) -> dict:
+        """The control socket's ``stats``: counters and the top connections."""
+        return {"stats": self.snapshot(), "top_connections": self.comparator.top_connections(top)}
+
+    def connections_reply(self, limit: int) -> dict:
+        """The control socket's ``connections``: the ``limit`` most recent."""
+        # (the core's face has no count of its connections: its table is read)
+        return {"total": len(self.comparator.table),
+                "connections": self.comparator.connections(limit=limit)}
+
     def snapshot(self) -> dict:
         snap = self.comparator.snapshot()
         dropped = snap["dropped"]

@@ -40,7 +40,7 @@ def remove_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        raise OSError(f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -49,7 +49,7 @@ def remove_stale_socket(path: str) -> None:
     except OSError:
         pass
     else:
-        raise OSError(errno.EADDRINUSE, "address already in use")
+        raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
     finally:
         probe.close()
 

@@ -53,9 +53,12 @@ def test_every_error_class_of_the_package_is_a_colo_error():
     (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), "connection refused"),
     (FileNotFoundError(errno.ENOENT, "No such file or directory", "x.pcap"),
      "no such file or directory"),
-    (OSError(errno.EEXIST, "/run/ctl exists and is not a socket"),
-     "/run/ctl exists and is not a socket"),
-    (OSError("no errno at all"), "no errno at all"),
+    # asyncio's own sentences in place of the system's text
+    (ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed ('127.0.0.1', 9)"),
+     "connection refused"),
+    (OSError(errno.EADDRINUSE, "error while attempting to bind on address ('::1', 9): "
+                               "address already in use"), "address already in use"),
+    (OSError("/run/ctl exists and is not a socket"), "/run/ctl exists and is not a socket"),
 ])
 def test_os_error_text(error, text):
     assert os_error_text(error) == text
