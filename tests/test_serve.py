@@ -918,7 +918,7 @@ def test_outdev_buffer_bound_drops_the_newest_counts_them_and_stays_up(env):
     assert st["dropped"] == {"primary:outdev-overflow": dropped}
     assert link["queued_bytes"] <= 1024 * 1024 and link["queued_bytes_high_water"] <= 1024 * 1024
     # full up to the bound, which counts what holding each frame costs too
-    from colo_cli.serve import OUT_FRAME_OVERHEAD as cost
+    from colo_cli.outqueue import OUT_FRAME_OVERHEAD as cost
     held = link["queued_bytes"] + link["queued_frames"] * cost
     assert 1024 * 1024 - len(recs[0]) - cost < held <= 1024 * 1024
     # reported on stderr, at the first drop and then about once a thousand (not once a frame)
