@@ -1,4 +1,17 @@
 """serve's endpoints: one peer at a time on each, listened for or connected to.
+
+A :class:`Link` is one endpoint of QEMU's chardev syntax (``endpoints``)
+and the one peer on it: a server endpoint listens and takes the newest
+connection (the one before is read to its end, bounded, then closed, as a
+QEMU server chardev replaces its peer); a client endpoint connects, and
+connects again with backoff whenever the peer goes away.  Bytes read go to
+the link's owner as they come; bytes to send wait in the link's
+``OutQueue`` (``outqueue``) until the socket takes them.
+
+The owner (serve's ``Server``) gives the link its event ``loop``, a
+``log(msg, level)``, whether it is ``running``, and three callbacks:
+``on_connect(link)``, ``on_data(link, data)`` and ``on_disconnect(link)``.
+The link knows nothing else of it.
 """
 
 from __future__ import annotations
@@ -11,7 +24,7 @@ import socket
 from .endpoints import Endpoint
 from .errors import os_error_text
 from .outqueue import OutQueue
-from .sockets import addr_text, peer_name, remove_stale_socket
+from .sockets import addr_text, client_socket, listening_socket, peer_name
 
 RECV_BYTES = 256 * 1024
 REPLACE_DRAIN_BYTES = 4 * 1024 * 1024   # read from a replaced connection, at most
@@ -27,9 +40,9 @@ class Link:
     and reconnects with backoff whenever the peer goes away.
     """
 
-    def __init__(self, serve, name: str, endpoint: Endpoint, out_limit: int = 0):
-        self.serve = serve
-        self.loop = serve.loop
+    def __init__(self, owner, name: str, endpoint: Endpoint, out_limit: int = 0):
+        self.owner = owner
+        self.loop = owner.loop
         self.name = name
         self.endpoint = endpoint
         self.listener: socket.socket | None = None
@@ -40,7 +53,7 @@ class Link:
         self.closed = False
         self.connected_once = asyncio.Event()
         self._lost = asyncio.Event()
-        self._task = None
+        self.task = None                 # a client endpoint's connecting task
         # counters
         self.connections = 0
         self.disconnects = 0
@@ -51,36 +64,20 @@ class Link:
 
     # setup ----------------------------------------------------------------
     def open_server(self) -> None:
-        ep = self.endpoint
-        try:
-            if ep.kind == "unix":
-                remove_stale_socket(ep.path)
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            else:
-                family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(ep.address)
-            sock.listen(4)
-        except OSError as e:
-            from .serve import ServeError
-            raise ServeError(f"--{self.name} {ep}: cannot listen: {os_error_text(e)}") from None
-        sock.setblocking(False)
+        """Listen (a server endpoint); OSError when that cannot be done."""
+        sock = listening_socket(self.endpoint)
         self.listener = sock
         self.loop.add_reader(sock, self._accept)
 
     def start_client(self) -> None:
-        self._task = self.loop.create_task(self._connect_loop())
+        self.task = self.loop.create_task(self._connect_loop())
 
     async def _connect_loop(self) -> None:
         ep = self.endpoint
         backoff = ep.reconnect_s or BACKOFF_START_S
         reported = ""
         while not self.closed:
-            family = socket.AF_UNIX if ep.kind == "unix" else (
-                socket.AF_INET6 if ":" in ep.host else socket.AF_INET)
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
+            sock = client_socket(ep)
             try:
                 await self.loop.sock_connect(sock, ep.address)
             except OSError as e:
@@ -90,7 +87,7 @@ class Link:
                     # before the first connection this is startup, where a peer
                     # not there yet is normal (--connect-timeout decides); once
                     # a peer was lost, say why we are waiting
-                    self.serve.log(f"{self.name}: {ep}: {self.last_error}; retrying",
+                    self.owner.log(f"{self.name}: {ep}: {self.last_error}; retrying",
                                    0 if self.connections else 1)
                     reported = self.last_error
                 await asyncio.sleep(backoff)
@@ -111,16 +108,16 @@ class Link:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self.serve.log(f"{self.name}: accept failed: {os_error_text(e)}", 0)
+            self.owner.log(f"{self.name}: accept failed: {os_error_text(e)}", 0)
             return
         sock.setblocking(False)
         if self.sock is not None:
-            self._read_what_is_left()
+            self.read_what_is_left()
             if self.sock is not None:
                 self._drop("replaced by a new connection")
         self._adopt(sock, addr_text(addr) or "unix peer")
 
-    def _read_what_is_left(self) -> None:
+    def read_what_is_left(self) -> None:
         """Before a new peer replaces this one, take what the old one has
         already sent: a peer that writes its last frames, closes and
         reconnects at once must not lose them because the new connection
@@ -142,9 +139,9 @@ class Link:
         self.peer = peer
         self.connections += 1
         self.connected_once.set()
-        self.serve.log(f"{self.name}: connected ({peer})", 1)
+        self.owner.log(f"{self.name}: connected ({peer})", 1)
         self.loop.add_reader(sock, self._readable)
-        self.serve.on_connect(self)
+        self.owner.on_connect(self)
         if self.out is not None:
             self.out.restart()
             self.flush()
@@ -165,7 +162,7 @@ class Link:
             self._drop("closed by the peer")
             return
         self.bytes_in += len(data)
-        self.serve.on_data(self, data)
+        self.owner.on_data(self, data)
 
     def flush(self) -> None:
         """Send what is queued, as far as the socket takes it now."""
@@ -203,9 +200,9 @@ class Link:
         self.sock = None
         self.disconnects += 1
         self.last_error = why
-        self.serve.log(f"{self.name}: disconnected ({self.peer}): {why}",
-                       0 if self.serve.running and not logged else 1)
-        self.serve.on_disconnect(self)
+        self.owner.log(f"{self.name}: disconnected ({self.peer}): {why}",
+                       0 if self.owner.running and not logged else 1)
+        self.owner.on_disconnect(self)
         self._lost.set()
 
     def cut_off(self, why: str) -> None:
@@ -228,8 +225,8 @@ class Link:
                 with contextlib.suppress(OSError):
                     os.unlink(self.endpoint.path)
             self.listener = None
-        if self._task is not None:
-            self._task.cancel()
+        if self.task is not None:
+            self.task.cancel()
         self._lost.set()
 
     def snapshot(self) -> dict:

@@ -1,4 +1,17 @@
 """Frames waiting for a socket: serve's outdev (and its notify and QMP peers).
+
+Released frames wait here in one FIFO, in release order, whatever the
+socket does (QEMU's own send list pops the newest first under backpressure,
+which reorders a flow).  The queue is bounded in bytes, counting what each
+frame costs to hold beyond its bytes, so tiny frames cannot multiply the
+memory the bound names; past it new frames are refused and counted.  A
+frame cut by a disconnect goes again, whole, on the next connection
+(``restart``).  ``send`` writes as many frames as the socket takes in one
+``sendmsg`` call per batch of buffers, never blocking.
+
+serve's per-frame path appends to ``frames`` and adds to ``bytes``
+directly (one frame released on a match), then calls ``trim`` once per
+read to hold the bound: that is why both are plain attributes.
 """
 
 from __future__ import annotations
@@ -60,6 +73,12 @@ class OutQueue:
         if self.bytes > self.high_water:
             self.high_water = self.bytes      # what the queue really held
         return dropped
+
+    def clear(self) -> None:
+        """Forget every frame (what was meant for a connection that is gone)."""
+        self.frames.clear()
+        self.bytes = 0
+        self.head_sent = 0
 
     def restart(self) -> None:
         """A new connection: the frame that was cut goes again, whole."""

@@ -207,7 +207,11 @@ class Server:
                 raise ServeError(f"--metrics-listen {where}: cannot listen: {os_error_text(e)}") from None
         for link in self.links:
             if link.endpoint.server:
-                link.open_server()
+                try:
+                    link.open_server()
+                except OSError as e:
+                    raise ServeError(f"--{link.name} {link.endpoint}: cannot listen: "
+                                     f"{os_error_text(e)}") from None
         for link in self.links:
             if not link.endpoint.server:
                 link.start_client()
@@ -290,7 +294,7 @@ class Server:
             self.close()
             # let every task we started see its cancellation, so nothing is
             # left pending (asyncio would complain on stderr at exit)
-            tasks += [l._task for l in self.links if l._task is not None]
+            tasks += [l.task for l in self.links if l.task is not None]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -633,7 +637,7 @@ class Server:
         """Read what the inputs have already sent (bounded), before a
         checkpoint takes effect (serve_qmp, at QEMU's RESUME)."""
         for link in (self.primary, self.secondary):
-            link._read_what_is_left()
+            link.read_what_is_left()
 
     # -- the core's timer ---------------------------------------------------------------
     def rearm(self) -> None:

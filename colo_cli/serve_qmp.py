@@ -81,10 +81,7 @@ class QmpSide:
     # -- the link (called by Server.on_connect / on_data / on_disconnect) ----------------
     def on_connect(self) -> None:
         # commands queued for the last connection mean nothing to this one
-        out = self.link.out
-        out.frames.clear()
-        out.bytes = 0
-        out.head_sent = 0
+        self.link.out.clear()
         self.client = QmpClient()
         self._callbacks = {}
         self._sent_ms = {}

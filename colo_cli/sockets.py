@@ -18,6 +18,7 @@ from .endpoints import Endpoint
 
 
 def addr_text(addr) -> str:
+    """'127.0.0.1:9000', '[::1]:9000', or a unix peer's (usually empty) name."""
     if isinstance(addr, tuple) and len(addr) >= 2:
         host = addr[0]
         return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
@@ -25,6 +26,7 @@ def addr_text(addr) -> str:
 
 
 def peer_name(sock, ep: Endpoint) -> str:
+    """How a connected client endpoint's peer is named in messages."""
     if ep.kind == "unix":
         return ep.path
     with contextlib.suppress(OSError):
@@ -54,7 +56,39 @@ def remove_stale_socket(path: str) -> None:
         probe.close()
 
 
+def listening_socket(ep: Endpoint) -> socket.socket:
+    """A non-blocking socket listening on a server endpoint (a unix socket
+    left behind by a process that died is replaced); OSError when the
+    address cannot be had."""
+    if ep.kind == "unix":
+        remove_stale_socket(ep.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if ep.kind != "unix":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(ep.address)
+        sock.listen(4)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def client_socket(ep: Endpoint) -> socket.socket:
+    """A non-blocking socket of the family a client endpoint connects with."""
+    family = socket.AF_UNIX if ep.kind == "unix" else (
+        socket.AF_INET6 if ":" in ep.host else socket.AF_INET)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    return sock
+
+
 def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of a unix socket's peer (SO_PEERCRED); None when unknown."""
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except (OSError, AttributeError):
