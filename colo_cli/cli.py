@@ -12,14 +12,13 @@ import contextlib
 import json
 import os
 import platform
-import stat
 import sys
 
 import click
 
 from . import __version__
-from .errors import (EXIT_DIVERGE, EXIT_INTERRUPTED, EXIT_SAME, EXIT_TROUBLE, ColoError,
-                     os_error_text)
+from .errors import EXIT_DIVERGE, EXIT_INTERRUPTED, EXIT_SAME, EXIT_TROUBLE, ColoError
+from .outputs import open_output, same_file, silence_stdout, stdout_guard, write_atomically
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -350,10 +349,10 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
                 raise click.UsageError("--json and --out - would both write to stdout")
             continue
         for given in (primary, secondary):
-            if given != "-" and _same_file(path, given):
+            if given != "-" and same_file(path, given):
                 raise click.UsageError(f"{opt} {path} is an input capture: it would be overwritten")
         for other_opt, other in outputs[:i]:
-            if other != "-" and _same_file(path, other):
+            if other != "-" and same_file(path, other):
                 raise click.UsageError(f"{other_opt} and {opt} are the same file ({path}): "
                                        "one would overwrite the other")
     config = _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
@@ -375,7 +374,7 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
 
         def like_primary(path):
             # the primary's own format and link type (see LikeInputWriter)
-            return LikeInputWriter(stack.enter_context(_open_output(path)),
+            return LikeInputWriter(stack.enter_context(open_output(path)),
                                    format=p_reader.format, linktype=_linktype(p_reader)).write
         on_release = like_primary(out_path) if out_path else None
         on_unmatched = like_primary(diverged_path) if diverged_path else None
@@ -383,7 +382,7 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
         if evidence_path:
             from .render import evidence_section_comment
             on_miscompare = _evidence_writer(
-                stack.enter_context(_open_output(evidence_path)), PcapngWriter,
+                stack.enter_context(open_output(evidence_path)), PcapngWriter,
                 evidence_section_comment(p_reader.name, s_reader.name, config, hold, vnet_hdr_len),
                 _linktype(p_reader), _linktype(s_reader))
         progress = stack.enter_context(_progress(p_reader, quiet or as_json))
@@ -513,120 +512,6 @@ def _evidence_writer(fileobj, writer_class, comment: str, p_linktype=1, s_linkty
                 writer.write(interface(side, lt), ts or 0, frame, comment=comment)
                 comment = None      # once per pair side
     return on_miscompare
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        # not there yet: the same path once symlinks are followed
-        return os.path.realpath(a) == os.path.realpath(b)
-
-
-@contextlib.contextmanager
-def _open_output(path):
-    """An output file that appears whole or not at all: written to a
-    temporary file beside it and renamed into place once the command has
-    succeeded; removed on an error or Ctrl-C (a partial pcap that looks
-    valid is worse than none).  ``-`` is stdout.  A symlink's target is
-    written (the link stays); what is not a regular file (/dev/null, a
-    FIFO) and what is under /dev or /proc (/dev/stdout) is written as it is:
-    renaming over it would replace the device, pipe or link with a file.
-    A failed write (a full disk, a size limit) is a one-line error naming
-    the file."""
-    if path == "-":
-        out = _Output(sys.stdout.buffer, "standard output")
-        yield out
-        out.flush()
-        return
-    try:
-        special = not stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        special = False         # not there yet: made below
-    if special or os.path.abspath(path).startswith(("/dev/", "/proc/")):
-        # (/dev/stdout, /dev/fd/N: whatever they point to is written, never renamed over)
-        try:
-            f = open(path, "wb")
-        except OSError as e:
-            raise ColoError(f"{path}: cannot write: {os_error_text(e)}") from None
-        with _writing(f, path) as out:
-            yield out
-        return
-    real = os.path.realpath(path)
-    import tempfile
-    try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(real) + ".", suffix=".part",
-                                   dir=os.path.dirname(real))
-    except OSError as e:
-        raise ColoError(f"{path}: cannot write: {os_error_text(e)}") from None
-    try:
-        with _writing(os.fdopen(fd, "wb"), path) as out:
-            yield out
-        try:
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, real)
-        except OSError as e:
-            raise ColoError(f"{path}: cannot write: {os_error_text(e)}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def _writing(f, name: str):
-    """``f`` as an _Output, flushed at the end and closed whatever happens
-    (after a failed write, closing would only fail again on the rest of
-    the buffer: that error is not the one to report)."""
-    try:
-        out = _Output(f, name)
-        yield out
-        out.flush()
-    finally:
-        with contextlib.suppress(OSError):
-            f.close()
-
-
-class _Output:
-    """An output file as the writers see it (they only call ``write``): a
-    write that fails is the user's trouble, not an internal error.  A
-    closed pipe on standard output is left to ``main`` (BrokenPipeError)."""
-
-    __slots__ = ("_f", "_name")
-
-    def __init__(self, f, name: str) -> None:
-        self._f = f
-        self._name = name
-
-    @property
-    def name(self) -> str:
-        """What messages call it (the writers' errors name it too)."""
-        return self._name
-
-    def write(self, data) -> int:
-        try:
-            return self._f.write(data)
-        except OSError as e:
-            raise self._trouble(e) from None
-
-    def flush(self) -> None:
-        try:
-            self._f.flush()
-        except OSError as e:
-            raise self._trouble(e) from None
-
-    def _trouble(self, e: OSError) -> BaseException:
-        if isinstance(e, BrokenPipeError):
-            if self._name == "standard output":
-                return e
-            return ColoError(f"{self._name}: cannot write: its reader went away")
-        return ColoError(f"{self._name}: cannot write: {os_error_text(e)}")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @contextlib.contextmanager
@@ -938,22 +823,13 @@ def stats(report, control_path, as_json, fmt, watch, top, output_path, quiet, ve
             buf = io.StringIO()
             print_stats(make_console(buf, color="never"), doc, verbose=verbose)
             text = buf.getvalue()
-        _write_atomically(output_path, text)
+        write_atomically(output_path, text)
         return
     with stdout_guard():
         if text is not None:
             click.echo(text, nl=False)
         else:
             print_stats(make_console(color=color), doc, verbose=verbose)
-
-
-def _write_atomically(path: str, text: str) -> None:
-    """A scraper never sees half a file (see _open_output)."""
-    try:
-        with _open_output(path) as f:
-            f.write(text.encode())
-    except OSError as e:
-        raise ColoError(f"{path}: cannot write: {os_error_text(e)}") from None
 
 
 # -- completion ---------------------------------------------------------------------
@@ -983,27 +859,6 @@ def completion(shell):
 def _one_line(text: str) -> str:
     """Errors are one line, whatever a file name holds."""
     return str(text).replace("\r", "\\r").replace("\n", "\\n")
-
-
-def _silence_stdout() -> None:
-    """The reader of our output went away (``| head``): not an error of ours.
-    Point stdout at /dev/null so nothing more (not even the interpreter's
-    final flush) complains."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-
-
-@contextlib.contextmanager
-def stdout_guard():
-    """Around a command's output: a closed pipe ends the output, not the
-    command, which still exits with the status it found."""
-    try:
-        yield
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _silence_stdout()
 
 
 def main(argv=None) -> None:
@@ -1046,7 +901,7 @@ def main(argv=None) -> None:
         click.echo(_one_line(f"colo-compare: {e.format_message()}"), err=True)
         rc = e.exit_code
     except BrokenPipeError:
-        _silence_stdout()
+        silence_stdout()
         rc = EXIT_SAME
     except Exception as e:  # noqa: BLE001 - the last line of defence
         if debug:
