@@ -334,7 +334,8 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
       colo-compare replay --filter 'tcp port 80' --start 10s a.pcap.gz b.pcapng.zst
     """
     from .capture import LikeInputWriter, PcapngWriter, open_capture
-    from .render import make_console, print_replay_report, replay_json
+    from .evidence import evidence_writer
+    from .render import make_console, print_replay_report, replay_json, replay_progress
     from .replay import replay as run_replay
 
     if primary == "-" and secondary == "-":
@@ -381,11 +382,11 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
         on_miscompare = None
         if evidence_path:
             from .render import evidence_section_comment
-            on_miscompare = _evidence_writer(
+            on_miscompare = evidence_writer(
                 stack.enter_context(open_output(evidence_path)), PcapngWriter,
                 evidence_section_comment(p_reader.name, s_reader.name, config, hold, vnet_hdr_len),
                 _linktype(p_reader), _linktype(s_reader))
-        progress = stack.enter_context(_progress(p_reader, quiet or as_json))
+        progress = stack.enter_context(replay_progress(p_reader, quiet or as_json))
         _tune_gc()
         result = run_replay(p_reader, s_reader, config, hold=hold, vnet_hdr_len=vnet_hdr_len,
                             on_release=on_release, on_unmatched=on_unmatched,
@@ -472,65 +473,6 @@ def _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color, selec
             click.echo(json.dumps(learn_json(result), indent=1))
         else:
             print_learned(make_console(color=color), result, primary, secondary)
-
-
-def _evidence_writer(fileobj, writer_class, comment: str, p_linktype=1, s_linktype=1):
-    """on_miscompare for --evidence: each pair on its side's interface, with a
-    comment saying what differs and where; the secondary's frames re-timed
-    onto the primary's clock (its own time is in the comment).  Each side
-    has an interface per link type its frames have (one, unless a pcapng
-    mixes them)."""
-    from .render import evidence_comment, evidence_frames, payload_marks
-    writer = writer_class(fileobj, comment=comment)
-    descriptions = {"primary": "the primary replica's output",
-                    "secondary": "the secondary replica's output"}
-    interfaces = {}
-
-    def interface(side, linktype):
-        iface = interfaces.get((side, linktype))
-        if iface is None:
-            iface = interfaces[side, linktype] = writer.add_interface(
-                side, linktype, description=descriptions[side])
-        return iface
-    interface("primary", p_linktype)
-    interface("secondary", s_linktype)
-
-    def on_miscompare(number, record, p_ts_ns, s_ts_ns, s_on_primary_ns=None):
-        e = record.event
-        p_mark, s_mark, _name = payload_marks(e)
-        for side, pkt, offset, mark, ts, original, linktype in (
-                ("primary", e.primary, e.primary_offset, p_mark, p_ts_ns, None, p_linktype),
-                ("secondary", e.secondary, e.secondary_offset, s_mark,
-                 s_on_primary_ns if s_on_primary_ns is not None else s_ts_ns, s_ts_ns,
-                 s_linktype)):
-            if pkt is None:
-                continue
-            comment = evidence_comment(number, record, side, pkt, offset, mark, original)
-            # a frame of another link type than its capture's first says so itself
-            linktypes = [getattr(f.data, "linktype", linktype) for f in (pkt.fragments or (pkt,))]
-            for frame, lt in zip(evidence_frames(pkt), linktypes):
-                writer.write(interface(side, lt), ts or 0, frame, comment=comment)
-                comment = None      # once per pair side
-    return on_miscompare
-
-
-@contextlib.contextmanager
-def _progress(reader, silent):
-    """A progress bar on stderr for long captures, on a terminal only."""
-    total = 0
-    if not silent and sys.stderr.isatty() and reader.name != "<stdin>":
-        with contextlib.suppress(OSError):
-            total = os.path.getsize(reader.name)
-    if total < 50 * 1024 * 1024:
-        yield None
-        return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from .render import make_console
-    with Progress(TextColumn("comparing"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeRemainingColumn(), console=make_console(sys.stderr), transient=True) as bar:
-        task = bar.add_task("replay", total=total)
-        yield lambda _count: bar.update(task, completed=reader.bytes_read)
 
 
 # -- serve ------------------------------------------------------------------------

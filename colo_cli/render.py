@@ -6,6 +6,7 @@ asked); without a terminal the same report is plain text.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import textwrap
@@ -679,6 +680,26 @@ def print_stats(console: Console, doc: dict, verbose: bool = False) -> None:
     for part in stats_renderables(console, doc, verbose):
         console.print(part)
         console.print()
+
+
+# -- progress --------------------------------------------------------------------
+
+@contextlib.contextmanager
+def replay_progress(reader, silent):
+    """A progress bar on stderr for long captures, on a terminal only."""
+    total = 0
+    if not silent and sys.stderr.isatty() and reader.name != "<stdin>":
+        with contextlib.suppress(OSError):
+            total = os.path.getsize(reader.name)
+    if total < 50 * 1024 * 1024:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("comparing"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeRemainingColumn(), console=make_console(sys.stderr), transient=True) as bar:
+        task = bar.add_task("replay", total=total)
+        yield lambda _count: bar.update(task, completed=reader.bytes_read)
 
 
 # -- evidence for Wireshark ----------------------------------------------------------

@@ -31,13 +31,13 @@ import heapq
 from array import array
 from bisect import bisect_right
 from dataclasses import dataclass, field
-from functools import cached_property
 
 from . import linklayer
 from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointMode, CheckpointRequested,
                    Comparator, Config, InternalError, Miscompare, Released)
 from .core.events import RELEASE_END, RELEASE_MATCH
 from .core.packet import format_key
+from .frames import MiscompareRecord
 
 #: miscompares kept with their frames for hexdumps and JSON; the rest are
 #: counted only, so a capture pair that differs everywhere stays in bounded
@@ -130,29 +130,6 @@ def _numbers(pkt, numbering) -> tuple:
     if pkt.fragments is not None:
         return tuple(numbering(f.index) for f in pkt.fragments)
     return (numbering(pkt.index),)
-
-
-@dataclass
-class MiscompareRecord:
-    """A miscompare as reported: the core's event plus where it happened.
-
-    ``primary_frames``/``secondary_frames`` are the frame numbers of the
-    frames holding the differing byte, numbered from 1 as Wireshark numbers
-    them in that capture (``serve``: in arrival order on that input); more
-    than one for a datagram reassembled from fragments, none when that side
-    has no frame there."""
-    event: Miscompare
-    flow: str
-    time_ms: float
-    primary_frames: tuple = ()
-    secondary_frames: tuple = ()
-
-    @cached_property
-    def explanation(self):
-        """What differs in protocol terms (``colo_cli.explain``), or None;
-        decoded once, and only for a miscompare that is reported."""
-        from .explain import explain
-        return explain(self.event)
 
 
 @dataclass

@@ -570,8 +570,7 @@ class Server:
         self.miscompares_seen += 1
         if self._events_file is None and not wanted:
             return          # nobody looks: not even the explanation is decoded
-        from .frames import frame_json, payload_marks
-        from .replay import MiscompareRecord
+        from .frames import MiscompareRecord, frame_json, payload_marks
         # frames are numbered from 1 in arrival order on each input
         record = MiscompareRecord(e, format_key(e.key), self.now_ms() - self.started_ms,
                                   _serve_numbers(e.primary), _serve_numbers(e.secondary))
