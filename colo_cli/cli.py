@@ -618,7 +618,7 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
           --outdev unix:/run/colo/compare_out.sock --control /run/colo/ctl \\
           --qmp unix:/run/colo/serve-qmp.sock
     """
-    from .serve import ServeOptions
+    from .options import ServeOptions
     from .serve import serve as run_serve
 
     names = [("--primary-in", primary_in), ("--secondary-in", secondary_in), ("--outdev", outdev)]

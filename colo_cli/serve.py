@@ -36,64 +36,25 @@ import json
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 
 from . import __version__, schema
 from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointDone, CheckpointMode,
-                   CheckpointRequested, Comparator, Config, Dropped, InternalError, Miscompare,
+                   CheckpointRequested, Comparator, Dropped, InternalError, Miscompare,
                    Released, SecondaryAbsent)
 from .core.framing import (MSG_CHECKPOINT, MSG_DO_CHECKPOINT, MSG_GET_XEN_INIT,
                            MSG_PROXY_INIT, FrameDecoder, NotifyDecoder, encode_notify)
 from .core.packet import format_key
-from .endpoints import Endpoint
 from .errors import ColoError, os_error_text
 from .links import Link
+from .options import POLICY_HOLD, POLICY_QMP, POLICY_RELEASE, ServeOptions
 from .systemd import Notifier, log_stamper
 
-POLICY_RELEASE = "release"   # checkpoint at once, locally: the primary wins
-POLICY_HOLD = "hold"         # hold until COLO_CHECKPOINT or a control "checkpoint"
-POLICY_QMP = "qmp"           # hold and ask QEMU's COLO over QMP; release outside COLO
 
 CONTROL_LINE_MAX = 64 * 1024  # bytes in one control request
 
 
 class ServeError(ColoError):
     """Cannot start: a one-line message for the user."""
-
-
-@dataclass
-class ServeOptions:
-    primary_in: Endpoint
-    secondary_in: Endpoint
-    outdev: Endpoint
-    notify_dev: Endpoint | None = None
-    config: Config = field(default_factory=Config)
-    vnet_hdr_support: bool = False
-    checkpoint_policy: str | None = None        # default: hold with notify_dev, qmp with qmp,
-                                                 # else release
-    qmp: Endpoint | None = None                  # the primary QEMU's QMP monitor
-    qmp_checkpoint_timeout_ms: float = 5000.0    # no RESUME this long after a request: release
-    control_path: str | None = None
-    events_path: str | None = None
-    #: hexdumps of the first N miscompares on stderr (None: of every one),
-    #: at most hexdumps_per_minute
-    hexdump: int | None = 0
-    hexdumps_per_minute: int = 10
-    color: str = "auto"                          # of the hexdumps: auto, always, never
-    outdev_buffer_bytes: int = 256 * 1024 * 1024
-    connect_timeout_s: float = 30.0              # 0: wait forever for a first connection
-    drain_timeout_s: float = 5.0
-    verbose: int = 0                             # -1 quiet, 0 normal, 1 verbose
-    debug: bool = False                          # tracebacks of internal errors
-    metrics_listen: tuple[str, int] | None = None   # (host, port) of /metrics; "" every interface
-
-    @property
-    def policy(self) -> str:
-        if self.checkpoint_policy:
-            return self.checkpoint_policy
-        if self.qmp is not None:
-            return POLICY_QMP
-        return POLICY_HOLD if self.notify_dev is not None else POLICY_RELEASE
 
 
 # -- the server --------------------------------------------------------------------------
