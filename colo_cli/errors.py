@@ -45,3 +45,8 @@ def os_error_text(e: OSError) -> str:
         return str(e)
     text = os.strerror(e.errno)
     return text[:1].lower() + text[1:]
+
+
+def one_line(text: str) -> str:
+    """Errors are one line, whatever a file name holds."""
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")

@@ -4,15 +4,18 @@ differs and where."""
 
 from __future__ import annotations
 
+from .capture import PcapngWriter
+from .frames import payload_marks
 
-def evidence_writer(fileobj, writer_class, comment: str, p_linktype=1, s_linktype=1):
+
+def evidence_writer(fileobj, comment: str, p_linktype: int = 1, s_linktype: int = 1):
     """on_miscompare for --evidence: each pair on its side's interface, with a
     comment saying what differs and where; the secondary's frames re-timed
     onto the primary's clock (its own time is in the comment).  Each side
     has an interface per link type its frames have (one, unless a pcapng
     mixes them)."""
-    from .render import evidence_comment, evidence_frames, payload_marks
-    writer = writer_class(fileobj, comment=comment)
+    from .render import evidence_comment, evidence_frames
+    writer = PcapngWriter(fileobj, comment=comment)
     descriptions = {"primary": "the primary replica's output",
                     "secondary": "the secondary replica's output"}
     interfaces = {}

@@ -28,7 +28,7 @@ class ServeOptions:
     checkpoint_policy: str | None = None        # default: hold with notify_dev, qmp with qmp,
                                                  # else release
     qmp: Endpoint | None = None                  # the primary QEMU's QMP monitor
-    qmp_checkpoint_timeout_ms: float = 5000.0    # no RESUME this long after a request: release
+    qmp_checkpoint_timeout_ms: float = 5000      # no RESUME this long after a request: release
     control_path: str | None = None
     events_path: str | None = None
     #: hexdumps of the first N miscompares on stderr (None: of every one),
@@ -50,3 +50,29 @@ class ServeOptions:
         if self.qmp is not None:
             return POLICY_QMP
         return POLICY_HOLD if self.notify_dev is not None else POLICY_RELEASE
+
+
+@dataclass
+class ReplayOptions:
+    """What ``replay.run`` (and ``learn.run``, for ``--learn-noise``) compares,
+    writes and prints."""
+    primary: str                                 # capture paths; "-": standard input
+    secondary: str
+    config: Config = field(default_factory=Config)
+    hold: bool = False                           # hold diverged connections to the end
+    vnet_hdr_len: int = 0                        # bytes of virtio-net header before each frame
+    #: the frames compared (replay.Selection): the direction ("out", "in",
+    #: None for both) of captures that record one, a tcpdump expression,
+    #: a window on each capture's own timeline (ns from its first frame)
+    direction: str | None = "out"
+    filter_expr: str | None = None
+    start_ns: int | None = None
+    end_ns: int | None = None
+    out_path: str | None = None                  # every primary frame ("-": stdout)
+    diverged_path: str | None = None             # the primary frames that left unmatched
+    evidence_path: str | None = None             # miscompared pairs, a pcapng for Wireshark
+    as_json: bool = False                        # the JSON document instead of the report
+    #: hexdumps of the first N miscompares in the report (None: of every one)
+    hexdump: int | None = 3
+    verbose: int = 0                             # -1 quiet, 0 normal, 1 verbose
+    color: str = "auto"                          # auto, always, never

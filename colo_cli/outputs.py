@@ -5,7 +5,9 @@ Every file a command writes (replay's --out, --diverged, --evidence,
 stats -o) goes through :func:`open_output`; a failed write is a one-line
 ColoError naming the file.  :func:`stdout_guard` is for what goes to
 standard output: a reader that went away (``| head``) ends the output,
-not the command.
+not the command.  While outputs are written, :func:`terminate_as_interrupt`
+turns SIGTERM and SIGHUP into an exception, so that what was half-written
+is removed on the way out.
 """
 
 from __future__ import annotations
@@ -160,3 +162,35 @@ def stdout_guard():
         sys.stdout.flush()
     except BrokenPipeError:
         silence_stdout()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) during a command that writes files: unwound like
+    Ctrl-C, so that no partial output is left behind, and exits 128 + the
+    signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """While the block runs, SIGTERM and SIGHUP raise Terminated instead of
+    ending the process on the spot (which would leave the temporary files
+    of the outputs behind)."""
+    import signal
+
+    def raise_terminated(signum, _frame):
+        raise Terminated(signum)
+    saved = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            saved[sig] = signal.signal(sig, raise_terminated)
+    except ValueError:           # not the main thread: nothing to install
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import schema
+from .core import Config
 from .core.packet import describe_key, format_key
 from .frames import FrameDiff, frame_diff, frame_json, payload_marks  # noqa: F401 - re-exported
 
@@ -393,17 +394,18 @@ def describe_settings(config, hold=False, vnet_hdr_len=0, every: bool = False) -
     """What was not the default (``every``: every setting), so a report says
     how to reproduce it."""
     parts = []
+    default = Config()
     if config.compare_timeout_ms is None:
         parts.append("no timeouts")
-    elif every or config.compare_timeout_ms != 3000:
+    elif every or config.compare_timeout_ms != default.compare_timeout_ms:
         parts.append(f"compare timeout {config.compare_timeout_ms:g} ms")
-    if every or config.expired_scan_cycle_ms != 1000:
+    if every or config.expired_scan_cycle_ms != default.expired_scan_cycle_ms:
         parts.append(f"scan cycle {config.expired_scan_cycle_ms:g} ms")
-    if every or config.max_queue_size != 1024:
+    if every or config.max_queue_size != default.max_queue_size:
         parts.append(f"max queue size {config.max_queue_size}")
-    if every or config.max_connections != 16384:
+    if every or config.max_connections != default.max_connections:
         parts.append(f"max connections {config.max_connections}")
-    if every or config.max_queued_bytes != 256 * 1024 * 1024:
+    if every or config.max_queued_bytes != default.max_queued_bytes:
         parts.append(f"max queued {config.max_queued_bytes / 1048576:g} MiB")
     if config.normalize_seq:
         parts.append("relative TCP sequence numbers")
@@ -674,6 +676,22 @@ def _qmp_rows(t, q: dict) -> None:
         state += f"; fallbacks {breakdown(q['fallbacks'])}"
     link = ("ready" if q["ready"] else "connected") if q["connected"] else "not connected"
     t.add_row("QMP", link, state)
+
+
+def watch_stats(fetch, interval_s: float, color: str = "auto", verbose: bool = False) -> None:
+    """``stats --watch``: the table of ``fetch()``'s document, redrawn in
+    place every ``interval_s`` until interrupted (KeyboardInterrupt is the
+    caller's to catch)."""
+    import time
+
+    from rich.console import Group
+    from rich.live import Live
+    console = make_console(color=color)
+    with Live(Group(*stats_renderables(console, fetch(), verbose)), console=console,
+              auto_refresh=False, screen=False) as live:
+        while True:
+            time.sleep(interval_s)
+            live.update(Group(*stats_renderables(console, fetch(), verbose)), refresh=True)
 
 
 def print_stats(console: Console, doc: dict, verbose: bool = False) -> None:

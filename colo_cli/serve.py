@@ -678,8 +678,9 @@ def _serve_numbers(pkt) -> tuple:
     return (pkt.index + 1,)
 
 
-def serve(options: ServeOptions, stderr=None) -> int:
-    """Run the server until a signal; returns the exit status."""
+def run(options: ServeOptions, stderr=None) -> int:
+    """``colo-compare serve``: run the server until a signal; returns the
+    exit status."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     server = Server(options, loop, stderr)

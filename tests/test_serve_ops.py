@@ -311,13 +311,22 @@ def options_from(argv, monkeypatch):
     def fake(options, stderr=None):
         got["options"] = options
         return 0
-    monkeypatch.setattr(colo_cli.serve, "serve", fake)
+    monkeypatch.setattr(colo_cli.serve, "run", fake)
     try:
         main(["serve", *map(str, argv)])
     except SystemExit as e:
         if e.code != 0:
             return e.code
     return got["options"]
+
+
+def test_the_command_line_defaults_are_the_options_objects(monkeypatch):
+    """serve's options left out are ServeOptions' (and Config's) own
+    defaults: they are stated once."""
+    from colo_cli.options import ServeOptions
+    o = options_from(["--primary-in", "tcp:127.0.0.1:9001", "--secondary-in",
+                      "tcp:127.0.0.1:9004,server", "--outdev", "tcp:127.0.0.1:9005"], monkeypatch)
+    assert o == ServeOptions(o.primary_in, o.secondary_in, o.outdev)
 
 
 def test_the_man_page_example_config_loads(tmp_path, monkeypatch):
