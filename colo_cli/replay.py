@@ -2,7 +2,7 @@
 
 The clock is each capture's own timestamps, relative to its first packet:
 QEMU's filter-dump stamps with the VM's virtual clock, so the two files'
-time bases are unrelated (``notes/capture-pitfalls.md`` 1.9).  The two
+time bases are unrelated (``docs/captures.md``, QEMU's filter-dump).  The two
 relative timelines are merged and fed to the core as ``now_ms``; timer ticks
 are run in between exactly as ``serve``'s event loop would, so the decisions
 are those ``serve`` would have taken for the same arrival times.
