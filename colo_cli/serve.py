@@ -565,7 +565,9 @@ class Server:
         self._hexdump_tokens -= 1
         from .render import make_console, print_hexdump
         console = make_console(self.stderr, color=self.options.color)
-        n = self.comparator.stats.miscompares.total()
+        # (serve's own count: the core's face has none, and this one
+        # numbers each miscompare of a read on its own)
+        n = self.miscompares_seen
         print_hexdump(console, record, n, n)
         if self.hexdumps_suppressed:
             console.print(f"({self.hexdumps_suppressed} hexdumps suppressed by the rate limit)")
