@@ -32,8 +32,7 @@ class OutQueue:
     first frame have gone out on the current connection.  ``limit`` bounds
     the frames' bytes plus OUT_FRAME_OVERHEAD each."""
 
-    __slots__ = ("frames", "head_sent", "bytes", "limit", "high_water", "dropped",
-                 "dropped_bytes")
+    __slots__ = ("frames", "head_sent", "bytes", "limit", "high_water", "dropped")
 
     def __init__(self, limit: int) -> None:
         self.frames: deque = deque()
@@ -42,7 +41,6 @@ class OutQueue:
         self.limit = limit
         self.high_water = 0
         self.dropped = 0
-        self.dropped_bytes = 0
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -50,7 +48,6 @@ class OutQueue:
     def push(self, data: bytes) -> bool:
         if self.bytes + len(data) + (len(self.frames) + 1) * OUT_FRAME_OVERHEAD > self.limit:
             self.dropped += 1
-            self.dropped_bytes += len(data)
             return False
         self.frames.append(data)
         self.bytes += len(data)
@@ -68,7 +65,6 @@ class OutQueue:
             data = self.frames.pop()
             self.bytes -= len(data)
             self.dropped += 1
-            self.dropped_bytes += len(data)
             dropped.append(data)
         if self.bytes > self.high_water:
             self.high_water = self.bytes      # what the queue really held

@@ -478,7 +478,6 @@ def _flow_fields(key) -> dict:
 
 
 def replay_json(result) -> dict:
-    st = result.stats
     cfg = result.config
 
     def side(info):

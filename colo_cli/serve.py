@@ -50,9 +50,6 @@ from .options import POLICY_HOLD, POLICY_QMP, POLICY_RELEASE, ServeOptions
 from .systemd import Notifier, log_stamper
 
 
-CONTROL_LINE_MAX = 64 * 1024  # bytes in one control request
-
-
 class ServeError(ColoError):
     """Cannot start: a one-line message for the user."""
 
