@@ -219,3 +219,17 @@ def test_the_code_cites_documents_a_clone_has():
     assert "docs/captures.md" in cited
     missing = sorted(c for c in cited if not (ROOT / c).is_file())
     assert not missing, missing
+
+
+def test_the_readmes_layout_names_every_module():
+    """Every module and package of colo_cli has its line in the README's
+    Layout section (its one purpose)."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("## ", 1)[0]
+    names = [p.name for p in (ROOT / "colo_cli").iterdir()
+             if (p.suffix == ".py" and not p.name.startswith("__"))
+             or (p.is_dir() and (p / "__init__.py").exists())]
+    missing = sorted(n for n in names if n not in layout)
+    assert not missing, f"README's Layout does not name {missing}"
+    for module in (ROOT / "colo_cli" / "capture").glob("*.py"):
+        assert module.name.startswith("__") or module.name in layout, module.name
