@@ -8,9 +8,12 @@ the command line.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .core import Config
-from .endpoints import Endpoint
+
+if TYPE_CHECKING:
+    from .endpoints import Endpoint
 
 POLICY_RELEASE = "release"   # checkpoint at once, locally: the primary wins
 POLICY_HOLD = "hold"         # hold until COLO_CHECKPOINT or a control "checkpoint"
