@@ -42,7 +42,7 @@ def test_every_error_class_of_the_package_is_a_colo_error():
                 continue
             assert issubclass(cls, ColoError), qualname
     # the walk did see the package's errors
-    for expected in ("colo_cli.capture.CaptureError", "colo_cli.bpf.FilterError",
+    for expected in ("colo_cli.capture.base.CaptureError", "colo_cli.bpf.FilterError",
                      "colo_cli.control.ControlError", "colo_cli.config.ConfigError",
                      "colo_cli.metrics.ReportError", "colo_cli.serve.ServeError"):
         assert expected in found
