@@ -9,19 +9,23 @@ over QMP (``serve_qmp``).
 
 Never block, never lose, never reorder:
 
-* every socket is non-blocking and serviced from one asyncio loop; inputs are
-  read whatever state outdev is in.  In the real COLO wiring one QEMU main
+* every socket is non-blocking and serviced from one asyncio loop (each
+  endpoint is a ``links.Link``); inputs are read whatever state outdev is in.  In the real COLO wiring one QEMU main
   loop writes ``--primary-in`` and reads ``--outdev``, so a comparator that
   stops reading while an outdev write is pending deadlocks QEMU
   (``spec/qemu-filter-interop.md`` pitfall 8).
-* released frames wait in one FIFO for outdev (QEMU's send list pops the
-  newest first under backpressure: observed m1), bounded by
+* released frames wait in one FIFO for outdev (``outqueue.OutQueue``; QEMU's
+  send list pops the newest first under backpressure: observed m1), bounded by
   ``outdev_buffer_bytes``; past the bound new frames are dropped, counted and
   reported.  A frame cut by an outdev disconnect is sent again, whole, on the
   next connection.
 * a hostile length prefix closes that connection only; the next connection is
   read by a fresh decoder (QEMU kills the input for good, observed j1b, or
   stays desynchronised across reconnects, observed j5).
+
+The control socket (``control``) is given three questions to ask the
+server (``stats_reply``, ``connections_reply``, ``checkpoint``) and nothing
+else of it.
 
 In production: ``--metrics-listen`` serves ``/metrics`` for Prometheus
 (``metrics_http``), and under systemd readiness, stopping and the watchdog
