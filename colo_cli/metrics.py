@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from . import schema
 from .core.stats import HOLD_BOUNDS_S, Histogram
+from .errors import ColoError, os_error_text
 
 #: version of the stats document (``colo-compare stats --json``).
 STATS_VERSION = schema.STATS_VERSION
@@ -66,8 +67,9 @@ def _with_zeros(counts: dict, known: list) -> dict:
 ADDED_TO_VERSION_1 = {"secondary_absent_periods": 0}
 
 
-class ReportError(ValueError):
-    """Not a report this version understands (one-line message)."""
+class ReportError(ColoError):
+    """Not a report this version understands, or no report at all
+    (one-line message)."""
 
 
 _RESULTS = ("match", "diverge", "incomparable")
@@ -110,6 +112,19 @@ def _hold_seconds(stats: dict) -> None:
     cumulative buckets in seconds are derived from it."""
     if "hold_seconds" not in stats and isinstance(stats.get("hold_ms"), dict):
         stats["hold_seconds"] = Histogram.from_dict(stats["hold_ms"]).to_cumulative()
+
+
+def read_report(path: str) -> dict:
+    """The stats document of a saved ``replay --json`` report file."""
+    import json
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ReportError(f"{path}: {os_error_text(e)}") from None
+    except ValueError:
+        raise ReportError(f"{path}: not JSON (expected a 'replay --json' report)") from None
+    return from_report(data, path)
 
 
 def from_report(report, name: str) -> dict:
