@@ -128,7 +128,7 @@ class RuleType(click.ParamType):
     name = "RULE"
 
     def convert(self, value, param, ctx):
-        from .core.noise import RuleError, parse_rule
+        from .core import RuleError, parse_rule
         if not isinstance(value, str):
             return value
         try:

@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from . import schema
-from .core.noise import parse_rule, ports_of
+from .core import parse_rule, ports_of
 from .replay import replay
 
 #: entries of the "left unexplained" list in the JSON document

@@ -19,7 +19,7 @@ started (``colo_compare_start_time_seconds``) rather than an uptime.
 from __future__ import annotations
 
 from . import schema
-from .core.stats import HOLD_BOUNDS_S, Histogram
+from .core import HOLD_BOUNDS_S, Histogram
 from .errors import ColoError, os_error_text
 
 #: version of the stats document (``colo-compare stats --json``).
@@ -39,17 +39,15 @@ MISCOMPARE_PROTOCOLS = ("tcp", "udp", "icmp", "ip", "arp")
 
 def _known_labels() -> dict:
     """Every label value each labelled family can have, for the zeros."""
-    from .core import events, packet, reassembly
-    frame_reasons = sorted({v for k, v in vars(packet).items() if k.startswith("REASON_")}
-                           | {v for k, v in vars(reassembly).items() if k.startswith("FAIL_")}
-                           | {events.REASON_INTERNAL_ERROR, events.REASON_SECONDARY_ABSENT})
+    from .core import FRAME_REASONS, CheckpointCause, MiscompareCause, ReleaseReason
+    frame_reasons = list(FRAME_REASONS)
     return {
-        "released": [r.value for r in events.ReleaseReason],
+        "released": [r.value for r in ReleaseReason],
         "bypassed": frame_reasons,
         "dropped": ["secondary:" + r for r in frame_reasons] + ["primary:outdev-overflow"],
         "miscompares": [f"{p}:{c.value}" for p in MISCOMPARE_PROTOCOLS
-                        for c in events.MiscompareCause],
-        "checkpoint_requests": [c.value for c in events.CheckpointCause],
+                        for c in MiscompareCause],
+        "checkpoint_requests": [c.value for c in CheckpointCause],
         "evicted": list(EVICTION_REASONS),
     }
 

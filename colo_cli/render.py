@@ -538,7 +538,7 @@ def stats_renderables(console: Console, doc: dict, verbose: bool = False) -> lis
     """The stats view (a running serve, or a saved report) as rich
     renderables: a summary table, links, and the top connections
     (``verbose``: and the hold-time histogram)."""
-    from .core.stats import Histogram
+    from .core import Histogram
     st = doc["stats"]
     serve = st.get("serve")
     color = console.color_system is not None
@@ -659,7 +659,7 @@ def stats_renderables(console: Console, doc: dict, verbose: bool = False) -> lis
 
 def _qmp_rows(t, q: dict) -> None:
     """serve --qmp: QEMU's checkpoints and COLO state, two rows."""
-    from .core.stats import Histogram
+    from .core import Histogram
     c = q["checkpoints"]
     detail = (f"requested {c['requested']:,}, completed {c['completed']:,}, periodic "
               f"{c['periodic']:,}, timed out {c['timed_out']:,}, failed {c['failed']:,}")

@@ -13,7 +13,7 @@ Never block, never lose, never reorder:
   endpoint is a ``links.Link``); inputs are read whatever state outdev is in.  In the real COLO wiring one QEMU main
   loop writes ``--primary-in`` and reads ``--outdev``, so a comparator that
   stops reading while an outdev write is pending deadlocks QEMU
-  (``spec/qemu-filter-interop.md`` pitfall 8).
+  (``docs/qemu.md`` section 4).
 * released frames wait in one FIFO for outdev (``outqueue.OutQueue``; QEMU's
   send list pops the newest first under backpressure: observed m1), bounded by
   ``outdev_buffer_bytes``; past the bound new frames are dropped, counted and
@@ -42,11 +42,10 @@ import sys
 import time
 
 from . import __version__, schema
-from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointDone, CheckpointMode,
-                   CheckpointRequested, Comparator, Dropped, InternalError, Matched,
-                   Miscompare, Released, SecondaryAbsent)
-from .core.framing import (MSG_CHECKPOINT, MSG_DO_CHECKPOINT, MSG_GET_XEN_INIT,
-                           MSG_PROXY_INIT, FrameDecoder, NotifyDecoder, encode_notify)
+from .core import (MSG_CHECKPOINT, MSG_DO_CHECKPOINT, MSG_GET_XEN_INIT, MSG_PROXY_INIT,
+                   PRIMARY, SECONDARY, Bypassed, CheckpointDone, CheckpointMode,
+                   CheckpointRequested, Comparator, Dropped, FrameDecoder, InternalError, Matched,
+                   Miscompare, NotifyDecoder, Released, SecondaryAbsent, encode_notify)
 from .errors import ColoError, os_error_text
 from .flows import connection_summary, format_key
 from .links import Link
@@ -643,7 +642,7 @@ class Server:
     def connections_reply(self, limit: int) -> dict:
         """The control socket's ``connections``: the ``limit`` most recent."""
         # (the core's face has no count of its connections: its table is read)
-        return {"total": len(self.comparator.table),
+        return {"total": self.comparator.connection_count,
                 "connections": [connection_summary(c)
                                 for c in self.comparator.connections(limit=limit)]}
 
