@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
+from .errors import ColoError
+
 __all__ = ["BpfFilter", "FilterError"]
 
 #: what pcap_compile is given as the netmask when it is not known (only
@@ -32,7 +34,7 @@ _LIBRARY_NAMES = ("libpcap.so.1", "libpcap.so.0.8", "libpcap.so", "libpcap.A.dyl
                   "libpcap.dylib", "wpcap.dll")
 
 
-class FilterError(Exception):
+class FilterError(ColoError):
     """A filter that cannot be used: a one-line message."""
 
 

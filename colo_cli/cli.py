@@ -1,66 +1,35 @@
 """The command line: a click group and its commands.  The only place that exits.
 
+Each command checks its arguments, builds its options object
+(``options.ServeOptions``, ``options.ReplayOptions``; the defaults shown
+in --help are theirs and ``Config``'s) and calls one ``run``, which
+returns the exit status: ``serve.run``, ``replay.run`` (``learn.run`` for
+--learn-noise).
+
 Exit status, like diff(1)/cmp(1): 0 same (or a clean stop), 1 divergence
 found, 2 trouble (usage, unreadable input, bind/connect failure), 130
-interrupted.  Every error is one line on stderr; a traceback only with
-``--debug``.
+interrupted.  Every error is one line on stderr (``errors.ColoError``,
+caught in :func:`main`); a traceback only with ``--debug``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
-import stat
 import sys
 
 import click
 
 from . import __version__
+from .core import Config
+from .errors import EXIT_INTERRUPTED, EXIT_SAME, EXIT_TROUBLE, ColoError, one_line
+from .options import ReplayOptions, ServeOptions
+from .outputs import Terminated, same_file, silence_stdout, stdout_guard, write_atomically
 
-EXIT_SAME = 0
-EXIT_DIVERGE = 1
-EXIT_TROUBLE = 2
-EXIT_INTERRUPTED = 130
+MIB = 1024 * 1024
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-class Trouble(Exception):
-    """An error to report in one line and exit 2."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (or SIGHUP) during a command that writes files: unwound like
-    Ctrl-C, so that no partial output is left behind, and exits 128 + the
-    signal's number."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt():
-    """While the block runs, SIGTERM and SIGHUP raise Terminated instead of
-    ending the process on the spot (which would leave the temporary files
-    of the outputs behind)."""
-    import signal
-
-    def raise_terminated(signum, _frame):
-        raise Terminated(signum)
-    saved = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            saved[sig] = signal.signal(sig, raise_terminated)
-    except ValueError:           # not the main thread: nothing to install
-        pass
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 def _tune_gc() -> None:
@@ -116,23 +85,25 @@ def comparator_options(f):
     """The comparator's settings, named after QEMU's colo-compare properties."""
     options = [
         click.option("--compare-timeout", "compare_timeout_ms", type=click.IntRange(min=1),
-                     default=3000, show_default=True, metavar="MS",
+                     default=Config.compare_timeout_ms, show_default=True, metavar="MS",
                      help="A frame queued longer than this raises a checkpoint request "
                           "(QEMU compare_timeout)."),
         click.option("--expired-scan-cycle", "expired_scan_cycle_ms", type=click.IntRange(min=1),
-                     default=1000, show_default=True, metavar="MS",
+                     default=Config.expired_scan_cycle_ms, show_default=True, metavar="MS",
                      help="How often queued frames are checked for age (QEMU "
                           "expired_scan_cycle; its real default is 1000, not the documented 3000)."),
-        click.option("--max-queue-size", type=click.IntRange(min=1), default=1024,
+        click.option("--max-queue-size", type=click.IntRange(min=1), default=Config.max_queue_size,
                      show_default=True, metavar="N",
                      help="Frames queued per connection and side before the connection is "
                           "flushed and a checkpoint requested (QEMU max_queue_size; QEMU drops "
                           "the excess instead)."),
-        click.option("--max-connections", type=click.IntRange(min=1), default=16384,
+        click.option("--max-connections", type=click.IntRange(min=1),
+                     default=Config.max_connections,
                      show_default=True, metavar="N",
                      help="Connections tracked at once; the least recently active one is "
                           "evicted (its frames released) to make room."),
-        click.option("--max-queued-mib", type=click.IntRange(min=1), default=256,
+        click.option("--max-queued-mib", type=click.IntRange(min=1),
+                     default=Config.max_queued_bytes // MIB,
                      show_default=True, metavar="MIB",
                      help="Memory for queued frames, both sides: their bytes plus 256 bytes "
                           "each of bookkeeping (TCP payload waiting to be compared counts "
@@ -148,11 +119,10 @@ def comparator_options(f):
 
 def _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
             max_queued_mib, no_timeout=False, normalize_seq=False, ignore=()):
-    from .core import Config
     return Config(compare_timeout_ms=None if no_timeout else compare_timeout_ms,
                   expired_scan_cycle_ms=expired_scan_cycle_ms,
                   max_queue_size=max_queue_size, max_connections=max_connections,
-                  max_queued_bytes=max_queued_mib * 1024 * 1024,
+                  max_queued_bytes=max_queued_mib * MIB,
                   normalize_seq=normalize_seq, ignore=tuple(ignore))
 
 
@@ -160,7 +130,7 @@ class RuleType(click.ParamType):
     name = "RULE"
 
     def convert(self, value, param, ctx):
-        from .core.noise import RuleError, parse_rule
+        from .core import RuleError, parse_rule
         if not isinstance(value, str):
             return value
         try:
@@ -274,11 +244,13 @@ def _file_argument(name: str, metavar: str, **kw):
 @click.option("--hold", is_flag=True,
               help="Hold diverged connections until the end instead of checkpointing at once "
                    "(then only the first divergence of each connection is found).")
-@click.option("--vnet-hdr-len", type=click.IntRange(0, 20), default=0, show_default=True,
+@click.option("--vnet-hdr-len", type=click.IntRange(0, 20), default=ReplayOptions.vnet_hdr_len,
+              show_default=True,
               metavar="BYTES",
               help="Every captured frame starts with a virtio-net header of this many bytes "
                    "(a filter-dump of a vnet netdev): kept, not compared.")
-@click.option("--direction", type=click.Choice(["out", "in", "any"]), default="out",
+@click.option("--direction", type=click.Choice(["out", "in", "any"]),
+              default=ReplayOptions.direction,
               show_default=True,
               help="Of captures that record which way a packet went (Linux cooked, as "
                    "tcpdump -i any writes), compare what the captured host sent (out), what "
@@ -306,7 +278,7 @@ def _file_argument(name: str, metavar: str, **kw):
               help="Write every miscompared pair to a pcapng that opens in Wireshark: two "
                    "interfaces, 'primary' and 'secondary', and on each frame a comment naming "
                    "the cause, the flow and the stream offset.")
-@hexdump_option(3, "in the report")
+@hexdump_option(ReplayOptions.hexdump, "in the report")
 @click.option("-q", "--quiet", is_flag=True,
               help="Print no report; only the exit status tells (warnings about damaged "
                    "captures, and errors, still go to stderr).")
@@ -344,10 +316,6 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
       colo-compare replay --json --no-timeout a.pcapng b.pcapng > report.json
       colo-compare replay --filter 'tcp port 80' --start 10s a.pcap.gz b.pcapng.zst
     """
-    from .capture import CaptureError, LikeInputWriter, PcapngWriter, open_capture
-    from .render import make_console, print_replay_report, replay_json
-    from .replay import replay as run_replay
-
     if primary == "-" and secondary == "-":
         raise click.UsageError("only one of PRIMARY and SECONDARY can be '-' (stdin)")
     outputs = [(opt, path) for opt, path in (("--out", out_path), ("--diverged", diverged_path),
@@ -360,325 +328,31 @@ def replay(ctx, primary, secondary, compare_timeout_ms, expired_scan_cycle_ms, m
                 raise click.UsageError("--json and --out - would both write to stdout")
             continue
         for given in (primary, secondary):
-            if given != "-" and _same_file(path, given):
+            if given != "-" and same_file(path, given):
                 raise click.UsageError(f"{opt} {path} is an input capture: it would be overwritten")
         for other_opt, other in outputs[:i]:
-            if other != "-" and _same_file(path, other):
+            if other != "-" and same_file(path, other):
                 raise click.UsageError(f"{other_opt} and {opt} are the same file ({path}): "
                                        "one would overwrite the other")
-    config = _config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size, max_connections,
-                     max_queued_mib,
-                     no_timeout, normalize_seq, ignore)
     if start_ns is not None and end_ns is not None and end_ns <= start_ns:
         raise click.UsageError("--end must come after --start")
-    selection = _selection(direction, filter_expr, start_ns, end_ns)
+    if learn_noise and "-" in (primary, secondary):
+        raise click.UsageError("--learn-noise reads the captures several times: not from stdin")
+    options = ReplayOptions(
+        primary=primary, secondary=secondary,
+        config=_config(compare_timeout_ms, expired_scan_cycle_ms, max_queue_size,
+                       max_connections, max_queued_mib, no_timeout, normalize_seq, ignore),
+        hold=hold, vnet_hdr_len=vnet_hdr_len,
+        direction=None if direction == "any" else direction, filter_expr=filter_expr,
+        start_ns=start_ns, end_ns=end_ns, out_path=out_path, diverged_path=diverged_path,
+        evidence_path=evidence_path, as_json=as_json, hexdump=hexdump_limit,
+        verbose=-1 if quiet else (1 if verbose else 0), color=color)
     if learn_noise:
-        if "-" in (primary, secondary):
-            raise click.UsageError("--learn-noise reads the captures several times: not from stdin")
-        _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color, selection)
-        return
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_terminate_as_interrupt())
-        try:
-            p_reader = stack.enter_context(open_capture(primary))
-            s_reader = stack.enter_context(open_capture(secondary))
-        except CaptureError as e:
-            raise Trouble(str(e)) from None
-        _check_filter(selection, p_reader, s_reader)
-
-        def like_primary(path):
-            # the primary's own format and link type (see LikeInputWriter)
-            return LikeInputWriter(stack.enter_context(_open_output(path)),
-                                   format=p_reader.format, linktype=_linktype(p_reader)).write
-        on_release = like_primary(out_path) if out_path else None
-        on_unmatched = like_primary(diverged_path) if diverged_path else None
-        on_miscompare = None
-        if evidence_path:
-            from .render import evidence_section_comment
-            on_miscompare = _evidence_writer(
-                stack.enter_context(_open_output(evidence_path)), PcapngWriter,
-                evidence_section_comment(p_reader.name, s_reader.name, config, hold, vnet_hdr_len),
-                _linktype(p_reader), _linktype(s_reader))
-        progress = stack.enter_context(_progress(p_reader, quiet or as_json))
-        _tune_gc()
-        try:
-            result = run_replay(p_reader, s_reader, config, hold=hold, vnet_hdr_len=vnet_hdr_len,
-                                on_release=on_release, on_unmatched=on_unmatched,
-                                on_progress=progress, on_miscompare=on_miscompare,
-                                selection=selection)
-        except _input_errors(selection) as e:
-            # (a filter can fail on a pcapng's later link type, too)
-            raise Trouble(str(e)) from None
-    verdict = result.verdict
-    if verdict == "incomparable":
-        # never a quiet "match": the exit status and stderr say it, even with -q
-        status = EXIT_DIVERGE if result.compared_primary else EXIT_TROUBLE
-        # (with -q there is no report: the line says why by itself)
-        if result.primary.frames:
-            why, n = max(result.stats.bypassed.items(), key=lambda kv: kv[1])
-            text = (f"only {result.compared_primary:,} of {result.primary.frames:,} primary "
-                    f"frames could be compared ({n:,} not, for '{why}'): not a match")
-        elif result.primary.left_out:
-            why = ", ".join(f"{n:,} left out by {k}" for k, n in result.primary.left_out.items())
-            text = f"no primary frame was selected for comparison ({why}): not a match"
-        else:
-            text = "the primary capture has no frames: nothing to compare, not a match"
-        click.echo(_one_line(f"colo-compare: {text}"), err=True)
+        from .learn import run
     else:
-        status = EXIT_DIVERGE if verdict == "diverge" else EXIT_SAME
-    if not quiet:
-        with stdout_guard():
-            if as_json:
-                click.echo(json.dumps(replay_json(result), indent=1))
-            else:
-                # with --out -, stdout carries the pcap: the report goes to stderr
-                console = make_console(sys.stderr if out_path == "-" else None, color=color)
-                print_replay_report(console, result, hexdump_limit, verbose=verbose)
-    else:
-        for w in result.primary.warnings + result.secondary.warnings:
-            click.echo(_one_line(f"colo-compare: warning: {w}"), err=True)
-    ctx.exit(status)
-
-
-def _selection(direction, filter_expr, start_ns, end_ns):
-    """The replay.Selection of the command line; a filter libpcap cannot
-    compile (or no libpcap) is a usage error, before anything is read."""
-    from .replay import Selection
-    bpf = None
-    if filter_expr is not None:
-        from .bpf import BpfFilter, FilterError
-        try:
-            bpf = BpfFilter(filter_expr)
-        except FilterError as e:
-            raise Trouble(str(e)) from None
-    return Selection(direction=None if direction == "any" else direction, bpf=bpf,
-                     start_ns=start_ns, end_ns=end_ns)
-
-
-def _input_errors(selection) -> tuple:
-    """What a replay can raise about its input: a capture, and with a
-    filter (libpcap is only loaded then) the filter."""
-    from .capture import CaptureError
-    if selection is None or selection.bpf is None:
-        return (CaptureError,)
-    from .bpf import FilterError
-    return (CaptureError, FilterError)
-
-
-def _check_filter(selection, *readers) -> None:
-    """Compile the filter for each capture's link type now, so that an
-    expression that makes no sense there fails before the comparison."""
-    if selection.bpf is None:
-        return
-    from .bpf import FilterError
-    for reader in readers:
-        try:
-            selection.bpf.compile(_linktype(reader))
-        except FilterError as e:
-            raise click.UsageError(str(e)) from None
-
-
-def _linktype(reader) -> int:
-    """A capture's (first) link type; Ethernet for a pcapng with no interface."""
-    return 1 if reader.linktype is None else reader.linktype
-
-
-def _learn(primary, secondary, config, hold, vnet_hdr_len, as_json, color, selection=None):
-    from .capture import open_capture
-    from .learn import learn_json, learn_noise
-    from .render import make_console, print_learned
-
-    def open_pair():
-        p = open_capture(primary)
-        try:
-            return p, open_capture(secondary)
-        except BaseException:
-            p.close()
-            raise
+        from .replay import run
     _tune_gc()
-    try:
-        result = learn_noise(open_pair, config, hold=hold, vnet_hdr_len=vnet_hdr_len,
-                             selection=selection)
-    except _input_errors(selection) as e:
-        raise Trouble(str(e)) from None
-    with stdout_guard():
-        if as_json:
-            click.echo(json.dumps(learn_json(result), indent=1))
-        else:
-            print_learned(make_console(color=color), result, primary, secondary)
-
-
-def _evidence_writer(fileobj, writer_class, comment: str, p_linktype=1, s_linktype=1):
-    """on_miscompare for --evidence: each pair on its side's interface, with a
-    comment saying what differs and where; the secondary's frames re-timed
-    onto the primary's clock (its own time is in the comment).  Each side
-    has an interface per link type its frames have (one, unless a pcapng
-    mixes them)."""
-    from .render import evidence_comment, evidence_frames, payload_marks
-    writer = writer_class(fileobj, comment=comment)
-    descriptions = {"primary": "the primary replica's output",
-                    "secondary": "the secondary replica's output"}
-    interfaces = {}
-
-    def interface(side, linktype):
-        iface = interfaces.get((side, linktype))
-        if iface is None:
-            iface = interfaces[side, linktype] = writer.add_interface(
-                side, linktype, description=descriptions[side])
-        return iface
-    interface("primary", p_linktype)
-    interface("secondary", s_linktype)
-
-    def on_miscompare(number, record, p_ts_ns, s_ts_ns, s_on_primary_ns=None):
-        e = record.event
-        p_mark, s_mark, _name = payload_marks(e)
-        for side, pkt, offset, mark, ts, original, linktype in (
-                ("primary", e.primary, e.primary_offset, p_mark, p_ts_ns, None, p_linktype),
-                ("secondary", e.secondary, e.secondary_offset, s_mark,
-                 s_on_primary_ns if s_on_primary_ns is not None else s_ts_ns, s_ts_ns,
-                 s_linktype)):
-            if pkt is None:
-                continue
-            comment = evidence_comment(number, record, side, pkt, offset, mark, original)
-            # a frame of another link type than its capture's first says so itself
-            linktypes = [getattr(f.data, "linktype", linktype) for f in (pkt.fragments or (pkt,))]
-            for frame, lt in zip(evidence_frames(pkt), linktypes):
-                writer.write(interface(side, lt), ts or 0, frame, comment=comment)
-                comment = None      # once per pair side
-    return on_miscompare
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        # not there yet: the same path once symlinks are followed
-        return os.path.realpath(a) == os.path.realpath(b)
-
-
-@contextlib.contextmanager
-def _open_output(path):
-    """An output file that appears whole or not at all: written to a
-    temporary file beside it and renamed into place once the command has
-    succeeded; removed on an error or Ctrl-C (a partial pcap that looks
-    valid is worse than none).  ``-`` is stdout.  A symlink's target is
-    written (the link stays); what is not a regular file (/dev/null, a
-    FIFO) and what is under /dev or /proc (/dev/stdout) is written as it is:
-    renaming over it would replace the device, pipe or link with a file.
-    A failed write (a full disk, a size limit) is a one-line error naming
-    the file."""
-    if path == "-":
-        out = _Output(sys.stdout.buffer, "standard output")
-        yield out
-        out.flush()
-        return
-    try:
-        special = not stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        special = False         # not there yet: made below
-    if special or os.path.abspath(path).startswith(("/dev/", "/proc/")):
-        # (/dev/stdout, /dev/fd/N: whatever they point to is written, never renamed over)
-        try:
-            f = open(path, "wb")
-        except OSError as e:
-            raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
-        with _writing(f, path) as out:
-            yield out
-        return
-    real = os.path.realpath(path)
-    import tempfile
-    try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(real) + ".", suffix=".part",
-                                   dir=os.path.dirname(real))
-    except OSError as e:
-        raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
-    try:
-        with _writing(os.fdopen(fd, "wb"), path) as out:
-            yield out
-        try:
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, real)
-        except OSError as e:
-            raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def _writing(f, name: str):
-    """``f`` as an _Output, flushed at the end and closed whatever happens
-    (after a failed write, closing would only fail again on the rest of
-    the buffer: that error is not the one to report)."""
-    try:
-        out = _Output(f, name)
-        yield out
-        out.flush()
-    finally:
-        with contextlib.suppress(OSError):
-            f.close()
-
-
-class _Output:
-    """An output file as the writers see it (they only call ``write``): a
-    write that fails is the user's trouble, not an internal error.  A
-    closed pipe on standard output is left to ``main`` (BrokenPipeError)."""
-
-    __slots__ = ("_f", "_name")
-
-    def __init__(self, f, name: str) -> None:
-        self._f = f
-        self._name = name
-
-    @property
-    def name(self) -> str:
-        """What messages call it (the writers' errors name it too)."""
-        return self._name
-
-    def write(self, data) -> int:
-        try:
-            return self._f.write(data)
-        except OSError as e:
-            raise self._trouble(e) from None
-
-    def flush(self) -> None:
-        try:
-            self._f.flush()
-        except OSError as e:
-            raise self._trouble(e) from None
-
-    def _trouble(self, e: OSError) -> BaseException:
-        if isinstance(e, BrokenPipeError):
-            if self._name == "standard output":
-                return e
-            return Trouble(f"{self._name}: cannot write: its reader went away")
-        return Trouble(f"{self._name}: cannot write: {e.strerror or e}")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def _progress(reader, silent):
-    """A progress bar on stderr for long captures, on a terminal only."""
-    total = 0
-    if not silent and sys.stderr.isatty() and reader.name != "<stdin>":
-        with contextlib.suppress(OSError):
-            total = os.path.getsize(reader.name)
-    if total < 50 * 1024 * 1024:
-        yield None
-        return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from .render import make_console
-    with Progress(TextColumn("comparing"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeRemainingColumn(), console=make_console(sys.stderr), transient=True) as bar:
-        task = bar.add_task("replay", total=total)
-        yield lambda _count: bar.update(task, completed=reader.bytes_read)
+    ctx.exit(run(options))
 
 
 # -- serve ------------------------------------------------------------------------
@@ -740,7 +414,8 @@ def _config_option(f):
                    "checkpoints are asked of QEMU's COLO there, and seen there "
                    "(STOP ... RESUME).")
 @click.option("--qmp-checkpoint-timeout", "qmp_checkpoint_timeout_ms",
-              type=click.FloatRange(min=0, min_open=True), default=5000, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              default=ServeOptions.qmp_checkpoint_timeout_ms, show_default=True,
               metavar="MS",
               help="With --qmp: when QEMU has not resumed this long after a checkpoint "
                    "request (a failed checkpoint never does), the held frames are released "
@@ -760,20 +435,24 @@ def _config_option(f):
               help="Append one JSON line per release-affecting event (miscompare, checkpoint "
                    "request, checkpoint, bypass, drop, input error; with --qmp QEMU's "
                    "checkpoints and the fallbacks) to FILE ('-': stdout).")
-@hexdump_option(0, "on stderr")
-@click.option("--hexdump-rate", type=click.IntRange(min=1), default=10, show_default=True,
+@hexdump_option(ServeOptions.hexdump, "on stderr")
+@click.option("--hexdump-rate", type=click.IntRange(min=1),
+              default=ServeOptions.hexdumps_per_minute, show_default=True,
               metavar="N", help="At most N hexdumps a minute (the rest are counted).")
-@click.option("--outdev-buffer", "outdev_buffer_mib", type=click.IntRange(min=1), default=256,
+@click.option("--outdev-buffer", "outdev_buffer_mib", type=click.IntRange(min=1),
+              default=ServeOptions.outdev_buffer_bytes // MIB,
               show_default=True, metavar="MIB",
               help="Released frames waiting for a slow or absent outdev are buffered up to "
                    "this many MiB, in order; past it new ones are dropped, counted and "
                    "reported.  Inputs are read whatever outdev does.")
-@click.option("--connect-timeout", type=click.FloatRange(min=0), default=30.0,
+@click.option("--connect-timeout", type=click.FloatRange(min=0),
+              default=ServeOptions.connect_timeout_s,
               show_default=True, metavar="SECONDS",
               help="Give up (exit 2) when a connecting endpoint has never connected after "
                    "this long; 0 waits forever.  Once connected, lost peers are reconnected "
                    "without limit.")
-@click.option("--drain-timeout", type=click.FloatRange(min=0), default=5.0, show_default=True,
+@click.option("--drain-timeout", type=click.FloatRange(min=0),
+              default=ServeOptions.drain_timeout_s, show_default=True,
               metavar="SECONDS",
               help="On SIGINT/SIGTERM, how long to wait for outdev to take the frames "
                    "released at shutdown.")
@@ -824,8 +503,7 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
           --outdev unix:/run/colo/compare_out.sock --control /run/colo/ctl \\
           --qmp unix:/run/colo/serve-qmp.sock
     """
-    from .serve import ServeError, ServeOptions
-    from .serve import serve as run_serve
+    from .serve import run
 
     names = [("--primary-in", primary_in), ("--secondary-in", secondary_in), ("--outdev", outdev)]
     if notify_dev is not None:
@@ -857,17 +535,13 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
                            checkpoint_policy=checkpoint_policy, control_path=control_path,
                            events_path=events_path, hexdump=hexdump_limit,
                            hexdumps_per_minute=hexdump_rate, color=color,
-                           outdev_buffer_bytes=outdev_buffer_mib * 1024 * 1024,
+                           outdev_buffer_bytes=outdev_buffer_mib * MIB,
                            connect_timeout_s=connect_timeout, drain_timeout_s=drain_timeout,
                            verbose=-1 if quiet else (1 if verbose else 0),
                            debug=bool((click.get_current_context().obj or {}).get("debug")),
                            metrics_listen=metrics_listen)
     _tune_gc()
-    try:
-        rc = run_serve(options)
-    except ServeError as e:
-        raise Trouble(str(e)) from None
-    sys.exit(rc)
+    sys.exit(run(options))
 
 
 # -- stats ------------------------------------------------------------------------
@@ -923,9 +597,9 @@ def stats(report, control_path, as_json, fmt, watch, top, output_path, quiet, ve
           -o /var/lib/node_exporter/textfile/colo.prom
       colo-compare replay --json a.pcap b.pcap > r.json; colo-compare stats r.json
     """
-    from .control import ControlError, query
-    from .metrics import TOP_MAX, ReportError, from_report, from_serve, prometheus
-    from .render import make_console, print_stats, stats_renderables
+    from .control import query
+    from .metrics import TOP_MAX, from_serve, prometheus, read_report
+    from .render import make_console, print_stats, watch_stats
 
     if as_json:
         fmt = "json"
@@ -942,38 +616,15 @@ def stats(report, control_path, as_json, fmt, watch, top, output_path, quiet, ve
 
     def fetch() -> dict:
         if report:
-            try:
-                with open(report, "rb") as f:
-                    data = json.load(f)
-            except OSError as e:
-                raise Trouble(f"{report}: {e.strerror or e}") from None
-            except ValueError:
-                raise Trouble(f"{report}: not JSON (expected a 'replay --json' report)") from None
-            try:
-                return from_report(data, report)
-            except ReportError as e:
-                raise Trouble(str(e)) from None
-        try:
-            # one more than shown: whether the lists go on
-            return from_serve(query(control_path, {"cmd": "stats", "top": min(top + 1, TOP_MAX)}),
-                              top)
-        except ControlError as e:
-            raise Trouble(str(e)) from None
+            return read_report(report)
+        # one more than shown: whether the lists go on
+        return from_serve(query(control_path, {"cmd": "stats", "top": min(top + 1, TOP_MAX)}), top)
 
     if watch is not None:
-        import time as _time
-
-        from rich.console import Group
-        from rich.live import Live
-        console = make_console(color=color)
         try:
-            with Live(Group(*stats_renderables(console, fetch(), verbose)), console=console,
-                      auto_refresh=False, screen=False) as live:
-                while True:
-                    _time.sleep(watch)
-                    live.update(Group(*stats_renderables(console, fetch(), verbose)), refresh=True)
+            watch_stats(fetch, watch, color=color, verbose=verbose)
         except KeyboardInterrupt:
-            return
+            return          # Ctrl-C ends a watch: exit status 0
     doc = fetch()
     if quiet:
         return
@@ -989,22 +640,13 @@ def stats(report, control_path, as_json, fmt, watch, top, output_path, quiet, ve
             buf = io.StringIO()
             print_stats(make_console(buf, color="never"), doc, verbose=verbose)
             text = buf.getvalue()
-        _write_atomically(output_path, text)
+        write_atomically(output_path, text)
         return
     with stdout_guard():
         if text is not None:
             click.echo(text, nl=False)
         else:
             print_stats(make_console(color=color), doc, verbose=verbose)
-
-
-def _write_atomically(path: str, text: str) -> None:
-    """A scraper never sees half a file (see _open_output)."""
-    try:
-        with _open_output(path) as f:
-            f.write(text.encode())
-    except OSError as e:
-        raise Trouble(f"{path}: cannot write: {e.strerror or e}") from None
 
 
 # -- completion ---------------------------------------------------------------------
@@ -1031,32 +673,6 @@ def completion(shell):
 
 # -- entry point --------------------------------------------------------------------
 
-def _one_line(text: str) -> str:
-    """Errors are one line, whatever a file name holds."""
-    return str(text).replace("\r", "\\r").replace("\n", "\\n")
-
-
-def _silence_stdout() -> None:
-    """The reader of our output went away (``| head``): not an error of ours.
-    Point stdout at /dev/null so nothing more (not even the interpreter's
-    final flush) complains."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-
-
-@contextlib.contextmanager
-def stdout_guard():
-    """Around a command's output: a closed pipe ends the output, not the
-    command, which still exits with the status it found."""
-    try:
-        yield
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _silence_stdout()
-
-
 def main(argv=None) -> None:
     """Console-script entry: run the CLI and turn every failure into one line.
 
@@ -1080,29 +696,29 @@ def main(argv=None) -> None:
         rc = EXIT_SAME
     except click.UsageError as e:
         cmd = e.ctx.command_path if e.ctx else "colo-compare"
-        click.echo(_one_line(f"{cmd}: {e.format_message()} (see '{cmd} --help')"), err=True)
+        click.echo(one_line(f"{cmd}: {e.format_message()} (see '{cmd} --help')"), err=True)
         rc = EXIT_TROUBLE
     except click.exceptions.Exit as e:
         rc = e.exit_code
     except (click.Abort, KeyboardInterrupt) as e:
         click.echo("colo-compare: interrupted", err=True)
         rc = 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
-    except Trouble as e:
+    except ColoError as e:
         if debug:
             import traceback
             traceback.print_exc()
-        click.echo(_one_line(f"colo-compare: {e}"), err=True)
-        rc = EXIT_TROUBLE
+        click.echo(one_line(f"colo-compare: {e}"), err=True)
+        rc = e.exit_status
     except click.ClickException as e:
-        click.echo(_one_line(f"colo-compare: {e.format_message()}"), err=True)
+        click.echo(one_line(f"colo-compare: {e.format_message()}"), err=True)
         rc = e.exit_code
     except BrokenPipeError:
-        _silence_stdout()
+        silence_stdout()
         rc = EXIT_SAME
     except Exception as e:  # noqa: BLE001 - the last line of defence
         if debug:
             raise
-        click.echo(_one_line(f"colo-compare: internal error: {type(e).__name__}: {e} "
+        click.echo(one_line(f"colo-compare: internal error: {type(e).__name__}: {e} "
                              "(rerun with --debug for a traceback, and please report it)"),
                    err=True)
         rc = EXIT_TROUBLE

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import click
 
+from .errors import ColoError, os_error_text
+
 __all__ = ["ConfigError", "config_option", "load"]
 
 
-class ConfigError(Exception):
+class ConfigError(ColoError):
     """A config file that cannot be used: one line naming it."""
 
 
@@ -44,7 +46,7 @@ def load(path: str, command: click.Command, ctx: click.Context | None = None) ->
         with open(path, "rb") as f:
             doc = tomllib.load(f)
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise ConfigError(f"{path}: cannot read: {os_error_text(e)}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except UnicodeDecodeError:

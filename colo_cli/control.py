@@ -16,6 +16,11 @@ connection's peer credentials (SO_PEERCRED) are checked against our uid
 (root is allowed too).  A request that is not JSON gets an error reply (the
 connection stays open); one larger than the bound gets an error and the
 connection is closed.
+
+The socket knows nothing of serve's insides: it is given three questions
+to ask (:class:`ControlServer`'s ``stats``, ``connections`` and
+``checkpoint``), and serve answers them.  The dependency runs one way:
+serve uses this module, this module uses neither serve nor the core.
 """
 
 from __future__ import annotations
@@ -26,45 +31,50 @@ import json
 import os
 import socket
 import stat
-import struct
+from typing import Callable
 
 from . import __version__
-from .flows import connection_summary
+from .errors import ColoError, os_error_text
+from .sockets import peer_uid, remove_stale_socket
 
 LINE_MAX = 64 * 1024
 PROTOCOL_VERSION = 1
 
 
-class ControlError(Exception):
-    """A one-line message for the user of ``stats``."""
+#: the most connections one "connections" request lists
+CONNECTIONS_MAX = 100_000
 
 
-def peer_uid(sock: socket.socket) -> int | None:
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except (OSError, AttributeError):
-        return None
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
+class ControlError(ColoError):
+    """The control socket cannot be made (serve) or asked (``stats``):
+    one line."""
 
 
 class ControlServer:
-    def __init__(self, server, path: str) -> None:
-        self.server = server
+    """The control socket at ``path``, answering with what it is given:
+
+    * ``stats(top)``: ``{"stats": ..., "top_connections": ...}``, the
+      counters and the ``top`` connections by miscompares and by hold time;
+    * ``connections(limit)``: ``{"total": n, "connections": [...]}``, the
+      ``limit`` most recent connections and how many there are;
+    * ``checkpoint()``: perform one now; ``{"released": n, "discarded": n}``.
+    """
+
+    def __init__(self, path: str, *, stats: Callable[[int], dict],
+                 connections: Callable[[int], dict], checkpoint: Callable[[], dict]) -> None:
         self.path = path
+        self._stats = stats
+        self._connections = connections
+        self._checkpoint = checkpoint
         self._srv = None
 
     async def start(self) -> None:
-        from .serve import ServeError, _remove_stale_socket
-        try:
-            _remove_stale_socket(self.path)
-        except OSError as e:
-            raise ServeError(f"--control {self.path}: {e.strerror or e}") from None
         old = os.umask(0o177)
         try:
+            remove_stale_socket(self.path)
             self._srv = await asyncio.start_unix_server(self._client, self.path, limit=LINE_MAX)
         except OSError as e:
-            raise ServeError(f"--control {self.path}: cannot listen: {e.strerror or e}") from None
+            raise ControlError(f"--control {self.path}: cannot listen: {os_error_text(e)}") from None
         finally:
             os.umask(old)
         os.chmod(self.path, stat.S_IRUSR | stat.S_IWUSR)
@@ -114,24 +124,18 @@ class ControlServer:
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
             return {"ok": False, "error": 'expected {"cmd": "..."}'}
         cmd = req["cmd"]
-        srv = self.server
         if cmd == "stats":
             top = req.get("top", 10)
             if not isinstance(top, int) or not 0 <= top <= 1000:
                 return {"ok": False, "error": "top must be an integer from 0 to 1000"}
-            top_conns = srv.comparator.top_connections(top)
-            return {"ok": True, "protocol": PROTOCOL_VERSION, "stats": srv.snapshot(),
-                    "top_connections": {k: [connection_summary(c) for c in v]
-                                        for k, v in top_conns.items()}}
+            return {"ok": True, "protocol": PROTOCOL_VERSION, **self._stats(top)}
         if cmd == "connections":
             limit = req.get("limit", 100)
             if not isinstance(limit, int) or limit < 1:
                 return {"ok": False, "error": "limit must be a positive integer"}
-            conns = [connection_summary(c)
-                     for c in srv.comparator.connections(limit=min(limit, 100_000))]
-            return {"ok": True, "total": len(srv.comparator.table), "connections": conns}
+            return {"ok": True, **self._connections(min(limit, CONNECTIONS_MAX))}
         if cmd == "checkpoint":
-            return {"ok": True, **srv.checkpoint("control")}
+            return {"ok": True, **self._checkpoint()}
         if cmd == "version":
             return {"ok": True, "version": __version__, "protocol": PROTOCOL_VERSION}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
@@ -159,7 +163,7 @@ def query(path: str, request: dict, timeout_s: float = 5.0) -> dict:
         except PermissionError:
             raise ControlError(f"{path}: permission denied") from None
         except OSError as e:
-            raise ControlError(f"{path}: {e.strerror or e}") from None
+            raise ControlError(f"{path}: {os_error_text(e)}") from None
         sock.sendall(json.dumps(request).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
@@ -168,7 +172,7 @@ def query(path: str, request: dict, timeout_s: float = 5.0) -> dict:
             except socket.timeout:
                 raise ControlError(f"{path}: no answer within {timeout_s:g} s") from None
             except OSError as e:
-                raise ControlError(f"{path}: {e.strerror or e}") from None
+                raise ControlError(f"{path}: {os_error_text(e)}") from None
             if not chunk:
                 break
             buf += chunk

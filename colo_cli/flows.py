@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from .core.packet import fragment_context
+from .core import fragment_context
 
 #: the ports field of a key for a protocol without ports
 ZERO_PORTS = b"\0\0\0\0"

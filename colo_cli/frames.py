@@ -1,12 +1,16 @@
-"""Where the two frames of a miscompare differ, and how a frame is named in
-JSON: the parts of the report that serve's event log needs too, kept free of
-rich (serve imports this at its first miscompare, on the hot path of the
-checkpoint request that follows).
+"""A miscompare as reported (:class:`MiscompareRecord`), where its two
+frames differ, and how a frame is named in JSON: the parts of the report
+that serve's event log needs too, kept free of rich (serve imports this at
+its first miscompare, on the hot path of the checkpoint request that
+follows).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
+
+from .core import Miscompare
 
 _MERGE_GAP = 8             # differing bytes closer than this are one region
 
@@ -147,3 +151,26 @@ def frame_json(pkt, offset, numbers, payload_offset, with_hex: bool = True) -> d
     if with_hex:
         d["frame_hex"] = frame.hex()
     return d
+
+
+@dataclass
+class MiscompareRecord:
+    """A miscompare as reported: the core's event plus where it happened.
+
+    ``primary_frames``/``secondary_frames`` are the frame numbers of the
+    frames holding the differing byte, numbered from 1 as Wireshark numbers
+    them in that capture (``serve``: in arrival order on that input); more
+    than one for a datagram reassembled from fragments, none when that side
+    has no frame there."""
+    event: Miscompare
+    flow: str
+    time_ms: float
+    primary_frames: tuple = ()
+    secondary_frames: tuple = ()
+
+    @cached_property
+    def explanation(self):
+        """What differs in protocol terms (``colo_cli.explain``), or None;
+        decoded once, and only for a miscompare that is reported."""
+        from .explain import explain
+        return explain(self.event)

@@ -21,12 +21,13 @@ suggests it (with the checkpoints it avoids) when it removes some.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from . import schema
-from .core.noise import parse_rule, ports_of
+from .core import parse_rule, ports_of
 from .replay import replay
 
 #: entries of the "left unexplained" list in the JSON document
@@ -227,3 +228,33 @@ def suggest(event) -> str | None:
         port = min(sport, dport)
         return f"tcp:{port}:/(?im)^{re.escape(name)}:[ \\t]*[^\\r\\n]*/"
     return None
+
+
+def run(options) -> int:
+    """``colo-compare replay --learn-noise``: learn from the two captures of
+    ``options`` (a ``ReplayOptions``; read several times, so not from
+    stdin) and print what was found; returns the exit status (0)."""
+    from .capture import open_capture
+    from .errors import EXIT_SAME
+    from .outputs import stdout_guard
+    from .render import make_console, print_learned
+    from .replay import selection_of
+
+    o = options
+    selection = selection_of(o)
+
+    def open_pair():
+        p = open_capture(o.primary)
+        try:
+            return p, open_capture(o.secondary)
+        except BaseException:
+            p.close()
+            raise
+    result = learn_noise(open_pair, o.config, hold=o.hold, vnet_hdr_len=o.vnet_hdr_len,
+                         selection=selection)
+    with stdout_guard():
+        if o.as_json:
+            print(json.dumps(learn_json(result), indent=1))
+        else:
+            print_learned(make_console(color=o.color), result, o.primary, o.secondary)
+    return EXIT_SAME

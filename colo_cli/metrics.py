@@ -19,7 +19,8 @@ started (``colo_compare_start_time_seconds``) rather than an uptime.
 from __future__ import annotations
 
 from . import schema
-from .core.stats import HOLD_BOUNDS_S, Histogram
+from .core import HOLD_BOUNDS_S, Histogram
+from .errors import ColoError, os_error_text
 
 #: version of the stats document (``colo-compare stats --json``).
 STATS_VERSION = schema.STATS_VERSION
@@ -38,17 +39,15 @@ MISCOMPARE_PROTOCOLS = ("tcp", "udp", "icmp", "ip", "arp")
 
 def _known_labels() -> dict:
     """Every label value each labelled family can have, for the zeros."""
-    from .core import events, packet, reassembly
-    frame_reasons = sorted({v for k, v in vars(packet).items() if k.startswith("REASON_")}
-                           | {v for k, v in vars(reassembly).items() if k.startswith("FAIL_")}
-                           | {events.REASON_INTERNAL_ERROR, events.REASON_SECONDARY_ABSENT})
+    from .core import FRAME_REASONS, CheckpointCause, MiscompareCause, ReleaseReason
+    frame_reasons = list(FRAME_REASONS)
     return {
-        "released": [r.value for r in events.ReleaseReason],
+        "released": [r.value for r in ReleaseReason],
         "bypassed": frame_reasons,
         "dropped": ["secondary:" + r for r in frame_reasons] + ["primary:outdev-overflow"],
         "miscompares": [f"{p}:{c.value}" for p in MISCOMPARE_PROTOCOLS
-                        for c in events.MiscompareCause],
-        "checkpoint_requests": [c.value for c in events.CheckpointCause],
+                        for c in MiscompareCause],
+        "checkpoint_requests": [c.value for c in CheckpointCause],
         "evicted": list(EVICTION_REASONS),
     }
 
@@ -66,8 +65,9 @@ def _with_zeros(counts: dict, known: list) -> dict:
 ADDED_TO_VERSION_1 = {"secondary_absent_periods": 0}
 
 
-class ReportError(ValueError):
-    """Not a report this version understands (one-line message)."""
+class ReportError(ColoError):
+    """Not a report this version understands, or no report at all
+    (one-line message)."""
 
 
 _RESULTS = ("match", "diverge", "incomparable")
@@ -110,6 +110,19 @@ def _hold_seconds(stats: dict) -> None:
     cumulative buckets in seconds are derived from it."""
     if "hold_seconds" not in stats and isinstance(stats.get("hold_ms"), dict):
         stats["hold_seconds"] = Histogram.from_dict(stats["hold_ms"]).to_cumulative()
+
+
+def read_report(path: str) -> dict:
+    """The stats document of a saved ``replay --json`` report file."""
+    import json
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ReportError(f"{path}: {os_error_text(e)}") from None
+    except ValueError:
+        raise ReportError(f"{path}: not JSON (expected a 'replay --json' report)") from None
+    return from_report(data, path)
 
 
 def from_report(report, name: str) -> dict:

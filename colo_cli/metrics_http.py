@@ -48,7 +48,6 @@ class MetricsServer:
         self.host = host
         self.port = port
         self._srv = None
-        self.scrapes = 0
 
     async def start(self) -> None:
         """Listen; OSError when the address cannot be bound."""
@@ -90,7 +89,6 @@ class MetricsServer:
                 await self._reply(writer, 200, "colo-compare serve: the metrics are at /metrics\n",
                                   head_only=method == "HEAD")
                 return
-            self.scrapes += 1
             await self._reply(writer, 200, self.render(), content_type=CONTENT_TYPE,
                               head_only=method == "HEAD")
         except (ConnectionError, OSError):

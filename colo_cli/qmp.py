@@ -114,8 +114,7 @@ class Event:
 class QmpClient:
     """The client side of one QMP connection (see the module docstring)."""
 
-    __slots__ = ("max_line_bytes", "state", "error", "greeting", "_buf", "_pending", "_next_id",
-                 "lines_in")
+    __slots__ = ("max_line_bytes", "state", "error", "greeting", "_buf", "_pending", "_next_id")
 
     def __init__(self, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self.max_line_bytes = max_line_bytes
@@ -125,7 +124,6 @@ class QmpClient:
         self._buf = bytearray()
         self._pending: dict[int, str] = {}     # id -> command name, oldest first
         self._next_id = 1
-        self.lines_in = 0
 
     @property
     def pending(self) -> int:
@@ -173,7 +171,6 @@ class QmpClient:
             line = bytes(buf[start:end])
             start = end + 1
             if line.strip():
-                self.lines_in += 1
                 msg = self._message(line)
                 if msg is None:
                     return out

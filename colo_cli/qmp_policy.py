@@ -9,7 +9,7 @@ Theory of operation
 QEMU's COLO has no QMP command "checkpoint now", but on the **primary**,
 while migration is in COLO state, setting the migration parameter
 ``x-checkpoint-delay`` wakes the COLO thread to checkpoint at once
-(``shared/spec/qemu-colo-qmp.md``).  Setting it to the value it already has
+(``docs/qemu.md`` section 5).  Setting it to the value it already has
 is therefore a checkpoint request that changes nothing (apart from moving
 the next periodic checkpoint to now + delay).  Every checkpoint, asked for
 or periodic, shows on every QMP monitor of the primary as ``STOP``, then
@@ -59,7 +59,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from .core.stats import Histogram
+from .core import Histogram
 
 #: Why the policy is ``release`` for now.
 FALLBACK_UNREACHABLE = "qmp-unreachable"    # no QMP connection, or not yet its answers

@@ -6,6 +6,7 @@ asked); without a terminal the same report is plain text.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import schema
+from .core import Config
 from .flows import describe_key, format_key
 from .frames import FrameDiff, frame_diff, frame_json, payload_marks  # noqa: F401 - re-exported
 
@@ -392,17 +394,18 @@ def describe_settings(config, hold=False, vnet_hdr_len=0, every: bool = False) -
     """What was not the default (``every``: every setting), so a report says
     how to reproduce it."""
     parts = []
+    default = Config()
     if config.compare_timeout_ms is None:
         parts.append("no timeouts")
-    elif every or config.compare_timeout_ms != 3000:
+    elif every or config.compare_timeout_ms != default.compare_timeout_ms:
         parts.append(f"compare timeout {config.compare_timeout_ms:g} ms")
-    if every or config.expired_scan_cycle_ms != 1000:
+    if every or config.expired_scan_cycle_ms != default.expired_scan_cycle_ms:
         parts.append(f"scan cycle {config.expired_scan_cycle_ms:g} ms")
-    if every or config.max_queue_size != 1024:
+    if every or config.max_queue_size != default.max_queue_size:
         parts.append(f"max queue size {config.max_queue_size}")
-    if every or config.max_connections != 16384:
+    if every or config.max_connections != default.max_connections:
         parts.append(f"max connections {config.max_connections}")
-    if every or config.max_queued_bytes != 256 * 1024 * 1024:
+    if every or config.max_queued_bytes != default.max_queued_bytes:
         parts.append(f"max queued {config.max_queued_bytes / 1048576:g} MiB")
     if config.normalize_seq:
         parts.append("relative TCP sequence numbers")
@@ -475,7 +478,6 @@ def _flow_fields(key) -> dict:
 
 
 def replay_json(result) -> dict:
-    st = result.stats
     cfg = result.config
 
     def side(info):
@@ -536,7 +538,7 @@ def stats_renderables(console: Console, doc: dict, verbose: bool = False) -> lis
     """The stats view (a running serve, or a saved report) as rich
     renderables: a summary table, links, and the top connections
     (``verbose``: and the hold-time histogram)."""
-    from .core.stats import Histogram
+    from .core import Histogram
     st = doc["stats"]
     serve = st.get("serve")
     color = console.color_system is not None
@@ -657,7 +659,7 @@ def stats_renderables(console: Console, doc: dict, verbose: bool = False) -> lis
 
 def _qmp_rows(t, q: dict) -> None:
     """serve --qmp: QEMU's checkpoints and COLO state, two rows."""
-    from .core.stats import Histogram
+    from .core import Histogram
     c = q["checkpoints"]
     detail = (f"requested {c['requested']:,}, completed {c['completed']:,}, periodic "
               f"{c['periodic']:,}, timed out {c['timed_out']:,}, failed {c['failed']:,}")
@@ -675,10 +677,46 @@ def _qmp_rows(t, q: dict) -> None:
     t.add_row("QMP", link, state)
 
 
+def watch_stats(fetch, interval_s: float, color: str = "auto", verbose: bool = False) -> None:
+    """``stats --watch``: the table of ``fetch()``'s document, redrawn in
+    place every ``interval_s`` until interrupted (KeyboardInterrupt is the
+    caller's to catch)."""
+    import time
+
+    from rich.console import Group
+    from rich.live import Live
+    console = make_console(color=color)
+    with Live(Group(*stats_renderables(console, fetch(), verbose)), console=console,
+              auto_refresh=False, screen=False) as live:
+        while True:
+            time.sleep(interval_s)
+            live.update(Group(*stats_renderables(console, fetch(), verbose)), refresh=True)
+
+
 def print_stats(console: Console, doc: dict, verbose: bool = False) -> None:
     for part in stats_renderables(console, doc, verbose):
         console.print(part)
         console.print()
+
+
+# -- progress --------------------------------------------------------------------
+
+@contextlib.contextmanager
+def replay_progress(reader, silent):
+    """A progress bar on stderr for long captures, on a terminal only."""
+    total = 0
+    if not silent and sys.stderr.isatty() and reader.name != "<stdin>":
+        with contextlib.suppress(OSError):
+            total = os.path.getsize(reader.name)
+    if total < 50 * 1024 * 1024:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("comparing"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeRemainingColumn(), console=make_console(sys.stderr), transient=True) as bar:
+        task = bar.add_task("replay", total=total)
+        yield lambda _count: bar.update(task, completed=reader.bytes_read)
 
 
 # -- evidence for Wireshark ----------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The clock is each capture's own timestamps, relative to its first packet:
 QEMU's filter-dump stamps with the VM's virtual clock, so the two files'
-time bases are unrelated (``notes/capture-pitfalls.md`` 1.9).  The two
+time bases are unrelated (``docs/captures.md``, QEMU's filter-dump).  The two
 relative timelines are merged and fed to the core as ``now_ms``; timer ticks
 are run in between exactly as ``serve``'s event loop would, so the decisions
 are those ``serve`` would have taken for the same arrival times.
@@ -27,16 +27,25 @@ link type, so every output can write it under its own.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sys
 from array import array
 from bisect import bisect_right
 from dataclasses import dataclass, field
-from functools import cached_property
 
 from . import linklayer
 from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointMode, CheckpointRequested,
-                   Comparator, Config, InternalError, Matched, Miscompare, Released)
-from .core.events import RELEASE_END, RELEASE_MATCH
+                   Comparator, Config, InternalError, Matched, Miscompare, Released,
+                   ReleaseReason)
+from .errors import EXIT_DIVERGE, EXIT_SAME, EXIT_TROUBLE, one_line
 from .flows import format_key
+from .frames import MiscompareRecord
+from .options import ReplayOptions
+
+# (module names: the per-event path compares them without an attribute lookup)
+RELEASE_MATCH = ReleaseReason.MATCH
+RELEASE_END = ReleaseReason.END
 
 #: miscompares kept with their frames for hexdumps and JSON; the rest are
 #: counted only, so a capture pair that differs everywhere stays in bounded
@@ -129,29 +138,6 @@ def _numbers(pkt, numbering) -> tuple:
     if pkt.fragments is not None:
         return tuple(numbering(f.index) for f in pkt.fragments)
     return (numbering(pkt.index),)
-
-
-@dataclass
-class MiscompareRecord:
-    """A miscompare as reported: the core's event plus where it happened.
-
-    ``primary_frames``/``secondary_frames`` are the frame numbers of the
-    frames holding the differing byte, numbered from 1 as Wireshark numbers
-    them in that capture (``serve``: in arrival order on that input); more
-    than one for a datagram reassembled from fragments, none when that side
-    has no frame there."""
-    event: Miscompare
-    flow: str
-    time_ms: float
-    primary_frames: tuple = ()
-    secondary_frames: tuple = ()
-
-    @cached_property
-    def explanation(self):
-        """What differs in protocol terms (``colo_cli.explain``), or None;
-        decoded once, and only for a miscompare that is reported."""
-        from .explain import explain
-        return explain(self.event)
 
 
 @dataclass
@@ -642,3 +628,97 @@ def _left_out_note(info: SideInfo, selection: Selection) -> str:
     if info.stopped_at_end:
         text += "; not read past --end"
     return text
+
+
+# -- the command ---------------------------------------------------------------------
+
+def selection_of(options: ReplayOptions) -> Selection:
+    """The frames ``options`` has compared.  A filter libpcap cannot compile
+    (or no libpcap) fails here, before anything is read."""
+    bpf = None
+    if options.filter_expr is not None:
+        from .bpf import BpfFilter
+        bpf = BpfFilter(options.filter_expr)
+    return Selection(direction=options.direction, bpf=bpf, start_ns=options.start_ns,
+                     end_ns=options.end_ns)
+
+
+def run(options: ReplayOptions) -> int:
+    """``colo-compare replay``: compare the two captures, write the outputs
+    asked for (each whole or not at all), print the report; returns the exit
+    status: 0 match, 1 diverge, and for captures that could not be
+    compared 1 when some frames were, 2 when none was (said on stderr, even
+    with -q)."""
+    from .capture import LikeInputWriter, open_capture
+    from .outputs import open_output, stdout_guard, terminate_as_interrupt
+    from .render import make_console, print_replay_report, replay_json, replay_progress
+
+    o = options
+    selection = selection_of(o)
+    quiet = o.verbose < 0
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(terminate_as_interrupt())
+        p_reader = stack.enter_context(open_capture(o.primary))
+        s_reader = stack.enter_context(open_capture(o.secondary))
+        if selection.bpf is not None:
+            # compiled for each capture's link type now: an expression that
+            # makes no sense there fails before the comparison
+            for reader in (p_reader, s_reader):
+                selection.bpf.compile(_first_linktype(reader))
+
+        def like_primary(path):
+            # the primary's own format and link type (see LikeInputWriter)
+            return LikeInputWriter(stack.enter_context(open_output(path)),
+                                   format=p_reader.format, linktype=_first_linktype(p_reader)).write
+        on_release = like_primary(o.out_path) if o.out_path else None
+        on_unmatched = like_primary(o.diverged_path) if o.diverged_path else None
+        on_miscompare = None
+        if o.evidence_path:
+            from .evidence import evidence_writer
+            from .render import evidence_section_comment
+            on_miscompare = evidence_writer(
+                stack.enter_context(open_output(o.evidence_path)),
+                evidence_section_comment(p_reader.name, s_reader.name, o.config, o.hold,
+                                         o.vnet_hdr_len),
+                _first_linktype(p_reader), _first_linktype(s_reader))
+        progress = stack.enter_context(replay_progress(p_reader, quiet or o.as_json))
+        result = replay(p_reader, s_reader, o.config, hold=o.hold, vnet_hdr_len=o.vnet_hdr_len,
+                        on_release=on_release, on_unmatched=on_unmatched,
+                        on_progress=progress, on_miscompare=on_miscompare,
+                        selection=selection)
+    verdict = result.verdict
+    if verdict == "incomparable":
+        # never a quiet "match": the exit status and stderr say it, even with -q
+        status = EXIT_DIVERGE if result.compared_primary else EXIT_TROUBLE
+        # (with -q there is no report: the line says why by itself)
+        print(one_line(f"colo-compare: {_incomparable_text(result)}"), file=sys.stderr)
+    else:
+        status = EXIT_DIVERGE if verdict == "diverge" else EXIT_SAME
+    if not quiet:
+        with stdout_guard():
+            if o.as_json:
+                print(json.dumps(replay_json(result), indent=1))
+            else:
+                # with --out -, stdout carries the pcap: the report goes to stderr
+                console = make_console(sys.stderr if o.out_path == "-" else None, color=o.color)
+                print_replay_report(console, result, o.hexdump, verbose=o.verbose > 0)
+    else:
+        for w in result.primary.warnings + result.secondary.warnings:
+            print(one_line(f"colo-compare: warning: {w}"), file=sys.stderr)
+    return status
+
+
+def _incomparable_text(result: ReplayResult) -> str:
+    if result.primary.frames:
+        why, n = max(result.stats.bypassed.items(), key=lambda kv: kv[1])
+        return (f"only {result.compared_primary:,} of {result.primary.frames:,} primary "
+                f"frames could be compared ({n:,} not, for '{why}'): not a match")
+    if result.primary.left_out:
+        why = ", ".join(f"{n:,} left out by {k}" for k, n in result.primary.left_out.items())
+        return f"no primary frame was selected for comparison ({why}): not a match"
+    return "the primary capture has no frames: nothing to compare, not a match"
+
+
+def _first_linktype(reader) -> int:
+    """A capture's (first) link type; Ethernet for a pcapng with no interface."""
+    return linklayer.ETHERNET if reader.linktype is None else reader.linktype

@@ -9,19 +9,23 @@ over QMP (``serve_qmp``).
 
 Never block, never lose, never reorder:
 
-* every socket is non-blocking and serviced from one asyncio loop; inputs are
-  read whatever state outdev is in.  In the real COLO wiring one QEMU main
+* every socket is non-blocking and serviced from one asyncio loop (each
+  endpoint is a ``links.Link``); inputs are read whatever state outdev is in.  In the real COLO wiring one QEMU main
   loop writes ``--primary-in`` and reads ``--outdev``, so a comparator that
   stops reading while an outdev write is pending deadlocks QEMU
-  (``spec/qemu-filter-interop.md`` pitfall 8).
-* released frames wait in one FIFO for outdev (QEMU's send list pops the
-  newest first under backpressure: observed m1), bounded by
+  (``docs/qemu.md`` section 4).
+* released frames wait in one FIFO for outdev (``outqueue.OutQueue``; QEMU's
+  send list pops the newest first under backpressure: observed m1), bounded by
   ``outdev_buffer_bytes``; past the bound new frames are dropped, counted and
   reported.  A frame cut by an outdev disconnect is sent again, whole, on the
   next connection.
 * a hostile length prefix closes that connection only; the next connection is
   read by a fresh decoder (QEMU kills the input for good, observed j1b, or
   stays desynchronised across reconnects, observed j5).
+
+The control socket (``control``) is given three questions to ask the
+server (``stats_reply``, ``connections_reply``, ``checkpoint``) and nothing
+else of it.
 
 In production: ``--metrics-listen`` serves ``/metrics`` for Prometheus
 (``metrics_http``), and under systemd readiness, stopping and the watchdog
@@ -32,438 +36,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
-import os
 import signal
-import socket
-import stat
-import struct
 import sys
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from itertools import islice
 
 from . import __version__, schema
-from .core import (PRIMARY, SECONDARY, Bypassed, CheckpointDone, CheckpointMode,
-                   CheckpointRequested, Comparator, Config, Dropped, InternalError, Matched,
-                   Miscompare, Released, SecondaryAbsent)
-from .core.framing import (MSG_CHECKPOINT, MSG_DO_CHECKPOINT, MSG_GET_XEN_INIT,
-                           MSG_PROXY_INIT, FrameDecoder, NotifyDecoder, encode_notify)
-from .flows import format_key
-from .endpoints import Endpoint
+from .core import (MSG_CHECKPOINT, MSG_DO_CHECKPOINT, MSG_GET_XEN_INIT, MSG_PROXY_INIT,
+                   PRIMARY, SECONDARY, Bypassed, CheckpointDone, CheckpointMode,
+                   CheckpointRequested, Comparator, Dropped, FrameDecoder, InternalError, Matched,
+                   Miscompare, NotifyDecoder, Released, SecondaryAbsent, encode_notify)
+from .errors import ColoError, os_error_text
+from .flows import connection_summary, format_key
+from .links import Link
+from .options import POLICY_HOLD, POLICY_QMP, POLICY_RELEASE, ServeOptions
 from .systemd import Notifier, log_stamper
 
-POLICY_RELEASE = "release"   # checkpoint at once, locally: the primary wins
-POLICY_HOLD = "hold"         # hold until COLO_CHECKPOINT or a control "checkpoint"
-POLICY_QMP = "qmp"           # hold and ask QEMU's COLO over QMP; release outside COLO
 
-RECV_BYTES = 256 * 1024
-REPLACE_DRAIN_BYTES = 4 * 1024 * 1024   # read from a replaced connection, at most
-MAX_IOV = 512                 # buffers per sendmsg (IOV_MAX is 1024 on Linux)
-CONTROL_LINE_MAX = 64 * 1024  # bytes in one control request
-BACKOFF_START_S = 0.05
-BACKOFF_MAX_S = 2.0
-
-
-class ServeError(Exception):
+class ServeError(ColoError):
     """Cannot start: a one-line message for the user."""
-
-
-@dataclass
-class ServeOptions:
-    primary_in: Endpoint
-    secondary_in: Endpoint
-    outdev: Endpoint
-    notify_dev: Endpoint | None = None
-    config: Config = field(default_factory=Config)
-    vnet_hdr_support: bool = False
-    checkpoint_policy: str | None = None        # default: hold with notify_dev, qmp with qmp,
-                                                 # else release
-    qmp: Endpoint | None = None                  # the primary QEMU's QMP monitor
-    qmp_checkpoint_timeout_ms: float = 5000.0    # no RESUME this long after a request: release
-    control_path: str | None = None
-    events_path: str | None = None
-    #: hexdumps of the first N miscompares on stderr (None: of every one),
-    #: at most hexdumps_per_minute
-    hexdump: int | None = 0
-    hexdumps_per_minute: int = 10
-    color: str = "auto"                          # of the hexdumps: auto, always, never
-    outdev_buffer_bytes: int = 256 * 1024 * 1024
-    connect_timeout_s: float = 30.0              # 0: wait forever for a first connection
-    drain_timeout_s: float = 5.0
-    verbose: int = 0                             # -1 quiet, 0 normal, 1 verbose
-    debug: bool = False                          # tracebacks of internal errors
-    metrics_listen: tuple[str, int] | None = None   # (host, port) of /metrics; "" every interface
-
-    @property
-    def policy(self) -> str:
-        if self.checkpoint_policy:
-            return self.checkpoint_policy
-        if self.qmp is not None:
-            return POLICY_QMP
-        return POLICY_HOLD if self.notify_dev is not None else POLICY_RELEASE
-
-
-# -- output queue ------------------------------------------------------------------
-
-#: What holding one frame in an OutQueue costs beyond its bytes (the bytes
-#: object's header, its deque slot, malloc's rounding): counted against the
-#: queue's limit, so that tiny frames cannot multiply the memory it names.
-OUT_FRAME_OVERHEAD = 64
-
-
-class OutQueue:
-    """Frames waiting for a socket, in order.  ``head_sent`` bytes of the
-    first frame have gone out on the current connection.  ``limit`` bounds
-    the frames' bytes plus OUT_FRAME_OVERHEAD each."""
-
-    __slots__ = ("frames", "head_sent", "bytes", "limit", "high_water", "dropped",
-                 "dropped_bytes")
-
-    def __init__(self, limit: int) -> None:
-        self.frames: deque = deque()
-        self.head_sent = 0
-        self.bytes = 0
-        self.limit = limit
-        self.high_water = 0
-        self.dropped = 0
-        self.dropped_bytes = 0
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def push(self, data: bytes) -> bool:
-        if self.bytes + len(data) + (len(self.frames) + 1) * OUT_FRAME_OVERHEAD > self.limit:
-            self.dropped += 1
-            self.dropped_bytes += len(data)
-            return False
-        self.frames.append(data)
-        self.bytes += len(data)
-        if self.bytes > self.high_water:
-            self.high_water = self.bytes
-        return True
-
-    def trim(self) -> list:
-        """Enforce the bound on frames appended without ``push`` (the hot
-        path appends directly): the newest ones beyond it are dropped, as
-        ``push`` would have refused them.  Returns what was dropped."""
-        dropped = []
-        while (self.bytes + len(self.frames) * OUT_FRAME_OVERHEAD > self.limit
-               and len(self.frames) > (1 if self.head_sent else 0)):
-            data = self.frames.pop()
-            self.bytes -= len(data)
-            self.dropped += 1
-            self.dropped_bytes += len(data)
-            dropped.append(data)
-        if self.bytes > self.high_water:
-            self.high_water = self.bytes      # what the queue really held
-        return dropped
-
-    def restart(self) -> None:
-        """A new connection: the frame that was cut goes again, whole."""
-        self.head_sent = 0
-
-    def send(self, sock) -> int:
-        """Send what the socket takes now; returns the number of whole frames
-        that left.  Raises OSError (other than EAGAIN) on a broken peer."""
-        frames = self.frames
-        done = 0
-        while frames:
-            bufs = list(islice(frames, MAX_IOV))
-            if self.head_sent:
-                bufs[0] = memoryview(bufs[0])[self.head_sent:]
-            try:
-                n = sock.sendmsg(bufs)
-            except (BlockingIOError, InterruptedError):
-                return done
-            sent = n
-            while sent and frames:
-                head_left = len(frames[0]) - self.head_sent
-                if sent >= head_left:
-                    sent -= head_left
-                    self.bytes -= len(frames.popleft())
-                    self.head_sent = 0
-                    done += 1
-                else:
-                    self.head_sent += sent
-                    sent = 0
-            if n < sum(len(b) for b in bufs):
-                return done        # the socket is full
-        return done
-
-
-# -- one endpoint ------------------------------------------------------------------------
-
-class Link:
-    """One endpoint and, at most, one peer on it at a time.
-
-    A server endpoint listens and takes the newest connection (the old one
-    is closed, as a QEMU server chardev does); a client endpoint connects,
-    and reconnects with backoff whenever the peer goes away.
-    """
-
-    def __init__(self, serve: "Server", name: str, endpoint: Endpoint, out_limit: int = 0):
-        self.serve = serve
-        self.loop = serve.loop
-        self.name = name
-        self.endpoint = endpoint
-        self.listener: socket.socket | None = None
-        self.sock: socket.socket | None = None
-        self.peer = ""
-        self.out = OutQueue(out_limit) if out_limit else None
-        self.writer_registered = False
-        self.closed = False
-        self.connected_once = asyncio.Event()
-        self._lost = asyncio.Event()
-        self._task = None
-        # counters
-        self.connections = 0
-        self.disconnects = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.frames_out = 0
-        self.last_error = ""
-
-    # setup ----------------------------------------------------------------
-    def open_server(self) -> None:
-        ep = self.endpoint
-        try:
-            if ep.kind == "unix":
-                _remove_stale_socket(ep.path)
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            else:
-                family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(ep.address)
-            sock.listen(4)
-        except OSError as e:
-            raise ServeError(f"--{self.name} {ep}: cannot listen: {_reason(e)}") from None
-        sock.setblocking(False)
-        self.listener = sock
-        self.loop.add_reader(sock, self._accept)
-
-    def start_client(self) -> None:
-        self._task = self.loop.create_task(self._connect_loop())
-
-    async def _connect_loop(self) -> None:
-        ep = self.endpoint
-        backoff = ep.reconnect_s or BACKOFF_START_S
-        reported = ""
-        while not self.closed:
-            family = socket.AF_UNIX if ep.kind == "unix" else (
-                socket.AF_INET6 if ":" in ep.host else socket.AF_INET)
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            try:
-                await self.loop.sock_connect(sock, ep.address)
-            except OSError as e:
-                sock.close()
-                self.last_error = _reason(e)
-                if self.last_error != reported:
-                    # before the first connection this is startup, where a peer
-                    # not there yet is normal (--connect-timeout decides); once
-                    # a peer was lost, say why we are waiting
-                    self.serve.log(f"{self.name}: {ep}: {self.last_error}; retrying",
-                                   0 if self.connections else 1)
-                    reported = self.last_error
-                await asyncio.sleep(backoff)
-                if not ep.reconnect_s:
-                    backoff = min(backoff * 2, BACKOFF_MAX_S)
-                continue
-            reported = ""
-            backoff = ep.reconnect_s or BACKOFF_START_S
-            self._lost.clear()
-            self._adopt(sock, _peer_name(sock, ep))
-            await self._lost.wait()
-            if not self.closed:
-                await asyncio.sleep(ep.reconnect_s or BACKOFF_START_S)
-
-    def _accept(self) -> None:
-        try:
-            sock, addr = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self.serve.log(f"{self.name}: accept failed: {_reason(e)}", 0)
-            return
-        sock.setblocking(False)
-        if self.sock is not None:
-            self._read_what_is_left()
-            if self.sock is not None:
-                self._drop("replaced by a new connection")
-        self._adopt(sock, _addr_text(addr) or "unix peer")
-
-    def _read_what_is_left(self) -> None:
-        """Before a new peer replaces this one, take what the old one has
-        already sent: a peer that writes its last frames, closes and
-        reconnects at once must not lose them because the new connection
-        was noticed first.  At most REPLACE_DRAIN_BYTES, so a peer that
-        keeps writing cannot hold the loop here."""
-        taken = 0
-        while self.sock is not None and taken < REPLACE_DRAIN_BYTES:
-            before = self.bytes_in
-            self._readable()             # may drop the link (EOF, error, bad input)
-            if self.bytes_in == before:
-                return                   # nothing more to read now
-            taken += self.bytes_in - before
-
-    def _adopt(self, sock, peer: str) -> None:
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = sock
-        self.peer = peer
-        self.connections += 1
-        self.connected_once.set()
-        self.serve.log(f"{self.name}: connected ({peer})", 1)
-        self.loop.add_reader(sock, self._readable)
-        self.serve.on_connect(self)
-        if self.out is not None:
-            self.out.restart()
-            self.flush()
-
-    # data -------------------------------------------------------------------
-    def _readable(self) -> None:
-        sock = self.sock
-        if sock is None:
-            return
-        try:
-            data = sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._drop(_reason(e))
-            return
-        if not data:
-            self._drop("closed by the peer")
-            return
-        self.bytes_in += len(data)
-        self.serve.on_data(self, data)
-
-    def flush(self) -> None:
-        """Send what is queued, as far as the socket takes it now."""
-        sock = self.sock
-        if sock is None or self.writer_registered or not self.out.frames:
-            return
-        try:
-            before = self.out.bytes
-            self.frames_out += self.out.send(sock)
-            self.bytes_out += before - self.out.bytes
-        except OSError as e:
-            self._drop(_reason(e))
-            return
-        if self.out.frames:
-            self.writer_registered = True
-            self.loop.add_writer(sock, self._writable)
-
-    def _writable(self) -> None:
-        self.loop.remove_writer(self.sock)
-        self.writer_registered = False
-        self.flush()
-
-    def _drop(self, why: str, logged: bool = False) -> None:
-        """The peer is gone (or cut off): forget it; clients reconnect.
-        ``logged``: the reason was reported already (say it once)."""
-        sock = self.sock
-        if sock is None:
-            return
-        self.loop.remove_reader(sock)
-        if self.writer_registered:
-            self.loop.remove_writer(sock)
-            self.writer_registered = False
-        with contextlib.suppress(OSError):
-            sock.close()
-        self.sock = None
-        self.disconnects += 1
-        self.last_error = why
-        self.serve.log(f"{self.name}: disconnected ({self.peer}): {why}",
-                       0 if self.serve.running and not logged else 1)
-        self.serve.on_disconnect(self)
-        self._lost.set()
-
-    def cut_off(self, why: str) -> None:
-        """We close the connection (bad input), after logging why."""
-        self._drop(why, logged=True)
-
-    def close(self) -> None:
-        self.closed = True
-        if self.sock is not None:
-            self.loop.remove_reader(self.sock)
-            if self.writer_registered:
-                self.loop.remove_writer(self.sock)
-            with contextlib.suppress(OSError):
-                self.sock.close()
-            self.sock = None
-        if self.listener is not None:
-            self.loop.remove_reader(self.listener)
-            self.listener.close()
-            if self.endpoint.kind == "unix":
-                with contextlib.suppress(OSError):
-                    os.unlink(self.endpoint.path)
-            self.listener = None
-        if self._task is not None:
-            self._task.cancel()
-        self._lost.set()
-
-    def snapshot(self) -> dict:
-        d = {"endpoint": str(self.endpoint), "connected": self.sock is not None,
-             "peer": self.peer if self.sock is not None else None,
-             "connections": self.connections, "disconnects": self.disconnects,
-             "bytes_in": self.bytes_in, "last_error": self.last_error or None}
-        if self.out is not None:
-            d.update({"frames_out": self.frames_out, "bytes_out": self.bytes_out,
-                      "queued_frames": len(self.out), "queued_bytes": self.out.bytes,
-                      "queued_bytes_high_water": self.out.high_water,
-                      "dropped_frames": self.out.dropped})
-        return d
-
-
-def _reason(e: OSError) -> str:
-    if e.errno == errno.EADDRINUSE:
-        return "address already in use"
-    if e.errno == errno.ECONNREFUSED:
-        return "connection refused"
-    return (e.strerror or str(e)).lower() if e.strerror else str(e)
-
-
-def _addr_text(addr) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host = addr[0]
-        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
-    return str(addr) if addr else ""
-
-
-def _peer_name(sock, ep: Endpoint) -> str:
-    if ep.kind == "unix":
-        return ep.path
-    with contextlib.suppress(OSError):
-        return _addr_text(sock.getpeername())
-    return str(ep)
-
-
-def _remove_stale_socket(path: str) -> None:
-    """A unix socket left behind by a process that died: remove it, unless
-    something still listens there (then bind fails with a clear error)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-    except OSError:
-        pass
-    else:
-        raise OSError(errno.EADDRINUSE, "address already in use")
-    finally:
-        probe.close()
 
 
 # -- the server --------------------------------------------------------------------------
@@ -547,7 +138,8 @@ class Server:
         try:
             f.write(json.dumps(record, separators=(",", ":")) + "\n")
         except (OSError, ValueError) as e:
-            self.log(f"--events: cannot write: {e}; events are no longer written", -1)
+            why = os_error_text(e) if isinstance(e, OSError) else str(e)
+            self.log(f"--events: cannot write: {why}; events are no longer written", -1)
             self._events_file = None
 
     # -- start and stop -------------------------------------------------------------
@@ -558,10 +150,12 @@ class Server:
                 self._events_file = (sys.stdout if o.events_path == "-"
                                      else open(o.events_path, "a", buffering=1))
             except OSError as e:
-                raise ServeError(f"--events {o.events_path}: {_reason(e)}") from None
+                raise ServeError(f"--events {o.events_path}: {os_error_text(e)}") from None
         if o.control_path:
             from .control import ControlServer
-            self._control = ControlServer(self, o.control_path)
+            self._control = ControlServer(o.control_path, stats=self.stats_reply,
+                                          connections=self.connections_reply,
+                                          checkpoint=lambda: self.checkpoint("control"))
             await self._control.start()
         if o.metrics_listen is not None:
             from .metrics_http import MetricsServer
@@ -571,10 +165,14 @@ class Server:
                 await self._metrics.start()
             except OSError as e:
                 where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                raise ServeError(f"--metrics-listen {where}: cannot listen: {_reason(e)}") from None
+                raise ServeError(f"--metrics-listen {where}: cannot listen: {os_error_text(e)}") from None
         for link in self.links:
             if link.endpoint.server:
-                link.open_server()
+                try:
+                    link.open_server()
+                except OSError as e:
+                    raise ServeError(f"--{link.name} {link.endpoint}: cannot listen: "
+                                     f"{os_error_text(e)}") from None
         for link in self.links:
             if not link.endpoint.server:
                 link.start_client()
@@ -657,7 +255,7 @@ class Server:
             self.close()
             # let every task we started see its cancellation, so nothing is
             # left pending (asyncio would complain on stderr at exit)
-            tasks += [l._task for l in self.links if l._task is not None]
+            tasks += [l.task for l in self.links if l.task is not None]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -934,8 +532,7 @@ class Server:
         self.miscompares_seen += 1
         if self._events_file is None and not wanted:
             return          # nobody looks: not even the explanation is decoded
-        from .frames import frame_json, payload_marks
-        from .replay import MiscompareRecord
+        from .frames import MiscompareRecord, frame_json, payload_marks
         # frames are numbered from 1 in arrival order on each input
         record = MiscompareRecord(e, format_key(e.key), self.now_ms() - self.started_ms,
                                   _serve_numbers(e.primary), _serve_numbers(e.secondary))
@@ -969,7 +566,9 @@ class Server:
         self._hexdump_tokens -= 1
         from .render import make_console, print_hexdump
         console = make_console(self.stderr, color=self.options.color)
-        n = self.comparator.stats.miscompares.total()
+        # (serve's own count: the core's face has none, and this one
+        # numbers each miscompare of a read on its own)
+        n = self.miscompares_seen
         print_hexdump(console, record, n, n)
         if self.hexdumps_suppressed:
             console.print(f"({self.hexdumps_suppressed} hexdumps suppressed by the rate limit)")
@@ -1001,7 +600,7 @@ class Server:
         """Read what the inputs have already sent (bounded), before a
         checkpoint takes effect (serve_qmp, at QEMU's RESUME)."""
         for link in (self.primary, self.secondary):
-            link._read_what_is_left()
+            link.read_what_is_left()
 
     # -- the core's timer ---------------------------------------------------------------
     def rearm(self) -> None:
@@ -1033,6 +632,20 @@ class Server:
         self._arm_timer()
 
     # -- introspection (the control socket) ----------------------------------------------
+    def stats_reply(self, top: int) -> dict:
+        """The control socket's ``stats``: counters and the top connections."""
+        top_conns = self.comparator.top_connections(top)
+        return {"stats": self.snapshot(),
+                "top_connections": {k: [connection_summary(c) for c in v]
+                                    for k, v in top_conns.items()}}
+
+    def connections_reply(self, limit: int) -> dict:
+        """The control socket's ``connections``: the ``limit`` most recent."""
+        # (the core's face has no count of its connections: its table is read)
+        return {"total": self.comparator.connection_count,
+                "connections": [connection_summary(c)
+                                for c in self.comparator.connections(limit=limit)]}
+
     def snapshot(self) -> dict:
         snap = self.comparator.snapshot()
         dropped = snap["dropped"]
@@ -1072,8 +685,9 @@ def _serve_numbers(pkt) -> tuple:
     return (pkt.index + 1,)
 
 
-def serve(options: ServeOptions, stderr=None) -> int:
-    """Run the server until a signal; returns the exit status."""
+def run(options: ServeOptions, stderr=None) -> int:
+    """``colo-compare serve``: run the server until a signal; returns the
+    exit status."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     server = Server(options, loop, stderr)

@@ -6,7 +6,7 @@ to ask, what a ``RESUME`` means, when to give up, when to fall back) and
 the comparator (``Server.comparator``, through its public methods
 ``checkpoint``, ``set_mode`` and the events they return).
 
-The socket is a ``serve.Link`` like the others: non-blocking, serviced by
+The socket is a ``links.Link`` like the others: non-blocking, serviced by
 the one event loop, reconnected with backoff.  QMP can therefore never
 block the inputs or outdev: a slow or dead QMP peer costs only its own
 checkpoints, and those are bounded:
@@ -54,7 +54,7 @@ class QmpSide:
     """One ``--qmp`` endpoint and the qmp policy (see the module docstring)."""
 
     def __init__(self, server, endpoint, checkpoint_timeout_ms: float) -> None:
-        from .serve import Link
+        from .links import Link
         self.server = server
         self.loop = server.loop
         self.link = Link(server, "qmp", endpoint, out_limit=QMP_OUT_LIMIT)
@@ -81,10 +81,7 @@ class QmpSide:
     # -- the link (called by Server.on_connect / on_data / on_disconnect) ----------------
     def on_connect(self) -> None:
         # commands queued for the last connection mean nothing to this one
-        out = self.link.out
-        out.frames.clear()
-        out.bytes = 0
-        out.head_sent = 0
+        self.link.out.clear()
         self.client = QmpClient()
         self._callbacks = {}
         self._sent_ms = {}

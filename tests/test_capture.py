@@ -482,13 +482,13 @@ def test_missing_file(tmp_path):
     p = str(tmp_path / "nope.pcap")
     with pytest.raises(CaptureError) as ei:
         open_capture(p)
-    assert one_line(ei, p) == p + ": cannot open: No such file or directory"
+    assert one_line(ei, p) == p + ": cannot open: no such file or directory"
 
 
 def test_directory(tmp_path):
     with pytest.raises(CaptureError) as ei:
         open_capture(str(tmp_path))
-    assert one_line(ei, str(tmp_path)).endswith(": cannot open: Is a directory")
+    assert one_line(ei, str(tmp_path)).endswith(": cannot open: is a directory")
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads anything")
@@ -498,7 +498,7 @@ def test_permission_denied(tmp_path):
     p.chmod(0)
     with pytest.raises(CaptureError) as ei:
         open_capture(str(p))
-    assert one_line(ei, str(p)).endswith("Permission denied")
+    assert one_line(ei, str(p)).endswith("permission denied")
 
 
 @pytest.mark.parametrize("content,message", [
@@ -676,7 +676,7 @@ def test_read_error_mid_file_raises_capture_error():
     assert next(it)[2] == FRAME_A and next(it)[2] == FRAME_B
     with pytest.raises(CaptureError) as ei:
         next(it)
-    assert one_line(ei, "<stdin>") == "<stdin>: read error after 2 packets: Input/output error"
+    assert one_line(ei, "<stdin>") == "<stdin>: read error after 2 packets: input/output error"
 
 
 def test_path_objects_are_accepted(tmp_path):

@@ -812,10 +812,10 @@ def test_error_with_a_newline_in_the_file_name_is_one_line(cli, tmp_path):
 def test_debug_with_a_missing_file_in_process_shows_the_error(cli, tmp_path):
     """In-process, --debug lets the error propagate (for a traceback) or
     exits 2; either way it names the file."""
-    from colo_cli.cli import Trouble
+    from colo_cli.errors import ColoError
     try:
         r = cli("--debug", "replay", tmp_path / "nope.pcap", MATCH_S)
-    except Trouble as e:
+    except ColoError as e:
         assert "nope.pcap: cannot open" in str(e)
     else:
         assert r.rc == 2 and "nope.pcap" in r.err
@@ -831,6 +831,38 @@ def test_debug_process_shows_a_traceback_naming_the_file(tmp_path):
     assert p.returncode != 0
     assert b"Traceback" in p.stderr
     assert b"nope.pcap: cannot open" in p.stderr
+
+
+def test_the_command_builds_options_and_calls_run(monkeypatch):
+    """replay's command only builds a ReplayOptions and calls replay.run (or
+    learn.run): with no option given, the options are ReplayOptions' own
+    defaults, so the command line and the options object cannot disagree."""
+    from colo_cli.options import ReplayOptions
+    got = []
+    monkeypatch.setattr("colo_cli.replay.run", lambda options: got.append(options) or 0)
+    monkeypatch.setattr("colo_cli.learn.run", lambda options: got.append(("learn", options)) or 0)
+    with pytest.raises(SystemExit) as e:
+        main(["replay", str(MATCH_P), str(MATCH_S)])
+    assert e.value.code == 0
+    assert got == [ReplayOptions(str(MATCH_P), str(MATCH_S))]
+    with pytest.raises(SystemExit):
+        main(["replay", "--learn-noise", "--direction", "any", "-q", str(MATCH_P), str(MATCH_S)])
+    assert got[-1] == ("learn", ReplayOptions(str(MATCH_P), str(MATCH_S), direction=None,
+                                              verbose=-1))
+
+
+def test_replay_runs_without_the_command_line(capsys, tmp_path):
+    """replay.run is the whole command: captures in, outputs written, the
+    report printed, the exit status returned."""
+    from colo_cli.options import ReplayOptions
+    from colo_cli.replay import run
+    out = tmp_path / "out.pcap"
+    assert run(ReplayOptions(str(DIVERGE_P), str(DIVERGE_S), as_json=True,
+                             out_path=str(out))) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["command"] == "replay" and doc["result"] == "diverge"
+    with open_capture(str(out)) as r:
+        assert sum(1 for _ in r) == doc["inputs"]["primary"]["frames"] == 15
 
 
 def test_internal_error_is_one_line(cli, monkeypatch):

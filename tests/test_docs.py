@@ -206,3 +206,31 @@ def test_readme_quotes_the_real_version(capsys):
     quoted = re.fullmatch(form, _readme_block_after("$ colo-compare --version")[0])
     assert quoted and re.fullmatch(form, real)
     assert quoted.group(1) == __version__
+
+
+def test_the_code_cites_documents_a_clone_has():
+    """Docstrings and comments cite docs/ pages that exist, never the
+    developers' notes outside the repository (a user's clone has none)."""
+    cited = set()
+    for path in sorted((ROOT / "colo_cli").rglob("*.py")):
+        text = path.read_text()
+        assert "capture-pitfalls" not in text and "shared/" not in text, path
+        assert not re.search(r"\bspec/qemu", text), path
+        cited.update(re.findall(r"docs/[\w-]+\.md", text))
+    assert {"docs/captures.md", "docs/qemu.md"} <= cited
+    missing = sorted(c for c in cited if not (ROOT / c).is_file())
+    assert not missing, missing
+
+
+def test_the_readmes_layout_names_every_module():
+    """Every module and package of colo_cli has its line in the README's
+    Layout section (its one purpose)."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("## ", 1)[0]
+    names = [p.name for p in (ROOT / "colo_cli").iterdir()
+             if (p.suffix == ".py" and not p.name.startswith("__"))
+             or (p.is_dir() and (p / "__init__.py").exists())]
+    missing = sorted(n for n in names if n not in layout)
+    assert not missing, f"README's Layout does not name {missing}"
+    for module in (ROOT / "colo_cli" / "capture").glob("*.py"):
+        assert module.name.startswith("__") or module.name in layout, module.name

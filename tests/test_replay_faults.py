@@ -450,7 +450,7 @@ def test_a_failed_write_is_one_line_naming_the_file(tmp_path):
                                   preexec_fn=limit)
         name = "standard output" if out == "-" else out
         assert (proc.returncode, proc.stderr.decode()) == (
-            2, f"colo-compare: {name}: cannot write: File too large\n")
+            2, f"colo-compare: {name}: cannot write: file too large\n")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["stdout"]
 
 

@@ -918,7 +918,7 @@ def test_outdev_buffer_bound_drops_the_newest_counts_them_and_stays_up(env):
     assert st["dropped"] == {"primary:outdev-overflow": dropped}
     assert link["queued_bytes"] <= 1024 * 1024 and link["queued_bytes_high_water"] <= 1024 * 1024
     # full up to the bound, which counts what holding each frame costs too
-    from colo_cli.serve import OUT_FRAME_OVERHEAD as cost
+    from colo_cli.outqueue import OUT_FRAME_OVERHEAD as cost
     held = link["queued_bytes"] + link["queued_frames"] * cost
     assert 1024 * 1024 - len(recs[0]) - cost < held <= 1024 * 1024
     # reported on stderr, at the first drop and then about once a thousand (not once a frame)
@@ -1288,6 +1288,32 @@ def test_startup_tcp_port_in_use(env):
                                 "cannot listen: address already in use"]
     # the listeners opened before the failure are gone again
     assert sorted(f for f in os.listdir(env.workdir) if f.endswith(".sock")) == []
+
+
+@pytest.mark.parametrize("taken", ["--primary-in", "--control", "--metrics-listen"])
+def test_startup_address_in_use_reads_the_same_for_every_listener(env, taken):
+    """Something else listens where serve would: the same words whichever
+    option names the place (a unix endpoint, the control socket, /metrics)."""
+    busy_path = env.path("busy.sock")
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    env.track(busy)
+    busy.bind(busy_path)
+    busy.listen(1)
+    busy_tcp = socket.socket()
+    env.track(busy_tcp)
+    busy_tcp.bind(("127.0.0.1", 0))
+    busy_tcp.listen(1)
+    port = busy_tcp.getsockname()[1]
+    p, s, o = _unix_triple(env)
+    args = {"--primary-in": ["--primary-in", f"unix:{busy_path},server"],
+            "--control": ["--primary-in", p, "--control", busy_path],
+            "--metrics-listen": ["--primary-in", p, "--metrics-listen", f"127.0.0.1:{port}"]}[taken]
+    rc, err, _ = run_serve(env, [*args, "--secondary-in", s, "--outdev", o])
+    assert rc == 2
+    where = {"--primary-in": f"unix:{busy_path},server", "--control": busy_path,
+             "--metrics-listen": f"127.0.0.1:{port}"}[taken]
+    assert err.splitlines() == [f"colo-compare: {taken} {where}: cannot listen: "
+                                "address already in use"]
 
 
 def test_startup_outdev_never_connects(env):

@@ -311,13 +311,22 @@ def options_from(argv, monkeypatch):
     def fake(options, stderr=None):
         got["options"] = options
         return 0
-    monkeypatch.setattr(colo_cli.serve, "serve", fake)
+    monkeypatch.setattr(colo_cli.serve, "run", fake)
     try:
         main(["serve", *map(str, argv)])
     except SystemExit as e:
         if e.code != 0:
             return e.code
     return got["options"]
+
+
+def test_the_command_line_defaults_are_the_options_objects(monkeypatch):
+    """serve's options left out are ServeOptions' (and Config's) own
+    defaults: they are stated once."""
+    from colo_cli.options import ServeOptions
+    o = options_from(["--primary-in", "tcp:127.0.0.1:9001", "--secondary-in",
+                      "tcp:127.0.0.1:9004,server", "--outdev", "tcp:127.0.0.1:9005"], monkeypatch)
+    assert o == ServeOptions(o.primary_in, o.secondary_in, o.outdev)
 
 
 def test_the_man_page_example_config_loads(tmp_path, monkeypatch):
@@ -450,7 +459,7 @@ def test_config_errors_are_one_line(tmp_path, content, message):
     r = subprocess.run([PY, "-m", "colo_cli", "serve", "--config", str(tmp_path / "missing.toml")],
                        capture_output=True, text=True, timeout=30,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert r.returncode == 2 and "missing.toml: cannot read: No such file or directory" in r.stderr
+    assert r.returncode == 2 and "missing.toml: cannot read: no such file or directory" in r.stderr
 
 
 def test_underscored_keys_as_qemu_spells_them(tmp_path, monkeypatch):

@@ -52,7 +52,11 @@ The public methods, and the QEMU function each one stands for
 ``get_timer()`` / ``handle_timer(now_ms)``
     When the periodic scan is next due, and the scan itself: timeouts, idle
     connections, fragments, the secondary's absence (QEMU's
-    ``expired_scan_cycle`` timer, ``check_old_packet_regular``).
+    ``expired_scan_cycle`` timer, ``check_old_packet_regular``).  serve arms
+    a loop timer for ``get_timer()``; replay, whose clock is the captures',
+    calls ``handle_timer(t)`` for each ``t = get_timer()`` up to the next
+    frame's time, before giving it that frame: the same contract, driven by
+    another clock, so both take the same decisions.
 ``checkpoint(now_ms)``
     A checkpoint happened: every queue flushed, comparison state reset
     (QEMU: ``colo_notify_compares_event`` -> ``colo_flush_packets``).
@@ -69,6 +73,12 @@ The public methods, and the QEMU function each one stands for
     (QEMU: ``colo_compare_finalize`` flushes too).
 ``snapshot()``
     Counters and histograms (``Stats``), for ``stats`` and reports.
+``connections(limit)`` / ``top_connections(n)`` / ``connection_count``
+    The connections now in the table (``flows.connection_summary`` shows one).
+
+Public attributes an adapter may read (never write): ``stats`` (the
+``Stats`` counters), ``queued_frames`` and ``queued_bytes`` (what is held
+now), ``mode``, ``config``.
 
 Each rule is written once
 -------------------------
@@ -1290,6 +1300,11 @@ class Comparator:
         worst = heapq.nlargest(n, (c for c in conns if c.miscompares), key=lambda c: c.miscompares)
         slowest = heapq.nlargest(n, (c for c in conns if c.released), key=lambda c: c.hold_max_ms)
         return {"by_miscompares": worst, "by_hold": slowest}
+
+    @property
+    def connection_count(self) -> int:
+        """How many connections the table holds now."""
+        return len(self.table)
 
     def connections(self, limit: int | None = None) -> list[Connection]:
         """The connections now in the table, the most recent ``limit``."""

@@ -6,7 +6,7 @@ TCP (``TcpStream``) — compared as a byte stream by absolute sequence range
 QEMU overlays the queued segments position by position and never checks that
 they line up in sequence space, so a retransmission that partly overlaps
 already-compared data is compared misaligned and miscompares
-(``spec/qemu-colo-compare.md`` 7.1).  Here each side's payload is laid into
+(``docs/qemu.md`` section 3).  Here each side's payload is laid into
 a byte stream by its (unwrapped, 64-bit) sequence number; the bytes both
 sides have sent from the verification point ``base`` on are compared, and
 ``base`` advances over equal bytes.  Segmentation does not matter (one 3000

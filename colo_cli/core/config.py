@@ -12,7 +12,7 @@ from dataclasses import dataclass
 @dataclass
 class Config:
     """Comparator settings.  Names and defaults follow QEMU's properties
-    where QEMU has one (``spec/qemu-7.2-observed.md`` section 1)."""
+    where QEMU has one (``docs/qemu.md`` section 1)."""
 
     #: a queued frame older than this raises a checkpoint request (QEMU
     #: ``compare_timeout``); ``None`` switches timeouts off.

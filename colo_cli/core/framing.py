@@ -7,7 +7,7 @@ notify_dev) is::
 
 and with vnet_hdr_support the ``len`` bytes are the virtio-net header followed
 by the Ethernet frame, so ``len`` counts the vnet header
-(``spec/qemu-7.2-observed.md`` section 3).
+(``docs/qemu.md`` section 2).
 
 The decoder hands out each record *whole, as it was on the wire* (length words
 included).  A released frame therefore goes to outdev as the very same bytes
@@ -39,10 +39,6 @@ _unpack_be32 = _BE32.unpack_from
 _unpack_be32x2 = _BE32x2.unpack_from
 _pack_be32 = _BE32.pack
 _pack_be32x2 = _BE32x2.pack
-
-
-class FramingError(ValueError):
-    """The byte stream cannot be decoded any further (the peer must be cut off)."""
 
 
 class FrameDecoder:

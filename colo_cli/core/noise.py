@@ -39,11 +39,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..errors import ColoError
 from .fields import dns_ttl_spans
 from .packet import KIND_ICMP, KIND_TCP, KIND_UDP
 
 
-class RuleError(ValueError):
+class RuleError(ColoError, ValueError):
     """A rule that does not parse (one-line message)."""
 
 

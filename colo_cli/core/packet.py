@@ -33,7 +33,7 @@ the L4 protocol, the raw VLAN tags and a family byte; taken as they arrive:
 no direction normalisation, since both inputs carry only guest-outbound
 traffic (as in QEMU).
 
-What is compared, per kind (``spec/qemu-colo-compare.md`` section 7):
+What is compared, per kind (``docs/qemu.md`` section 3):
 
 * TCP: the payload, as a byte stream (headers, IP ID/TTL, window, options
   and checksums are not compared).

@@ -2,7 +2,7 @@
 
 QEMU does not reassemble: it keys every fragment as if it were a datagram
 (non-first fragments get garbage "ports") and its TODO says "support ip
-fragment" (``spec/qemu-colo-compare.md`` 16).  Here each side's fragments are
+fragment" (``docs/qemu.md`` section 3).  Here each side's fragments are
 put back together and the whole datagram is compared like any other; the
 frames released are the original fragments, in the order they arrived.
 

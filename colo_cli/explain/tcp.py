@@ -10,7 +10,7 @@ then start at the same stream offset.
 
 from __future__ import annotations
 
-from ..core.noise import ports_of
+from ..core import ports_of
 from . import Explanation, explanation, http, tls
 
 

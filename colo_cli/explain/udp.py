@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 
-from ..core.noise import ports_of
+from ..core import ports_of
 from . import Difference, Explanation, compare_fields, dhcp, dns, explanation, ntp, one_side
 
 PROTOCOLS = (dns, ntp, dhcp)

@@ -1,0 +1,242 @@
+"""serve's endpoints: one peer at a time on each, listened for or connected to.
+
+A :class:`Link` is one endpoint of QEMU's chardev syntax (``endpoints``)
+and the one peer on it: a server endpoint listens and takes the newest
+connection (the one before is read to its end, bounded, then closed, as a
+QEMU server chardev replaces its peer); a client endpoint connects, and
+connects again with backoff whenever the peer goes away.  Bytes read go to
+the link's owner as they come; bytes to send wait in the link's
+``OutQueue`` (``outqueue``) until the socket takes them.
+
+The owner (serve's ``Server``) gives the link its event ``loop``, a
+``log(msg, level)``, whether it is ``running``, and three callbacks:
+``on_connect(link)``, ``on_data(link, data)`` and ``on_disconnect(link)``.
+The link knows nothing else of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+
+from .endpoints import Endpoint
+from .errors import os_error_text
+from .outqueue import OutQueue
+from .sockets import addr_text, client_socket, listening_socket, peer_name
+
+RECV_BYTES = 256 * 1024
+REPLACE_DRAIN_BYTES = 4 * 1024 * 1024   # read from a replaced connection, at most
+BACKOFF_START_S = 0.05
+BACKOFF_MAX_S = 2.0
+
+
+class Link:
+    """One endpoint and, at most, one peer on it at a time.
+
+    A server endpoint listens and takes the newest connection (the old one
+    is closed, as a QEMU server chardev does); a client endpoint connects,
+    and reconnects with backoff whenever the peer goes away.
+    """
+
+    def __init__(self, owner, name: str, endpoint: Endpoint, out_limit: int = 0):
+        self.owner = owner
+        self.loop = owner.loop
+        self.name = name
+        self.endpoint = endpoint
+        self.listener: socket.socket | None = None
+        self.sock: socket.socket | None = None
+        self.peer = ""
+        self.out = OutQueue(out_limit) if out_limit else None
+        self.writer_registered = False
+        self.closed = False
+        self.connected_once = asyncio.Event()
+        self._lost = asyncio.Event()
+        self.task = None                 # a client endpoint's connecting task
+        # counters
+        self.connections = 0
+        self.disconnects = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.frames_out = 0
+        self.last_error = ""
+
+    # setup ----------------------------------------------------------------
+    def open_server(self) -> None:
+        """Listen (a server endpoint); OSError when that cannot be done."""
+        sock = listening_socket(self.endpoint)
+        self.listener = sock
+        self.loop.add_reader(sock, self._accept)
+
+    def start_client(self) -> None:
+        self.task = self.loop.create_task(self._connect_loop())
+
+    async def _connect_loop(self) -> None:
+        ep = self.endpoint
+        backoff = ep.reconnect_s or BACKOFF_START_S
+        reported = ""
+        while not self.closed:
+            sock = client_socket(ep)
+            try:
+                await self.loop.sock_connect(sock, ep.address)
+            except OSError as e:
+                sock.close()
+                self.last_error = os_error_text(e)
+                if self.last_error != reported:
+                    # before the first connection this is startup, where a peer
+                    # not there yet is normal (--connect-timeout decides); once
+                    # a peer was lost, say why we are waiting
+                    self.owner.log(f"{self.name}: {ep}: {self.last_error}; retrying",
+                                   0 if self.connections else 1)
+                    reported = self.last_error
+                await asyncio.sleep(backoff)
+                if not ep.reconnect_s:
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                continue
+            reported = ""
+            backoff = ep.reconnect_s or BACKOFF_START_S
+            self._lost.clear()
+            self._adopt(sock, peer_name(sock, ep))
+            await self._lost.wait()
+            if not self.closed:
+                await asyncio.sleep(ep.reconnect_s or BACKOFF_START_S)
+
+    def _accept(self) -> None:
+        try:
+            sock, addr = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.owner.log(f"{self.name}: accept failed: {os_error_text(e)}", 0)
+            return
+        sock.setblocking(False)
+        if self.sock is not None:
+            self.read_what_is_left()
+            if self.sock is not None:
+                self._drop("replaced by a new connection")
+        self._adopt(sock, addr_text(addr) or "unix peer")
+
+    def read_what_is_left(self) -> None:
+        """Before a new peer replaces this one, take what the old one has
+        already sent: a peer that writes its last frames, closes and
+        reconnects at once must not lose them because the new connection
+        was noticed first.  At most REPLACE_DRAIN_BYTES, so a peer that
+        keeps writing cannot hold the loop here."""
+        taken = 0
+        while self.sock is not None and taken < REPLACE_DRAIN_BYTES:
+            before = self.bytes_in
+            self._readable()             # may drop the link (EOF, error, bad input)
+            if self.bytes_in == before:
+                return                   # nothing more to read now
+            taken += self.bytes_in - before
+
+    def _adopt(self, sock, peer: str) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.peer = peer
+        self.connections += 1
+        self.connected_once.set()
+        self.owner.log(f"{self.name}: connected ({peer})", 1)
+        self.loop.add_reader(sock, self._readable)
+        self.owner.on_connect(self)
+        if self.out is not None:
+            self.out.restart()
+            self.flush()
+
+    # data -------------------------------------------------------------------
+    def _readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            data = sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._drop(os_error_text(e))
+            return
+        if not data:
+            self._drop("closed by the peer")
+            return
+        self.bytes_in += len(data)
+        self.owner.on_data(self, data)
+
+    def flush(self) -> None:
+        """Send what is queued, as far as the socket takes it now."""
+        sock = self.sock
+        if sock is None or self.writer_registered or not self.out.frames:
+            return
+        try:
+            before = self.out.bytes
+            self.frames_out += self.out.send(sock)
+            self.bytes_out += before - self.out.bytes
+        except OSError as e:
+            self._drop(os_error_text(e))
+            return
+        if self.out.frames:
+            self.writer_registered = True
+            self.loop.add_writer(sock, self._writable)
+
+    def _writable(self) -> None:
+        self.loop.remove_writer(self.sock)
+        self.writer_registered = False
+        self.flush()
+
+    def _drop(self, why: str, logged: bool = False) -> None:
+        """The peer is gone (or cut off): forget it; clients reconnect.
+        ``logged``: the reason was reported already (say it once)."""
+        sock = self.sock
+        if sock is None:
+            return
+        self.loop.remove_reader(sock)
+        if self.writer_registered:
+            self.loop.remove_writer(sock)
+            self.writer_registered = False
+        with contextlib.suppress(OSError):
+            sock.close()
+        self.sock = None
+        self.disconnects += 1
+        self.last_error = why
+        self.owner.log(f"{self.name}: disconnected ({self.peer}): {why}",
+                       0 if self.owner.running and not logged else 1)
+        self.owner.on_disconnect(self)
+        self._lost.set()
+
+    def cut_off(self, why: str) -> None:
+        """We close the connection (bad input), after logging why."""
+        self._drop(why, logged=True)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock)
+            if self.writer_registered:
+                self.loop.remove_writer(self.sock)
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener)
+            self.listener.close()
+            if self.endpoint.kind == "unix":
+                with contextlib.suppress(OSError):
+                    os.unlink(self.endpoint.path)
+            self.listener = None
+        if self.task is not None:
+            self.task.cancel()
+        self._lost.set()
+
+    def snapshot(self) -> dict:
+        d = {"endpoint": str(self.endpoint), "connected": self.sock is not None,
+             "peer": self.peer if self.sock is not None else None,
+             "connections": self.connections, "disconnects": self.disconnects,
+             "bytes_in": self.bytes_in, "last_error": self.last_error or None}
+        if self.out is not None:
+            d.update({"frames_out": self.frames_out, "bytes_out": self.bytes_out,
+                      "queued_frames": len(self.out), "queued_bytes": self.out.bytes,
+                      "queued_bytes_high_water": self.out.high_water,
+                      "dropped_frames": self.out.dropped})
+        return d
