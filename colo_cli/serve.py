@@ -501,7 +501,8 @@ class Server:
             if e.side is not None:
                 where, then = f"on a {e.side.label} frame", "the frame was let go"
             else:
-                where, then = "in a timer scan", "the next scan tries again"
+                where, then = ("in a timer scan", "the frames past the timeout were let go, "
+                               "the next scan tries again")
             self.log(f"internal error {where} ({n} so far): {type(e.error).__name__}: "
                      f"{e.error}; {then} and comparison goes on"
                      + ("" if self.options.debug else " (--debug shows the traceback; please "

@@ -302,15 +302,23 @@ _s.Comparator = _Broken
 
 
 def test_an_internal_error_in_a_scan_is_said_as_such(env):
-    """No frame is let go when a scan fails (it said 'the frame was let
-    go'); serve goes on scanning."""
+    """A scan that fails still lets the frames past the timeout go (the core
+    checkpoints them), says so, and serve goes on scanning: a scan failing
+    every time costs checkpoints, never a stalled primary."""
     rig = Rig(env, args=FAST, inject=INJECT_SCAN)
-    rig.p.sendall(rec(udp_frame(b"waits for a scan")))
+    first = udp_frame(b"waits for a scan")
+    rig.p.sendall(rec(first))
     line = rig.srv.wait_stderr("internal error", timeout=30)[0]
     assert line == ("colo-compare: internal error in a timer scan (1 so far): RuntimeError: "
-                    "injected scan fault; the next scan tries again and comparison goes on "
+                    "injected scan fault; the frames past the timeout were let go, the next "
+                    "scan tries again and comparison goes on "
                     "(--debug shows the traceback; please report it)")
-    rig.srv.wait_stats(lambda st: st["serve"]["internal_errors"] >= 3, what="more scans")
+    assert rig.out.wait_records(1) == [rec(first)]
+    second = udp_frame(b"and the next one too", sport=4001)
+    rig.p.sendall(rec(second))
+    assert rig.out.wait_records(2) == [rec(first), rec(second)]
+    st = rig.srv.wait_stats(lambda st: st["serve"]["internal_errors"] >= 2, what="more scans")
+    assert st["released"]["checkpoint"] == 2
     rig.srv.assert_running()
 
 
