@@ -62,7 +62,10 @@ def _with_zeros(counts: dict, known: list) -> dict:
 #: Counters added to version 1 reports after the first were written, with
 #: what an older report means by leaving them out: such a report is not
 #: damaged.
-ADDED_TO_VERSION_1 = {"secondary_absent_periods": 0}
+ADDED_TO_VERSION_1 = {"secondary_absent_periods": 0,
+                      "fragment_overlap_bytes": {"primary": 0, "secondary": 0},
+                      "fragment_conflict_bytes": {"primary": 0, "secondary": 0},
+                      "stream_gap_bytes": 0}
 
 
 class ReportError(ColoError):
@@ -137,7 +140,7 @@ def from_report(report, name: str) -> dict:
     stats = report["stats"]
     if isinstance(stats, dict):
         for key, value in ADDED_TO_VERSION_1.items():
-            stats.setdefault(key, value)
+            stats.setdefault(key, dict(value) if isinstance(value, dict) else value)
     problem = _shape_problem(stats, Comparator().snapshot(), "stats")
     if problem is None and not isinstance(report.get("top_divergent", []), list):
         problem = "top_divergent is not a list"
@@ -311,6 +314,15 @@ def prometheus(doc: dict) -> str:
     e.family(p + "queue_high_water_frames", "gauge", "Longest queue of any connection so far, by side.")
     for side in ("primary", "secondary"):
         e.sample(p + "queue_high_water_frames", st["queue_high_water"][side], side=side)
+    for what, help_text in (
+            ("fragment_overlap_bytes", "IP fragment bytes that overlapped others, by side."),
+            ("fragment_conflict_bytes", "Overlapping IP fragment bytes whose contents disagreed "
+                                        "(the first copy kept), by side.")):
+        e.family(p + what + "_total", "counter", help_text)
+        for side in ("primary", "secondary"):
+            e.sample(p + what + "_total", st.get(what, {}).get(side, 0), side=side)
+    e.counter(p + "stream_gap_bytes_total", "TCP bytes missing from both sides at the same place "
+              "(lost by the captures): skipped, not compared.", st.get("stream_gap_bytes", 0))
     hold = Histogram.from_dict(st["hold_ms"])
     name = p + "hold_seconds"
     e.family(name, "histogram", "How long released primary frames were held, in seconds.")

@@ -585,6 +585,15 @@ def stats_renderables(console: Console, doc: dict, verbose: bool = False) -> lis
     t.add_row("connections", fmt_count(now) if now is not None else "-",
               f"total {conns['created']:,}" + (f", evicted {breakdown(conns['evicted'])}"
                                                 if conns["evicted"] else ""))
+    overlap, conflict = st.get("fragment_overlap_bytes"), st.get("fragment_conflict_bytes")
+    if overlap and (overlap["primary"] or overlap["secondary"]):
+        t.add_row("fragment overlap", fmt_count(overlap["primary"] + overlap["secondary"]),
+                  f"bytes (primary {overlap['primary']:,}, secondary {overlap['secondary']:,}); "
+                  f"{conflict['primary'] + conflict['secondary']:,} of them disagreed, the "
+                  "first copy kept")
+    if st.get("stream_gap_bytes"):
+        t.add_row("TCP bytes lost", fmt_count(st["stream_gap_bytes"]),
+                  "missing on both sides (capture loss): skipped, not compared")
     hold = Histogram.from_dict(st["hold_ms"])
     if hold.count:
         t.add_row("hold time", fmt_ms(hold.quantile(0.5)),

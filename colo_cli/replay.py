@@ -585,6 +585,10 @@ def _notes(result: ReplayResult, vnet_hdr_len: int, selection: Selection | None 
                     "netdev), give its size with --vnet-hdr-len")
         notes.append(f"{n:,} of {total:,} primary frames could not be compared, most for "
                      f"'{reason}' ({count:,}); only the rest were compared{hint}")
+    gap = result.stats.stream_gap_bytes
+    if gap:
+        notes.append(f"{gap:,} TCP bytes are missing from both captures at the same places "
+                     "(lost by the captures): they were skipped, not compared")
     for what, kept, total in (("miscompares", len(result.miscompares), result.miscompares_total),
                               ("checkpoint requests", len(result.requests), result.requests_total)):
         if kept < total:

@@ -1077,3 +1077,25 @@ def test_out_path_that_is_an_input_is_refused(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "would be overwritten" in err[0]
+
+
+def test_tcp_bytes_both_captures_lost_are_named_not_compared(tmp_path, cli):
+    """Both captures lost the same segment (100 bytes): the stream goes on
+    past the hole, the result is a match, and the report, JSON and stats say
+    that 100 bytes were skipped rather than compared."""
+    a = tcp_frame(b"A" * 100, seq=1000)
+    c = tcp_frame(b"C" * 100, seq=1200)           # seq 1100..1200 lost on both sides
+    frames = [(T0, a), (T0 + MS, c)]
+    p = write_pcap(tmp_path / "p.pcap", frames)
+    s = write_pcap(tmp_path / "s.pcap", frames)
+    r = cli("replay", p, s, "--json")
+    assert r.rc == 0, r
+    doc = r.doc
+    assert doc["stats"]["stream_gap_bytes"] == 100
+    assert [n for n in doc["notes"] if "100 TCP bytes are missing from both captures" in n]
+    human = cli("replay", p, s)
+    assert "100 TCP bytes are missing from both captures" in " ".join(human.out.split())
+    report = tmp_path / "report.json"
+    report.write_text(r.out)
+    st = cli("stats", report)
+    assert "TCP bytes lost" in st.out and "100" in st.out

@@ -71,6 +71,22 @@ def test_fragments_out_of_order_and_duplicated():
     assert out_frames(events) == [p[2], p[0], p[0], p[1]]
 
 
+def test_overlapping_fragments_are_counted_in_stats_per_side():
+    """A duplicated fragment overlaps by its whole length and agrees; a
+    crafted one that rewrites 8 bytes disagrees there.  The first copy is
+    the one compared, so the secondary still matches."""
+    p = v4_fragments(DGRAM, 17, ident=1, sizes=[1480, 1480, 48])
+    s = v4_fragments(DGRAM, 17, ident=2, sizes=[1480, 1480, 48])
+    rewrite = ether(ipv4(b"X" * 8, 17, ident=1, flags_frag=0x2000 | 1), 0x0800)   # bytes 8..16
+    script = [(P, p[0], 0), (P, p[0], 1), (P, rewrite, 2), (P, p[1], 3), (P, p[2], 4)]
+    script += [(S, f, 10 + i) for i, f in enumerate(s)]
+    c, events = run(script)
+    assert releases(events) == [(f, "match") for f in (p[0], p[0], rewrite, p[1], p[2])]
+    snap = c.snapshot()
+    assert snap["fragment_overlap_bytes"] == {"primary": 1480 + 8, "secondary": 0}
+    assert snap["fragment_conflict_bytes"] == {"primary": 8, "secondary": 0}
+
+
 def test_fragmented_datagram_that_differs_is_a_miscompare_of_the_whole_datagram():
     bad = udp(b"D" * 2000 + b"X" + b"D" * 999)
     p = v4_fragments(DGRAM, 17, ident=1, sizes=[1480, 1480, 48])
@@ -120,8 +136,7 @@ def test_overlapping_fragments_first_bytes_win():
     r.add("b", b"k", 8, 1, 17, b"B" * 16, 1)             # overlaps [8,16)
     done, failed = r.add("c", b"k", 24, 0, 17, b"C" * 8, 2)
     assert failed == [] and done is not None
-    assert r.complete_payload(done) == b"A" * 16 + b"B" * 8 + b"C" * 8
-    assert (r.overlap_bytes, r.conflict_bytes) == (8, 8)
+    assert done.assemble() == (b"A" * 16 + b"B" * 8 + b"C" * 8, 8, 8)
     assert done.fragments == ["a", "b", "c"]
 
 
@@ -208,7 +223,7 @@ def test_hole_on_both_sides_is_skipped():
     a, c_ = tcp_frame(b"A" * 100, seq=1000), tcp_frame(b"C" * 100, seq=1200)
     c, events = run([(P, a, 0), (S, a, 1), (P, c_, 2), (S, c_, 3)])
     assert out_frames(events) == [a, c_]
-    assert c.table.get(next(iter(c.table)).key).tcp.gap_bytes == 100
+    assert c.snapshot()["stream_gap_bytes"] == 100
 
 
 def test_hole_on_one_side_only_is_waited_for():

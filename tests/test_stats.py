@@ -213,12 +213,22 @@ def test_a_report_written_before_a_counter_was_added_is_not_damaged(tmp_path, ca
         main(["replay", "--json", os.path.join(EXAMPLES, "diverge-primary.pcap"),
               os.path.join(EXAMPLES, "diverge-secondary.pcap")])
     doc = json.loads(capsys.readouterr().out)
-    del doc["stats"]["secondary_absent_periods"]
+    added_later = ("secondary_absent_periods", "fragment_overlap_bytes",
+                   "fragment_conflict_bytes", "stream_gap_bytes")
+    for key in added_later:
+        del doc["stats"][key]
     report = tmp_path / "older.json"
     report.write_text(json.dumps(doc))
     code, text, err = _stats_cli(capsys, str(report), "--json")
     assert (code, err) == (0, "")
-    assert json.loads(text)["stats"]["secondary_absent_periods"] == 0
+    st = json.loads(text)["stats"]
+    assert st["secondary_absent_periods"] == st["stream_gap_bytes"] == 0
+    assert st["fragment_overlap_bytes"] == st["fragment_conflict_bytes"] == {"primary": 0,
+                                                                             "secondary": 0}
+    code, text, err = _stats_cli(capsys, str(report), "--format", "prometheus")
+    assert (code, err) == (0, "")
+    assert "colo_compare_stream_gap_bytes_total 0" in text.splitlines()
+    assert 'colo_compare_fragment_conflict_bytes_total{side="primary"} 0' in text.splitlines()
     code, text, err = _stats_cli(capsys, str(report))
     assert (code, err) == (0, "") and "tcp:content 1" in text
 

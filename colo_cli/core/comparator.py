@@ -318,7 +318,10 @@ class Comparator:
             self._fail_datagram(dg, reason, out)
         if done is None:
             return
-        payload = reasm.complete_payload(done)
+        payload, overlap, conflict = done.assemble()
+        if overlap:
+            self.stats.fragment_overlap_bytes[0 if primary else 1] += overlap
+            self.stats.fragment_conflict_bytes[0 if primary else 1] += conflict
         first = done.fragments[0]
         whole = Packet(pkt.side, payload, 0, 0, first.arrival_ms, first.index)
         whole.fragments = done.fragments
@@ -469,6 +472,11 @@ class Comparator:
         it comes, and no queue grows and shrinks for it."""
         if not conn.diverged:
             bad = tcp.advance()
+            if tcp.gap_bytes:
+                # bytes both captures lost: skipped, not compared (counted
+                # where reports and stats read them)
+                self.stats.stream_gap_bytes += tcp.gap_bytes
+                tcp.gap_bytes = 0
             if bad is not None:
                 if arrived is not None:
                     self._queue_segment(conn, arrived)     # (where the miscompare finds it)

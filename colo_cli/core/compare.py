@@ -225,7 +225,8 @@ class TcpStream:
         self.unknown = None      # [(start, end)] not captured (snaplen), either side
         self.p_first = UNSET     # lowest stream position each side showed before lock
         self.s_first = UNSET
-        self.gap_bytes = 0       # skipped: missing on both sides (capture loss)
+        self.gap_bytes = 0       # skipped since the comparator last took them into its stats:
+                                 # missing on both sides (capture loss)
 
     # -- sequence numbers -------------------------------------------------
 

@@ -91,8 +91,7 @@ class Datagram:
 class Reassembler:
     """The fragments in progress of one side."""
 
-    __slots__ = ("pending", "bytes", "max_datagrams", "max_bytes", "max_fragments",
-                 "overlap_bytes", "conflict_bytes")
+    __slots__ = ("pending", "bytes", "max_datagrams", "max_bytes", "max_fragments")
 
     def __init__(self, max_datagrams: int = 1024, max_bytes: int = 8 * 1024 * 1024,
                  max_fragments: int = 128) -> None:
@@ -101,8 +100,6 @@ class Reassembler:
         self.max_datagrams = max_datagrams
         self.max_bytes = max_bytes
         self.max_fragments = max_fragments
-        self.overlap_bytes = 0
-        self.conflict_bytes = 0
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -133,12 +130,6 @@ class Reassembler:
             self.bytes -= dg.size
             return dg, self._enforce_bounds(failed)
         return None, self._enforce_bounds(failed)
-
-    def complete_payload(self, dg: Datagram) -> bytes:
-        payload, overlap, conflict = dg.assemble()
-        self.overlap_bytes += overlap
-        self.conflict_bytes += conflict
-        return payload
 
     def _fail(self, dg: Datagram, reason: str, failed: list) -> list:
         if self.pending.pop(dg.key, None) is not None:

@@ -188,6 +188,14 @@ class Stats:
         self.ignored: Counter[str] = Counter()            # noise rule -> datagrams it let match
         self.fragments_in = [0, 0]
         self.reassembled = [0, 0]           # datagrams put back together
+        # fragment bytes that overlapped others (a datagram's fragments
+        # sent twice, or crafted), and those of them whose contents
+        # disagreed (the first copy was kept): by side
+        self.fragment_overlap_bytes = [0, 0]
+        self.fragment_conflict_bytes = [0, 0]
+        # TCP bytes missing from both sides at the same place (the
+        # captures lost them): skipped, never compared
+        self.stream_gap_bytes = 0
         self.secondary_absent_periods = 0   # times comparing stopped for want of a secondary
 
     @property
@@ -239,4 +247,9 @@ class Stats:
             "fragments": {"in": {"primary": self.fragments_in[0], "secondary": self.fragments_in[1]},
                           "reassembled": {"primary": self.reassembled[0],
                                           "secondary": self.reassembled[1]}},
+            "fragment_overlap_bytes": {"primary": self.fragment_overlap_bytes[0],
+                                       "secondary": self.fragment_overlap_bytes[1]},
+            "fragment_conflict_bytes": {"primary": self.fragment_conflict_bytes[0],
+                                        "secondary": self.fragment_conflict_bytes[1]},
+            "stream_gap_bytes": self.stream_gap_bytes,
         }
