@@ -28,6 +28,7 @@ import colo_cli
 from colo_cli.capture import PcapngWriter, PcapWriter, open_capture
 from colo_cli.cli import main
 from colo_cli.testing import tcp_frame, udp_frame
+from cli_run import cli  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -75,34 +76,6 @@ def dpkt_frames(path):
     """[(ts_float, bytes)] read with dpkt, for expectations computed without our code."""
     with open(path, "rb") as f:
         return [(ts, bytes(buf)) for ts, buf in dpkt.pcap.Reader(f)]
-
-
-class Run:
-    def __init__(self, rc, out, err):
-        self.rc, self.out, self.err = rc, out, err
-
-    @property
-    def doc(self):
-        return json.loads(self.out)
-
-    def __repr__(self):
-        return f"Run(rc={self.rc!r}, out={self.out[-2000:]!r}, err={self.err!r})"
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run ``colo-compare ARGV...`` in-process; returns Run(rc, stdout, stderr)."""
-    def run(*argv):
-        capsys.readouterr()
-        try:
-            main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-        else:  # pragma: no cover - main() always exits
-            pytest.fail("main() returned instead of exiting")
-        out, err = capsys.readouterr()
-        return Run(rc, out, err)
-    return run
 
 
 def subprocess_env():

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from colo_cli.core import (Bypassed, CheckpointDone, CheckpointMode, Comparator, Config,
+from colo_cli.core import (CheckpointDone, CheckpointMode, Comparator, Config,
                            InternalError, Released, SecondaryAbsent)
 from colo_cli.testing import tcp_frame, udp_frame
 

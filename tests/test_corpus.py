@@ -24,8 +24,8 @@ import dpkt
 import pytest
 
 from colo_cli.capture import PcapWriter, open_capture
-from colo_cli.cli import main
 from colo_cli.linklayer import LINKTYPES_READ
+from cli_run import cli  # noqa: F401 - the fixture
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 if not (CORPUS / "manifest.json").is_file():
@@ -39,33 +39,6 @@ SYN, RST = 0x02, 0x04
 
 
 # ------------------------------------------------------------------ helpers
-
-class Run:
-    def __init__(self, rc, out, err):
-        self.rc, self.out, self.err = rc, out, err
-
-    @property
-    def doc(self):
-        return json.loads(self.out)
-
-    def __repr__(self):
-        return f"Run(rc={self.rc!r}, out={self.out[-2000:]!r}, err={self.err!r})"
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*argv):
-        capsys.readouterr()
-        try:
-            main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-        else:  # pragma: no cover - main() always exits
-            pytest.fail("main() returned instead of exiting")
-        out, err = capsys.readouterr()
-        return Run(rc, out, err)
-    return run
-
 
 def corpus(path: str) -> Path:
     return CORPUS / path

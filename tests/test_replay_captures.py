@@ -27,8 +27,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from colo_cli.capture import PcapngWriter, PcapWriter, open_capture
-from colo_cli.cli import main
 from colo_cli.testing import arp_frame, icmp_frame, tcp_frame, udp_frame
+from cli_run import cli  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
@@ -56,31 +56,6 @@ needs_libpcap = pytest.mark.skipif(not _have_libpcap(),
 
 
 # ------------------------------------------------------------------ helpers
-
-class Run:
-    def __init__(self, rc, out, err):
-        self.rc, self.out, self.err = rc, out, err
-
-    @property
-    def doc(self):
-        return json.loads(self.out)
-
-    def __repr__(self):
-        return f"Run(rc={self.rc!r}, out={self.out[-1500:]!r}, err={self.err!r})"
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*argv):
-        capsys.readouterr()
-        try:
-            main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-        out, err = capsys.readouterr()
-        return Run(rc, out, err)
-    return run
-
 
 def subprocess_env():
     env = dict(os.environ)

@@ -19,7 +19,8 @@ import colo_cli.replay as replay_module
 from colo_cli.core import Comparator
 from colo_cli.replay import replay
 
-from test_cli_replay import DIVERGE_P, DIVERGE_S, MATCH_P, MATCH_S, cli  # noqa: F401
+from cli_run import cli  # noqa: F401 - the fixture
+from test_cli_replay import DIVERGE_P, DIVERGE_S, MATCH_P, MATCH_S
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 YEAR_NS = 365 * 86400 * 10**9

@@ -6,19 +6,16 @@ import os
 import struct
 import sys
 import tempfile
-import threading
-
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import soak  # noqa: E402
 
-from colo_cli.core.framing import FrameDecoder, encode  # noqa: E402
+from colo_cli.core.framing import encode  # noqa: E402
 from colo_cli.testing import udp_frame  # noqa: E402
 
-from serve_helpers import OutReader, ServeProc, connect, unix_ep, wait_until  # noqa: E402
+from serve_helpers import OutReader, ServeProc, connect, unix_ep  # noqa: E402
 
 
 def test_short_soak_loses_nothing_and_memory_stays_flat():

@@ -14,7 +14,7 @@ import pytest
 from colo_cli.cli import main
 from colo_cli.testing import ether, tcp_frame, udp_frame
 
-from serve_helpers import (OutReader, ServeProc, connect, rec, unix_ep, wait_until)
+from serve_helpers import (OutReader, ServeProc, connect, rec, unix_ep)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
