@@ -222,23 +222,6 @@ def _timeline(reader, info: SideInfo, side, selection: Selection, numbers: Frame
     what the core needs to read a frame that is not Ethernet (``l3`` -1 for
     Ethernet).  Fills
     ``info`` as it goes; warnings name the frame."""
-    first = None
-    prev = 0                # rel of the frame before
-    offset = 0
-    held = None             # a frame far ahead of the one before: corrupt, or a real gap?
-    warned = [0]
-    # the frame numbers' lead over the frames yielded so far (``frames``,
-    # the core's next index), kept here so that the common case costs one
-    # comparison
-    lead = 1
-
-    def warn(text):
-        warned[0] += 1
-        if warned[0] <= _MAX_JUMP_WARNINGS:
-            info.warnings.append(f"{info.name}: {text}")
-        elif warned[0] == _MAX_JUMP_WARNINGS + 1:
-            info.warnings.append(f"{info.name}: more clock jumps (not listed)")
-
     # An Ethernet pcap with nothing to select (the common case) costs
     # nothing more here; otherwise each frame goes through pick().
     pick = None
@@ -247,7 +230,60 @@ def _timeline(reader, info: SideInfo, side, selection: Selection, numbers: Frame
             or info.linktype != linklayer.ETHERNET):
         pick = _picker(info, selection, vnet_hdr_len)
     frames = size = 0
+    # the frame numbers' lead over the frames yielded so far (``frames``,
+    # the core's next index), kept here so that the common case costs one
+    # comparison
+    lead = 1
+    for number, rel, ts_ns, data, orig_len, linktype, offset in _clock(reader, info):
+        item = (rel, side, ts_ns, data, orig_len > len(data), offset, -1, 0)
+        if pick is not None:
+            item = pick(item, orig_len, linktype)
+            if item is None:
+                continue
+            if item is _STOP:
+                return
+        if number - frames != lead:
+            lead = number - frames
+            numbers.mark(frames, lead)
+        frames += 1
+        size += len(data)
+        info.frames = frames
+        info.bytes = size
+        yield item
+
+
+def _clock(reader, info: SideInfo):
+    """``(number, rel_ns, ts_ns, data, orig_len, linktype, offset_ns)`` for
+    every frame of a capture, in file order, with its time on the capture's
+    own timeline (see ``_timeline`` and JUMP_FORWARD_NS): a frame far ahead
+    of the one before is held until the next shows whether the clock jumped
+    or its timestamp is corrupt.  Clock jumps are warnings in ``info``."""
+    first = None
+    prev = 0                # rel of the frame before
+    offset = 0
+    held = None             # a frame far ahead of the one before: corrupt, or a real gap?
+    warned = 0
     count = 0
+
+    def warn(text):
+        nonlocal warned
+        warned += 1
+        if warned <= _MAX_JUMP_WARNINGS:
+            info.warnings.append(f"{info.name}: {text}")
+        elif warned == _MAX_JUMP_WARNINGS + 1:
+            info.warnings.append(f"{info.name}: more clock jumps (not listed)")
+
+    def jumped(h_number, h_rel):
+        """The held frame, ``h_rel`` far ahead of the frame before it, was a
+        clock that jumped: by how much the timeline leaves out (0: the
+        time passed, it stays)."""
+        if h_rel - prev > JUMP_BROKEN_NS:
+            warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward, more "
+                 "than any clock can; the timeline goes on from the frame before")
+            return h_rel - prev
+        warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
+        return 0
+
     for number, ts_ns, data, orig_len, linktype in reader:
         if first is None:
             first = ts_ns
@@ -264,29 +300,13 @@ def _timeline(reader, info: SideInfo, side, selection: Selection, numbers: Frame
                 warn(f"frame {h_number}: its timestamp is {_span(h_rel - prev)} ahead of the "
                      "frames around it; taken as the time of the frame before")
                 h_rel = prev
-            elif h_rel - prev > JUMP_BROKEN_NS:
-                warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward, more "
-                     "than any clock can; the timeline goes on from the frame before")
-                offset -= h_rel - prev
-                rel -= h_rel - prev
-                h_rel = prev
             else:
-                warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
+                left_out = jumped(h_number, h_rel)
+                offset -= left_out
+                rel -= left_out
+                h_rel -= left_out
                 prev = h_rel
-            item = (h_rel, side, h_ts, h_data, h_orig > len(h_data), offset, -1, 0)
-            if pick is not None:
-                item = pick(item, h_orig, h_lt)
-                if item is _STOP:
-                    return
-            if item is not None:
-                if h_number - frames != lead:
-                    lead = h_number - frames
-                    numbers.mark(frames, lead)
-                frames += 1
-                size += len(h_data)
-                info.frames = frames
-                info.bytes = size
-                yield item
+            yield h_number, h_rel, h_ts, h_data, h_orig, h_lt, offset
         step = rel - prev
         if step > JUMP_FORWARD_NS and count > 1:
             held = (number, rel, ts_ns, data, orig_len, linktype)
@@ -299,40 +319,12 @@ def _timeline(reader, info: SideInfo, side, selection: Selection, numbers: Frame
         elif step < 0:
             rel = prev
         prev = rel
-        item = (rel, side, ts_ns, data, orig_len > len(data), offset, -1, 0)
-        if pick is not None:
-            item = pick(item, orig_len, linktype)
-            if item is None:
-                continue
-            if item is _STOP:
-                return
-        if number - frames != lead:
-            # (the frames yielded so far are the core's next index)
-            lead = number - frames
-            numbers.mark(frames, lead)
-        frames += 1
-        size += len(data)
-        info.frames = frames
-        info.bytes = size
-        yield item
+        yield number, rel, ts_ns, data, orig_len, linktype, offset
     if held is not None:
         h_number, h_rel, h_ts, h_data, h_orig, h_lt = held
-        if h_rel - prev > JUMP_BROKEN_NS:
-            warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward, more than "
-                 "any clock can; the timeline goes on from the frame before")
-            offset -= h_rel - prev
-            h_rel = prev
-        else:
-            warn(f"frame {h_number}: the clock jumps {_span(h_rel - prev)} forward")
-        item = (h_rel, side, h_ts, h_data, h_orig > len(h_data), offset, -1, 0)
-        if pick is not None:
-            item = pick(item, h_orig, h_lt)
-        if item is not None and item is not _STOP:
-            if h_number - frames != lead:
-                numbers.mark(frames, h_number - frames)
-            info.frames = frames + 1
-            info.bytes = size + len(h_data)
-            yield item
+        left_out = jumped(h_number, h_rel)
+        offset -= left_out
+        yield h_number, h_rel - left_out, h_ts, h_data, h_orig, h_lt, offset
 
 
 #: pick() says: past --end, read no further

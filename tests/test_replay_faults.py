@@ -179,6 +179,22 @@ def test_clock_jumps_across_the_interfaces_of_a_pcapng(tmp_path, monkeypatch, ca
                                 "the frame before")
 
 
+@pytest.mark.parametrize("delta_ns, says", [(3 * DAY_NS, "3 days"), (70 * YEAR_NS, "70 years")])
+def test_a_clock_jump_at_the_last_frame_is_said_and_the_frame_kept(tmp_path, monkeypatch,
+                                                                    delta_ns, says):
+    """The last frame far ahead of the one before: no frame follows to tell
+    a jump from a corrupt timestamp, so it is taken as a jump; it is still
+    compared and released, once."""
+    recs = records(DIVERGE_P)
+    last = len(recs) - 1
+    p_path = write(tmp_path / "p.pcap", jumped(recs, last, delta_ns))
+    result, out, _ = counted_replay(monkeypatch, p_path, DIVERGE_S)
+    assert sorted(out) == sorted(d for _, d in recs)
+    assert result.primary.frames == len(recs)
+    assert [w for w in result.primary.warnings if ": frame " in w] == [
+        f"{p_path}: frame {last + 1}: the clock jumps {says} forward"]
+
+
 @pytest.mark.parametrize("offset_s, says", [
     (-2 * 10**9, "dated before 1970"), (600 * 365 * 86400, "dated past ")])
 def test_a_time_the_output_cannot_hold_is_one_line_naming_it(cli, tmp_path, offset_s, says):
