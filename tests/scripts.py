@@ -53,3 +53,17 @@ def drops(events):
 
 def checkpoints_done(events):
     return [e for e in events if isinstance(e, CheckpointDone)]
+
+
+def interleave(draw, seqs):
+    """Hypothesis: the sequences merged into one at random, each keeping
+    its own order (the flows of one side, as a guest sends them)."""
+    from hypothesis import strategies as st
+    seqs = [list(x) for x in seqs if x]
+    out = []
+    while seqs:
+        i = draw(st.integers(0, len(seqs) - 1))
+        out.append(seqs[i].pop(0))
+        if not seqs[i]:
+            seqs.pop(i)
+    return out

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from colo_cli.core import (PRIMARY, SECONDARY, Bypassed, Comparator, Config, Matched,
                            Miscompare, Released)
 from colo_cli.testing import arp_frame, ether, icmp_frame, ipv4, tcp_frame, udp, udp_frame
+from scripts import interleave
 
 
 def fragments(l4: bytes, ident: int, pieces: int) -> list:
@@ -112,17 +113,7 @@ def replicas(draw, mutate=True, max_flows=6):
     (each flow keeps its own order)."""
     nflows = draw(st.integers(1, max_flows))
     pairs = [draw(flow_pair(n, mutate)) for n in range(nflows)]
-
-    def merge(seqs):
-        seqs = [list(x) for x in seqs if x]
-        out = []
-        while seqs:
-            i = draw(st.integers(0, len(seqs) - 1))
-            out.append(seqs[i].pop(0))
-            if not seqs[i]:
-                seqs.pop(i)
-        return out
-    return merge([p for p, _ in pairs]), merge([s for _, s in pairs])
+    return interleave(draw, [p for p, _ in pairs]), interleave(draw, [s for _, s in pairs])
 
 
 @st.composite

@@ -23,6 +23,7 @@ from colo_cli.core import (PRIMARY, SECONDARY, Bypassed, Comparator, Config, Mat
                            Miscompare, Released)
 from colo_cli.testing import tcp_frame, udp_frame
 from reference import ReferenceComparator
+from scripts import interleave
 
 SETTINGS = settings(max_examples=int(os.environ.get("COLO_HYPOTHESIS_EXAMPLES", "150")),
                     deadline=None,
@@ -111,20 +112,10 @@ def scripts(draw):
     """Both sides' frames, flows interleaved at random within a side (each
     flow in its own order), then the two sides interleaved at random."""
     pairs = [draw(flow_pair(n)) for n in range(draw(st.integers(1, 5)))]
-
-    def merge(seqs):
-        seqs = [list(x) for x in seqs if x]
-        out = []
-        while seqs:
-            i = draw(st.integers(0, len(seqs) - 1))
-            out.append(seqs[i].pop(0))
-            if not seqs[i]:
-                seqs.pop(i)
-        return out
     # every primary frame its own object, so the compact form (Matched, which
     # carries the frame's bytes only) can be traced back to its index
-    primary = [bytes(bytearray(f)) for f in merge([p for p, _ in pairs])]
-    secondary = merge([s for _, s in pairs])
+    primary = [bytes(bytearray(f)) for f in interleave(draw, [p for p, _ in pairs])]
+    secondary = interleave(draw, [s for _, s in pairs])
     script, now, p, s = [], 0, list(primary), list(secondary)
     while p or s:
         now += draw(st.integers(0, 5))
