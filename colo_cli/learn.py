@@ -181,6 +181,15 @@ def learn_json(result: LearnResult) -> dict:
 _HEADER_LINE = re.compile(rb"^([A-Za-z0-9-]{1,64}):[ \t]")
 
 
+def _differing(p, s, checksum_at: int) -> list[int]:
+    """The offsets where two compared parts (L4 header on) differ, leaving
+    out the 2-byte checksum at ``checksum_at``, which follows from the rest."""
+    a = p.data[p.cmp_off:p.cmp_end]
+    b = s.data[s.cmp_off:s.cmp_end]
+    return [i for i in range(min(len(a), len(b)))
+            if a[i] != b[i] and not checksum_at <= i < checksum_at + 2]
+
+
 def suggest(event) -> str | None:
     """A rule that would hide this miscompare, if one is obvious: the DNS ID,
     an HTTP-style header line, or the byte range of a datagram."""
@@ -189,9 +198,7 @@ def suggest(event) -> str | None:
         return None
     sport, dport = ports_of(event.key)
     if event.kind == "udp" and event.cause == "content":
-        a = p.data[p.cmp_off:p.cmp_end]
-        b = s.data[s.cmp_off:s.cmp_end]
-        diff = [i for i in range(min(len(a), len(b))) if a[i] != b[i] and not 6 <= i < 8]
+        diff = _differing(p, s, checksum_at=6)
         if not diff:
             return "udp.checksum"
         if 53 in (sport, dport) and all(8 <= i < 10 for i in diff):
@@ -201,9 +208,7 @@ def suggest(event) -> str | None:
             return f"udp:{port}:{min(diff) - 8}-{max(diff) - 8 + 1}"
         return None
     if event.kind == "icmp" and event.cause == "content":
-        a = p.data[p.cmp_off:p.cmp_end]
-        b = s.data[s.cmp_off:s.cmp_end]
-        diff = [i for i in range(min(len(a), len(b))) if a[i] != b[i] and not 2 <= i < 4]
+        diff = _differing(p, s, checksum_at=2)
         if not diff:
             return "icmp.checksum"
         if min(diff) >= 8:
