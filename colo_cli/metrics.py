@@ -238,6 +238,16 @@ class _Exposition:
         if value is not None:
             self.sample(name, value, **labels)
 
+    def histogram(self, name: str, help_text: str, hist_ms, bounds_ms) -> None:
+        """A histogram of milliseconds (``Histogram``) as Prometheus has
+        them: cumulative buckets, sum and count, in seconds."""
+        self.family(name, "histogram", help_text)
+        for bound_ms, count in zip(bounds_ms, hist_ms.cumulative(bounds_ms)):
+            self.sample(name + "_bucket", count, le=repr(bound_ms / 1000))
+        self.sample(name + "_bucket", hist_ms.count, le="+Inf")
+        self.sample(name + "_sum", hist_ms.sum / 1000)
+        self.sample(name + "_count", hist_ms.count)
+
     def gauge(self, name, help_text, value=None, **labels) -> None:
         self.family(name, "gauge", help_text)
         if value is not None:
@@ -323,14 +333,8 @@ def prometheus(doc: dict) -> str:
             e.sample(p + what + "_total", st.get(what, {}).get(side, 0), side=side)
     e.counter(p + "stream_gap_bytes_total", "TCP bytes missing from both sides at the same place "
               "(lost by the captures): skipped, not compared.", st.get("stream_gap_bytes", 0))
-    hold = Histogram.from_dict(st["hold_ms"])
-    name = p + "hold_seconds"
-    e.family(name, "histogram", "How long released primary frames were held, in seconds.")
-    for bound_ms, count in zip(HOLD_BOUNDS_MS, hold.cumulative(HOLD_BOUNDS_MS)):
-        e.sample(name + "_bucket", count, le=repr(bound_ms / 1000))
-    e.sample(name + "_bucket", hold.count, le="+Inf")
-    e.sample(name + "_sum", hold.sum / 1000)
-    e.sample(name + "_count", hold.count)
+    e.histogram(p + "hold_seconds", "How long released primary frames were held, in seconds.",
+                Histogram.from_dict(st["hold_ms"]), HOLD_BOUNDS_MS)
     if serve:
         e.gauge(p + "start_time_seconds", "When serve started, in seconds since the Unix epoch.",
                 serve["started"])
@@ -382,14 +386,9 @@ def _qmp_metrics(e: "_Exposition", p: str, q: dict) -> None:
     e.sample(p + "qmp_checkpoint_failures_total", c["timed_out"], reason="timeout")
     for reason, n in q["failures"].items():
         e.sample(p + "qmp_checkpoint_failures_total", n, reason=reason)
-    name = p + "qmp_checkpoint_wait_seconds"
-    wait = Histogram.from_dict(q["request_to_resume_ms"])
-    e.family(name, "histogram", "From a checkpoint request over QMP to QEMU's RESUME, in seconds.")
-    for bound_ms, count in zip(QMP_WAIT_BOUNDS_MS, wait.cumulative(QMP_WAIT_BOUNDS_MS)):
-        e.sample(name + "_bucket", count, le=repr(bound_ms / 1000))
-    e.sample(name + "_bucket", wait.count, le="+Inf")
-    e.sample(name + "_sum", wait.sum / 1000)
-    e.sample(name + "_count", wait.count)
+    e.histogram(p + "qmp_checkpoint_wait_seconds",
+                "From a checkpoint request over QMP to QEMU's RESUME, in seconds.",
+                Histogram.from_dict(q["request_to_resume_ms"]), QMP_WAIT_BOUNDS_MS)
     e.gauge(p + "qmp_ready", "1 when the QMP link is up and past its handshake.", q["ready"])
     e.gauge(p + "colo_active",
             "1 when QEMU is in COLO state and checkpoints are asked of it (policy qmp); 0 while "
