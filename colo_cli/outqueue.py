@@ -84,6 +84,20 @@ class OutQueue:
         """Send what the socket takes now; returns the number of whole frames
         that left.  Raises OSError (other than EAGAIN) on a broken peer."""
         frames = self.frames
+        if len(frames) == 1 and not self.head_sent:
+            # one frame (each read releases one in the latency case): a
+            # plain send, without building a buffer list
+            frame = frames[0]
+            try:
+                n = sock.send(frame)
+            except (BlockingIOError, InterruptedError):
+                return 0
+            if n == len(frame):
+                frames.popleft()
+                self.bytes -= n
+                return 1
+            self.head_sent = n
+            return 0
         done = 0
         while frames:
             bufs = list(islice(frames, MAX_IOV))
@@ -104,6 +118,6 @@ class OutQueue:
                 else:
                     self.head_sent += sent
                     sent = 0
-            if n < sum(len(b) for b in bufs):
+            if n < sum(map(len, bufs)):
                 return done        # the socket is full
         return done

@@ -606,7 +606,7 @@ def test_the_manual_names_every_fallback_reason_stats_key_event_and_metric():
         assert f".B {reason}" in page, reason
     loop = asyncio.new_event_loop()
     try:
-        side = QmpSide(SimpleNamespace(loop=loop), parse_endpoint("unix:/tmp/x.sock"), 5000)
+        side = QmpSide(SimpleNamespace(loop=loop, on_data=None), parse_endpoint("unix:/tmp/x.sock"), 5000)
         snap = side.snapshot()
     finally:
         loop.close()
