@@ -119,6 +119,46 @@ def test_one_payload_byte_differs_qemu_f5():
     assert requests(events) == ["miscompare"] and out_frames(events) == []
 
 
+# The in-step case (a segment's twin is all the other side holds) is
+# verified in the frame, without buffering: the same decisions as buffering.
+
+def test_in_step_pairs_either_side_first_release_each_segment_at_its_twin():
+    segs = [BLOCK[i:i + 1000] for i in range(0, 3000, 1000)]
+    script, expected = [], []
+    for k, data in enumerate(segs):
+        p, s = seg(data, seq=1000 + 1000 * k), seg(data, seq=1000 + 1000 * k)
+        first, second = ((P, p), (S, s)) if k % 2 else ((S, s), (P, p))
+        script += [(*first, 2 * k), (*second, 2 * k + 1)]
+        expected.append(p)
+    c, events = run(script)
+    assert out_frames(events) == expected and not miscompares(events)
+    assert c.stats.secondary_matched == 3 and c.queued_frames == 0
+
+
+def test_in_step_twin_that_differs_is_a_miscompare_at_the_first_different_byte():
+    p0, s0 = seg(BLOCK[:1000]), seg(BLOCK[:1000])
+    bad = bytearray(BLOCK[1000:2000])
+    bad[123] ^= 0xFF
+    p1, s1 = seg(BLOCK[1000:2000], seq=2000), seg(bytes(bad), seq=2000)
+    for order in ([(S, s0, 0), (P, p0, 1), (S, s1, 2), (P, p1, 3)],
+                  [(S, s0, 0), (P, p0, 1), (P, p1, 2), (S, s1, 3)]):
+        _, events = run(order)
+        (m,) = miscompares(events)
+        assert (m.cause, m.stream_offset) == ("content", 1123)
+        assert out_frames(events) == [p0]
+
+
+def test_in_step_verification_then_a_primary_gap_filled_later():
+    """The primary's third segment waits beyond a gap while the first pair
+    is verified in step; the second fills the gap and joins it."""
+    d = [BLOCK[i:i + 1000] for i in range(0, 3000, 1000)]
+    p = [seg(x, seq=1000 + 1000 * k) for k, x in enumerate(d)]
+    s = [seg(x, seq=1000 + 1000 * k) for k, x in enumerate(d)]
+    script = [(P, p[2], 0), (S, s[0], 1), (P, p[0], 2), (P, p[1], 3), (S, s[1], 4), (S, s[2], 5)]
+    _, events = run(script)
+    assert out_frames(events) == p and not miscompares(events)
+
+
 def test_different_sequence_numbers_never_match_departs_from_qemu_f6():
     # QEMU overlays positions and releases (f6); here the bytes are at
     # different places in the stream, so nothing is verified.
