@@ -198,6 +198,11 @@ class Comparator:
         # hot-path copies of settings
         self._max_queue_size: int = self.config.max_queue_size
         self._max_queued_bytes: int = self.config.max_queued_bytes
+        #: connections need noise rules or sequence normalisation (Config is
+        #: not compiled: each read of it is a generic attribute lookup, and
+        #: with many short flows one per new connection showed)
+        self._rules_or_norm: bool = bool(self.config.ignore) or self.config.normalize_seq
+        self._noise_rules: bool = bool(self.config.ignore)
 
     # ------------------------------------------------------------------
     # input
@@ -350,20 +355,20 @@ class Comparator:
 
     def _new_connection(self, key: bytes, kind: int, now_ms: float, out: list) -> Connection:
         table = self.table
-        config = self.config
         if len(self._conns) >= table.max_connections:
-            if kind == KIND_UDP and not config.ignore:
+            if kind == KIND_UDP and not self._noise_rules:
                 # the connection-churn case (many short flows through a full
                 # table): the oldest connection, when it is an idle datagram
                 # one, becomes the new one in place, its deques kept
                 recycled = table.recycle_oldest_datagram(key, now_ms)
                 if recycled is not None:
                     self._stale.forget(recycled)
-                    self.stats.connections_evicted["idle"] += 1
+                    self.stats.evicted_idle += 1
                     self.stats.connections_created += 1
                     return recycled
             self._evict_for_room(now_ms, out)
-        if config.ignore or config.normalize_seq:
+        if self._rules_or_norm:
+            config = self.config
             conn = Connection(key, kind, now_ms, config.normalize_seq,
                               rules_for(config.ignore, kind, key))
         else:
@@ -779,7 +784,7 @@ class Comparator:
         table = self.table
         front = table.pop_oldest()
         if front is not None and not front.queued:
-            self.stats.connections_evicted["idle"] += 1
+            self.stats.evicted_idle += 1
             self._forget(front)
             return
         sample = ([front] if front is not None else []) + table.oldest(63)
@@ -790,9 +795,9 @@ class Comparator:
         table.put_back([c for c in sample if c is not victim])
         self._forget(victim)
         if idle:
-            self.stats.connections_evicted["idle"] += 1
+            self.stats.evicted_idle += 1
             return
-        self.stats.connections_evicted["table-full"] += 1
+        self.stats.evicted_other["table-full"] += 1
         self._flush_connection(victim, now_ms, ev.ReleaseReason.TABLE_FULL, out)
         self._stale.forget(victim)      # (gone: no late copy will find it)
         self._request(ev.CheckpointCause.TABLE_FULL, None, now_ms, out, answered=True,
@@ -1040,7 +1045,7 @@ class Comparator:
         for conn in table.oldest(256):
             if conn.last_ms <= limit and not conn.queued:
                 self._forget(conn)
-                self.stats.connections_evicted["idle"] += 1
+                self.stats.evicted_idle += 1
             else:
                 table.requeue(conn)
 
@@ -1092,7 +1097,7 @@ class Comparator:
         self._absent = False
         for conn in self.table:
             self._forget(conn)
-            self.stats.connections_evicted["secondary-absent"] += 1
+            self.stats.evicted_other["secondary-absent"] += 1
         out.append(ev.SecondaryAbsent(False, now_ms))
 
     def _enter_absent(self, now_ms: float, out: list) -> None:

@@ -179,7 +179,10 @@ class Stats:
         self.checkpoint_requests: Counter[str] = Counter()  # by cause
         self.checkpoints = 0
         self.connections_created = 0
-        self.connections_evicted: Counter[str] = Counter()  # idle, table-full
+        # connections evicted, by reason (connections_evicted): idle ones
+        # in a plain int, as with many short flows one goes per new flow
+        self.evicted_idle = 0
+        self.evicted_other: Counter[str] = Counter()  # table-full, secondary-absent
         self.p_queue_high_water = 0         # longest queue of any connection, per side
         self.s_queue_high_water = 0
         self.queued_bytes_high_water = 0
@@ -212,6 +215,15 @@ class Stats:
     def queue_high_water(self) -> list[int]:
         """Longest queue of any connection, [primary, secondary] (a copy)."""
         return [self.p_queue_high_water, self.s_queue_high_water]
+
+    @property
+    def connections_evicted(self) -> Counter[str]:
+        """Connections evicted, by reason (a copy: count in ``evicted_idle``
+        and ``evicted_other``)."""
+        evicted = Counter(self.evicted_other)
+        if self.evicted_idle:
+            evicted["idle"] = self.evicted_idle
+        return evicted
 
     @property
     def released_total(self) -> int:
