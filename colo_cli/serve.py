@@ -49,6 +49,7 @@ from .core import (MSG_CHECKPOINT, MSG_DO_CHECKPOINT, MSG_GET_XEN_INIT, MSG_PROX
                    Miscompare, NotifyDecoder, Released, SecondaryAbsent, encode_notify)
 from .errors import ColoError, os_error_text
 from .flows import connection_summary, format_key
+from .heap import keep_large_blocks
 from .links import Link
 from .outqueue import OUT_FRAME_OVERHEAD
 from .options import POLICY_HOLD, POLICY_QMP, POLICY_RELEASE, ServeOptions
@@ -720,6 +721,9 @@ def _serve_numbers(pkt) -> tuple:
 def run(options: ServeOptions, stderr=None) -> int:
     """``colo-compare serve``: run the server until a signal; returns the
     exit status."""
+    # each busy read is a block of up to 256 KiB, freed at once: keep such
+    # blocks in the heap rather than mmap and fault them in every time
+    keep_large_blocks()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     server = Server(options, loop, stderr)
