@@ -49,6 +49,9 @@ The public methods, and the QEMU function each one stands for
     / ``compare_sec_rs_finalize`` then ``colo_compare_connection``, with the
     per-protocol ``colo_compare_tcp`` / ``colo_packet_compare_udp`` /
     ``_icmp`` / ``_other``).
+``receive_records(side, records, now_ms, header_len)``
+    ``receive`` for each record one read of serve's framing brought, in one
+    call: the same decisions and events.
 ``get_timer()`` / ``handle_timer(now_ms)``
     When the periodic scan is next due, and the scan itself: timeouts, idle
     connections, fragments, the secondary's absence (QEMU's
@@ -225,13 +228,34 @@ class Comparator:
         exception (see ``_contain``).
         """
         out: list = []
+        self._receive_contained(side, data, now_ms, l2, vnet_hdr_len, cut, l3, ethertype, out)
+        return out
+
+    def receive_records(self, side: int, records: list[tuple[bytes, int]], now_ms: float,
+                        header_len: int) -> list:
+        """``receive`` for each record of a ``FrameDecoder.feed`` on
+        ``side``, in order, at one ``now_ms``: ``(wire, vnet_hdr_len)``
+        pairs, the Ethernet frame of each at ``header_len + vnet_hdr_len``.
+        Returns the events of all of them, in order: the same decisions and
+        events as one ``receive`` per record, in one call per read (serve's
+        hot path: no call, list or loop turn of the adapter per frame)."""
+        out: list = []
+        for wire, vnet_hdr_len in records:
+            self._receive_contained(side, wire, now_ms, header_len + vnet_hdr_len,
+                                    vnet_hdr_len, False, -1, 0, out)
+        return out
+
+    def _receive_contained(self, side: int, data: bytes, now_ms: float, l2: int,
+                           vnet_hdr_len: int, cut: bool, l3: int, ethertype: int,
+                           out: list) -> None:
+        """One frame, its events appended to ``out``; a failure costs this
+        frame only (``_contain``)."""
         try:
             self._receive(side, data, now_ms, l2, vnet_hdr_len, cut, l3, ethertype, out)
             if self._to_answer:
                 self._answer_requests(now_ms, out)
         except Exception as exc:  # noqa: BLE001 - one frame, not the comparator
             self._contain(exc, side, data, now_ms, l2, out, l3, ethertype)
-        return out
 
     def _receive(self, side: int, data: bytes, now_ms: float, l2: int, vnet_hdr_len: int,
                  cut: bool, l3: int, ethertype: int, out: list) -> None:
