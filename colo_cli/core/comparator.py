@@ -103,13 +103,16 @@ From how that one path is built, not from a second copy of it:
   runs interpreted otherwise, and ``COLO_COMPARE_PURE=1`` forces that):
   attribute access on ``Packet``/``Connection``/``TcpStream`` and integer
   arithmetic then cost a few machine instructions, not dictionary lookups;
-* no copies on the common path: a TCP segment in sequence is appended to its
-  side's stream buffer from a memoryview, verified with one ``startswith``
-  on the two buffers, and a datagram pair is compared with one slice and a
-  ``startswith`` at an offset; connection keys are slices of the frame;
-* few objects per frame: one ``Packet`` with every field set once, and for
-  a release on a match the compact ``Matched`` event (``compact=True``,
-  what the adapters use);
+* few copies on the common path: of a TCP segment in step, the first copy
+  to arrive is appended to its side's stream buffer and the second is
+  compared where it stands in its frame, with one ``startswith`` at the
+  payload's offset (``TcpStream._add_payload``); a datagram pair is
+  compared with one slice and a ``startswith`` at an offset; connection
+  keys are slices of the frame;
+* few objects and calls per frame: one ``Packet`` with every field set
+  once; for a release on a match the compact ``Matched`` event
+  (``compact=True``, what the adapters use); ``receive_records`` takes a
+  whole read of serve's framing in one call;
 * bounded work per frame: frames leave the timeout list as they leave (no
   scan frees a second's worth at once), the connection table evicts in O(1)
   in the usual case and reuses an idle datagram connection in place.

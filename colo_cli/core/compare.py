@@ -163,8 +163,9 @@ class TcpStream:
     ``p_buf``/``s_buf`` hold each side's bytes from the verification point
     ``base`` on, contiguous; what arrived beyond a gap waits in
     ``p_pending``/``s_pending``.  In the bulk case (segments in sequence on
-    both sides) a segment costs one append to its side's buffer and one
-    ``startswith`` when the other side's twin arrives: no copies."""
+    both sides, in step) the first copy of a segment is appended to its
+    side's buffer, and its twin is compared with it where the twin stands
+    in its frame (one ``startswith``), never buffered."""
 
     __slots__ = ("anchor", "base", "origin", "locked", "p_buf", "s_buf",
                  "p_pending", "s_pending", "p_end_max", "s_max_ack", "s_syn",
