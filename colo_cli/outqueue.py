@@ -45,8 +45,14 @@ class OutQueue:
     def __len__(self) -> int:
         return len(self.frames)
 
+    def over_limit(self, more_bytes: int = 0, more_frames: int = 0) -> bool:
+        """Whether the queue, with ``more_frames`` frames of ``more_bytes``
+        bytes added, is past its bound (bytes plus the overhead of each)."""
+        return ((self.bytes + more_bytes + (len(self.frames) + more_frames) * OUT_FRAME_OVERHEAD)
+                > self.limit)
+
     def push(self, data: bytes) -> bool:
-        if self.bytes + len(data) + (len(self.frames) + 1) * OUT_FRAME_OVERHEAD > self.limit:
+        if self.over_limit(len(data), 1):
             self.dropped += 1
             return False
         self.frames.append(data)
@@ -60,8 +66,7 @@ class OutQueue:
         path appends directly): the newest ones beyond it are dropped, as
         ``push`` would have refused them.  Returns what was dropped."""
         dropped = []
-        while (self.bytes + len(self.frames) * OUT_FRAME_OVERHEAD > self.limit
-               and len(self.frames) > (1 if self.head_sent else 0)):
+        while self.over_limit() and len(self.frames) > (1 if self.head_sent else 0):
             data = self.frames.pop()
             self.bytes -= len(data)
             self.dropped += 1

@@ -51,7 +51,6 @@ from .errors import ColoError, os_error_text
 from .flows import connection_summary, format_key
 from .heap import keep_large_blocks
 from .links import Link
-from .outqueue import OUT_FRAME_OVERHEAD
 from .options import POLICY_HOLD, POLICY_QMP, POLICY_RELEASE, ServeOptions
 from .systemd import Notifier, log_stamper
 
@@ -371,8 +370,8 @@ class Server:
     def _on_frames(self, link: Link, data: bytes) -> None:
         # Every read of a frame input comes here: with one frame per read
         # (the latency case) this method's own cost is a good part of the
-        # added latency, hence the locals and the checks inlined from
-        # _trim and now_ms.
+        # added latency, hence the locals, the clock read inline (now_ms)
+        # and _trim called only when it has work.
         side = PRIMARY if link is self.primary else SECONDARY
         decoder = self._decoders.get(side)
         if decoder is None:
@@ -407,8 +406,8 @@ class Server:
                 self.handle((e,), now)
                 queued = out.bytes
         out.bytes = queued
-        if queued + len(frames) * OUT_FRAME_OVERHEAD > out.limit or queued > out.high_water:
-            self._trim()
+        if out.over_limit() or queued > out.high_water:
+            self._trim()                     # (only then has it work to do)
         if self._do_checkpoint_wanted:
             self._send_do_checkpoint()
         if decoder.error is not None:

@@ -1259,6 +1259,15 @@ def _unix_triple(env):
             unix_ep(env.workdir, "o.sock")[0])
 
 
+def _busy_listener(env, address, family=socket.AF_INET):
+    """Something else listening at ``address``; returns where it listens."""
+    busy = socket.socket(family, socket.SOCK_STREAM)
+    env.track(busy)
+    busy.bind(address)
+    busy.listen(1)
+    return busy.getsockname()
+
+
 @pytest.mark.parametrize("bad,expected", [
     ("foo:bar", "'foo:bar': unknown endpoint type 'foo'"),
     ("unix:", "'unix:': unix: needs a path"),
@@ -1275,11 +1284,7 @@ def test_startup_bad_endpoint_syntax(env, bad, expected):
 
 
 def test_startup_tcp_port_in_use(env):
-    busy = socket.socket()
-    env.track(busy)
-    busy.bind(("127.0.0.1", 0))
-    busy.listen(1)
-    port = busy.getsockname()[1]
+    port = _busy_listener(env, ("127.0.0.1", 0))[1]
     p, s, _o = _unix_triple(env)
     rc, err, _ = run_serve(env, ["--primary-in", p, "--secondary-in", s,
                                  "--outdev", tcp_ep(port), "--control", env.path("ctl.sock")])
@@ -1294,16 +1299,8 @@ def test_startup_tcp_port_in_use(env):
 def test_startup_address_in_use_reads_the_same_for_every_listener(env, taken):
     """Something else listens where serve would: the same words whichever
     option names the place (a unix endpoint, the control socket, /metrics)."""
-    busy_path = env.path("busy.sock")
-    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    env.track(busy)
-    busy.bind(busy_path)
-    busy.listen(1)
-    busy_tcp = socket.socket()
-    env.track(busy_tcp)
-    busy_tcp.bind(("127.0.0.1", 0))
-    busy_tcp.listen(1)
-    port = busy_tcp.getsockname()[1]
+    busy_path = _busy_listener(env, env.path("busy.sock"), socket.AF_UNIX)
+    port = _busy_listener(env, ("127.0.0.1", 0))[1]
     p, s, o = _unix_triple(env)
     args = {"--primary-in": ["--primary-in", f"unix:{busy_path},server"],
             "--control": ["--primary-in", p, "--control", busy_path],
