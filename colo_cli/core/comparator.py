@@ -204,11 +204,11 @@ class Comparator:
         # hot-path copies of settings
         self._max_queue_size: int = self.config.max_queue_size
         self._max_queued_bytes: int = self.config.max_queued_bytes
-        #: connections need noise rules or sequence normalisation (Config is
-        #: not compiled: each read of it is a generic attribute lookup, and
-        #: with many short flows one per new connection showed)
-        self._rules_or_norm: bool = bool(self.config.ignore) or self.config.normalize_seq
+        #: what a new connection needs to know of the settings (Config is not
+        #: compiled: each read of it is a generic attribute lookup, and with
+        #: many short flows one per new connection showed)
         self._noise_rules: bool = bool(self.config.ignore)
+        self._normalize_seq: bool = self.config.normalize_seq
 
     # ------------------------------------------------------------------
     # input
@@ -394,7 +394,7 @@ class Comparator:
                     self.stats.connections_created += 1
                     return recycled
             self._evict_for_room(now_ms, out)
-        if self._rules_or_norm:
+        if self._noise_rules or self._normalize_seq:
             config = self.config
             conn = Connection(key, kind, now_ms, config.normalize_seq,
                               rules_for(config.ignore, kind, key))
