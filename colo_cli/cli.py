@@ -46,6 +46,15 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
+def _print_version(ctx, _param, value) -> None:
+    # computed only when asked for: importlib.metadata alone costs ~35 ms at
+    # every start (a click.version_option's message is built at import)
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(_version_message())
+    ctx.exit()
+
+
 def _version_message() -> str:
     try:
         from importlib.metadata import version
@@ -58,7 +67,8 @@ def _version_message() -> str:
 
 
 @click.group(context_settings=CONTEXT)
-@click.version_option(__version__, "-V", "--version", message=_version_message())
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version, help="Show the version and exit.")
 @click.option("--debug", is_flag=True, help="Show a full traceback when something goes wrong.")
 @click.pass_context
 def cli(ctx, debug):

@@ -647,7 +647,6 @@ def run(options: ReplayOptions) -> int:
     with -q)."""
     from .capture import LikeInputWriter, open_capture
     from .outputs import open_output, stdout_guard, terminate_as_interrupt
-    from .render import make_console, print_replay_report, replay_json, replay_progress
 
     o = options
     selection = selection_of(o)
@@ -677,7 +676,11 @@ def run(options: ReplayOptions) -> int:
                 evidence_section_comment(p_reader.name, s_reader.name, o.config, o.hold,
                                          o.vnet_hdr_len),
                 _first_linktype(p_reader), _first_linktype(s_reader))
-        progress = stack.enter_context(replay_progress(p_reader, quiet or o.as_json))
+        progress = None
+        if not (quiet or o.as_json):
+            # (rich, through render, only when something is shown: ~40 ms a start)
+            from .render import replay_progress
+            progress = stack.enter_context(replay_progress(p_reader, False))
         result = replay(p_reader, s_reader, o.config, hold=o.hold, vnet_hdr_len=o.vnet_hdr_len,
                         on_release=on_release, on_unmatched=on_unmatched,
                         on_progress=progress, on_miscompare=on_miscompare,
@@ -691,6 +694,7 @@ def run(options: ReplayOptions) -> int:
     else:
         status = EXIT_DIVERGE if verdict == "diverge" else EXIT_SAME
     if not quiet:
+        from .render import make_console, print_replay_report, replay_json
         with stdout_guard():
             if o.as_json:
                 print(json.dumps(replay_json(result), indent=1))

@@ -63,3 +63,29 @@ def test_the_compiled_build_is_the_same_program():
                           env={**env, "COLO_COMPARE_PURE": "1"}, timeout=60)
     assert compiled.returncode == pure.returncode == 1
     assert compiled.stdout == pure.stdout
+
+
+def _modules_imported(*argv):
+    """The modules a run of ``colo-compare ARGV`` imported (``-X importtime``)."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "colo_cli", *argv],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout, {line.split("|")[-1].strip() for line in r.stderr.splitlines()
+                      if line.startswith("import time:")}
+
+
+def test_what_a_quiet_replay_and_version_do_not_import():
+    """A start costs what it uses: importlib.metadata (~35 ms) only for
+    ``--version``, rich (~40 ms, the report) only when something is shown;
+    a quiet replay of a big capture pair pays neither."""
+    _, quiet = _modules_imported("replay", "examples/match-primary.pcap",
+                                 "examples/match-secondary.pcap", "--out", os.devnull, "--quiet")
+    assert "colo_cli.replay" in quiet
+    assert not {"rich", "colo_cli.render", "importlib.metadata"} & quiet
+    out, version = _modules_imported("--version")
+    assert out.startswith("colo-compare ")
+    assert "importlib.metadata" in version
+    out, shown = _modules_imported("replay", "examples/match-primary.pcap",
+                                   "examples/match-secondary.pcap")
+    assert "MATCH" in out.upper()
+    assert {"rich", "colo_cli.render"} <= shown
