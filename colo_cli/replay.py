@@ -500,6 +500,14 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
             if due is None or due > now_ms or due == last:
                 # (the same tick again: the clock is past where float
                 # milliseconds step by a scan cycle; never spin on it)
+                if last is None:
+                    next_scan = comparator.next_scan_ms
+                    if next_scan is not None and next_scan <= now_ms:
+                        # Ticks passed with nothing to decide: one scan with
+                        # nothing to do (QEMU scans every tick) moves the
+                        # grid on, so the frames up to the next tick need
+                        # not ask get_timer() again.
+                        emit(comparator.handle_timer(now_ms), now_ms)
                 return last
             events = comparator.handle_timer(due)
             last = due
@@ -523,8 +531,10 @@ def replay(primary_reader, secondary_reader, config: Config | None = None, *,
             p_clock_ns = (p_info.first_ts_ns - offset_ns if p_info.first_ts_ns is not None
                           else _ts_ns - rel_ns)
         now_ms = rel_ns / 1e6
-        timer = comparator.get_timer()
-        if timer is not None and timer <= now_ms:
+        next_scan = comparator.next_scan_ms
+        if next_scan is not None and next_scan <= now_ms:
+            # (no scan is due before the next tick: get_timer() is asked
+            # from there, not for every frame)
             run_scans(now_ms)
         events = receive(side, data, now_ms, l2, vnet_hdr_len, cut, l3, ethertype)
         if events:

@@ -246,8 +246,9 @@ def test_a_secondary_capture_that_ends_early_costs_each_flow_the_timeout_not_a_s
     # one per flow each time it timed out (a flow's frames come 4 s apart)
     assert snap["checkpoint_requests"] == {"timeout": 4000}
     assert snap["hold_ms"]["max_ms"] <= 500 + 2 * 100
-    # the 4,000 frames arrive over 8 s: about one scan per cycle, not per flow
-    assert scans <= 8000 / 100 + 20
+    # about one scan per cycle over the capture's 12 s (where nothing is
+    # due one empty scan moves the grid on), not one per flow (2,000)
+    assert scans <= 12000 / 100 + 20
     # per flow, in the order the primary sent them
     position = {d: i for i, (_, d) in enumerate(frames)}
     by_flow = {}
@@ -547,3 +548,34 @@ def test_stats_on_a_damaged_report_is_one_line_naming_the_file(cli, tmp_path):
     r = cli("stats", path)
     assert (r.rc, r.err) == (2, f"colo-compare: {path}: damaged report: stats.frames_in is "
                                 "missing\n")
+
+
+def test_replay_asks_for_the_timer_once_per_scan_tick_not_once_per_frame(tmp_path, monkeypatch):
+    """get_timer() looks at every kind of pending work, so replay does not
+    ask it for every frame: no scan is due before ``next_scan_ms``, and
+    where ticks pass with nothing to decide one empty scan moves the grid
+    on.  10,000 matched pairs over 10 s with a 100 ms scan cycle: about one
+    question per tick (100), the same decisions as always (every pair
+    matched, nothing timed out)."""
+    from colo_cli.core import Config
+    from colo_cli.testing import udp_frame
+    asked = [0]
+
+    class Counting(Comparator):
+        def get_timer(self):
+            asked[0] += 1
+            return super().get_timer()
+    monkeypatch.setattr(replay_module, "Comparator", Counting)
+    ms = 10**6
+    frames = [(t * ms, udp_frame(b"frame %d" % t, sport=1024 + t % 50)) for t in range(10_000)]
+    p_path = write(tmp_path / "p.pcap", frames)
+    s_path = write(tmp_path / "s.pcap", frames)
+    out = []
+    config = Config(compare_timeout_ms=500, expired_scan_cycle_ms=100)
+    with open_capture(str(p_path)) as p, open_capture(str(s_path)) as s:
+        result = replay(p, s, config, on_release=lambda ts, data: out.append(data))
+    assert out == [d for _, d in frames]
+    snap = result.stats.snapshot()
+    assert snap["released"]["match"] == 10_000
+    assert snap["checkpoint_requests"] == {}
+    assert 50 <= asked[0] <= 10_000 / 100 + 20

@@ -59,7 +59,8 @@ The public methods, and the QEMU function each one stands for
     a loop timer for ``get_timer()``; replay, whose clock is the captures',
     calls ``handle_timer(t)`` for each ``t = get_timer()`` up to the next
     frame's time, before giving it that frame: the same contract, driven by
-    another clock, so both take the same decisions.
+    another clock, so both take the same decisions.  ``next_scan_ms``: no
+    timer is due before it (replay's cheap check before each frame).
 ``checkpoint(now_ms)``
     A checkpoint happened: every queue flushed, comparison state reset
     (QEMU: ``colo_notify_compares_event`` -> ``colo_flush_packets``).
@@ -905,6 +906,14 @@ class Comparator:
         epoch = self._epoch_ms
         assert epoch is not None
         return _after(t_ms, epoch + ((t_ms - epoch) // cycle + 1) * cycle)
+
+    @property
+    def next_scan_ms(self) -> float | None:
+        """The next tick of the scan grid (None before the first frame):
+        ``get_timer()`` is never earlier, so an adapter that checks for a
+        due scan before every frame (replay) may skip ``get_timer()``, which
+        looks at every kind of pending work, until its clock reaches this."""
+        return self._next_scan_ms
 
     def get_timer(self) -> float | None:
         """When ``handle_timer`` should next be called (ms), or None when no
