@@ -210,6 +210,12 @@ class Comparator:
         #: many short flows one per new connection showed)
         self._noise_rules: bool = bool(self.config.ignore)
         self._normalize_seq: bool = self.config.normalize_seq
+        #: what get_timer() reads, on serve's every read and replay's every
+        #: scan tick (four generic lookups were a third of its cost)
+        self._cycle_ms: float = self.config.expired_scan_cycle_ms
+        self._compare_timeout_ms: float | None = self.config.compare_timeout_ms
+        self._fragment_timeout_ms: float = self.config.fragment_timeout_ms
+        self._idle_timeout_ms: float = self.config.idle_timeout_ms
 
     # ------------------------------------------------------------------
     # input
@@ -890,11 +896,11 @@ class Comparator:
 
     def _start_clock(self, now_ms: float) -> None:
         self._epoch_ms = now_ms
-        self._next_scan_ms = now_ms + self.config.expired_scan_cycle_ms
+        self._next_scan_ms = now_ms + self._cycle_ms
 
     def _tick_at_or_after(self, t_ms: float) -> float:
         """The first scan tick at or after ``t_ms``."""
-        cycle = self.config.expired_scan_cycle_ms
+        cycle = self._cycle_ms
         epoch = self._epoch_ms
         assert epoch is not None
         tick = epoch - ((epoch - t_ms) // cycle) * cycle
@@ -902,7 +908,7 @@ class Comparator:
 
     def _tick_after(self, t_ms: float) -> float:
         """The first scan tick strictly after ``t_ms``."""
-        cycle = self.config.expired_scan_cycle_ms
+        cycle = self._cycle_ms
         epoch = self._epoch_ms
         assert epoch is not None
         return _after(t_ms, epoch + ((t_ms - epoch) // cycle + 1) * cycle)
@@ -934,7 +940,7 @@ class Comparator:
         if next_scan is None:
             return None
         due: float | None = None
-        timeout = self.config.compare_timeout_ms
+        timeout = self._compare_timeout_ms
         if timeout is not None and self.queued_frames:
             oldest = self._oldest_queued()
             if oldest is not None:
@@ -944,17 +950,18 @@ class Comparator:
         if absent_since is not None and not self._absent:
             t = self._tick_after(absent_since + self.absent_after_ms)
             due = t if due is None or t < due else due
-        ftimeout = self.config.fragment_timeout_ms
-        for reasm in self._reassembly:
-            if reasm.pending:
-                first = next(iter(reasm.pending.values())).first_ms
+        reassembly = self._reassembly
+        for i in range(2):          # (indexed: no iterator object per call)
+            pending = reassembly[i].pending
+            if pending:
+                first = next(iter(pending.values())).first_ms
                 # given up when now - first >= the timeout
-                t = self._tick_at_or_after(first + ftimeout)
+                t = self._tick_at_or_after(first + self._fragment_timeout_ms)
                 due = t if due is None or t < due else due
         front = self.table.peek_oldest()
         if front is not None and not front.queued:
             # forgotten when last_ms <= now - idle_timeout
-            t = self._tick_at_or_after(front.last_ms + self.config.idle_timeout_ms)
+            t = self._tick_at_or_after(front.last_ms + self._idle_timeout_ms)
             due = t if due is None or t < due else due
         if due is None:
             return None
@@ -986,7 +993,7 @@ class Comparator:
             return out
         if now_ms < next_scan:
             return out
-        cycle = self.config.expired_scan_cycle_ms
+        cycle = self._cycle_ms
         tick_ms = epoch + ((now_ms - epoch) // cycle) * cycle     # the last tick due
         # Past 2**53 ms (a clock gone wrong: 285,000 years) float
         # milliseconds no longer step by a cycle, and the grid arithmetic
