@@ -50,7 +50,7 @@ from .core import (MSG_CHECKPOINT, MSG_DO_CHECKPOINT, MSG_GET_XEN_INIT, MSG_PROX
 from .errors import ColoError, os_error_text
 from .flows import connection_summary, format_key
 from .heap import keep_large_blocks
-from .links import Link
+from .links import Link, TurnSelector
 from .options import POLICY_HOLD, POLICY_QMP, POLICY_RELEASE, ServeOptions
 from .systemd import Notifier, log_stamper
 
@@ -63,9 +63,11 @@ class ServeError(ColoError):
 
 class Server:
     def __init__(self, options: ServeOptions, loop: asyncio.AbstractEventLoop | None = None,
-                 stderr=None) -> None:
+                 stderr=None, turns: TurnSelector | None = None) -> None:
         self.options = options
         self.loop = loop or asyncio.get_event_loop()
+        #: the loop's selector when it counts turns (run() makes it so)
+        self.turns = turns
         self.stderr = stderr or sys.stderr
         # release: nobody outside can checkpoint, so the core answers each
         # request itself, per connection; hold: a COLO system checkpoints;
@@ -418,8 +420,9 @@ class Server:
             link.cut_off(decoder.error)
         if frames:
             self.outdev.flush()
-        self._arm_timer()
-        if comparator.queued_frames > queued_before and not self._reading_other:
+        if self._reading_other:
+            return                           # (the read that read ahead arms the timer)
+        if comparator.queued_frames > queued_before:
             # This read left frames waiting for their twins: read the other
             # input now, not at the loop's next turn.  The two copies of a
             # packet arrive microseconds apart, so the twin is usually
@@ -427,9 +430,10 @@ class Server:
             # deep: that read does not come back here.
             self._reading_other = True
             try:
-                (self.secondary if side == PRIMARY else self.primary).read_once()
+                (self.secondary if side == PRIMARY else self.primary).read_ahead()
             finally:
                 self._reading_other = False
+        self._arm_timer()                    # once, after both reads
 
     def _count_zero_length(self, side, link: Link, decoder) -> None:
         # QEMU aborts on a zero-length record (observed j3): skip and count
@@ -717,9 +721,10 @@ def run(options: ServeOptions, stderr=None) -> int:
     # each busy read is a block of up to 256 KiB, freed at once: keep such
     # blocks in the heap rather than mmap and fault them in every time
     keep_large_blocks()
-    loop = asyncio.new_event_loop()
+    turns = TurnSelector()
+    loop = asyncio.SelectorEventLoop(turns)
     asyncio.set_event_loop(loop)
-    server = Server(options, loop, stderr)
+    server = Server(options, loop, stderr, turns)
     try:
         return loop.run_until_complete(server.run())
     finally:

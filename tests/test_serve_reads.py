@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from colo_cli.endpoints import parse_endpoint
-from colo_cli.links import RECV_BYTES
+from colo_cli.links import RECV_BYTES, TurnSelector
 from colo_cli.options import ServeOptions
 from colo_cli.serve import Server
 from colo_cli.testing import udp_frame
@@ -21,11 +21,14 @@ from serve_helpers import rec, split_records
 
 @pytest.fixture
 def rig():
-    loop = asyncio.new_event_loop()
+    # the loop serve.run makes: its selector counts turns (``turns.select(0)``
+    # is a turn of the loop here, with nothing registered on it)
+    turns = TurnSelector()
+    loop = asyncio.SelectorEventLoop(turns)
     opts = ServeOptions(parse_endpoint("tcp:127.0.0.1:1,server"),
                         parse_endpoint("tcp:127.0.0.1:2,server"),
                         parse_endpoint("tcp:127.0.0.1:3,server"), verbose=-1)
-    srv = Server(opts, loop)
+    srv = Server(opts, loop, turns=turns)
     peers = {}
     for link in (srv.primary, srv.secondary, srv.outdev):
         ours, theirs = socket.socketpair()
@@ -98,3 +101,56 @@ def test_reads_larger_than_the_buffer_and_records_cut_between_reads(rig):
         srv.secondary.read_once()
         released += outdev_records(out)
     assert released == [rec(f) for f in frames]
+
+
+def test_the_loops_own_read_of_an_input_read_ahead_in_that_turn_is_skipped(rig):
+    """Both inputs reported in one turn: the secondary's callback reads the
+    primary ahead (the twin), so the primary's callback in that turn does
+    not read its empty socket (a system call and an exception).  What came
+    after the read ahead is read at the next turn: nothing is lost or held."""
+    srv, pri, sec, out = rig
+    turns = srv.turns
+    a, b = (udp_frame(sport=1000, dport=2000, payload=p) for p in (b"first", b"second"))
+    sec.send(rec(a))
+    pri.send(rec(a))
+    turns.select(0)
+    srv.secondary._readable()
+    assert outdev_records(out) == [rec(a)]
+    pri.send(rec(b))                         # after the read ahead, same turn
+    before = srv.primary.bytes_in
+    srv.primary._readable()                  # the loop's callback for this turn
+    assert srv.primary.bytes_in == before
+    turns.select(0)                          # next turn: epoll reports it again
+    srv.primary._readable()
+    assert srv.primary.bytes_in == before + len(rec(b))
+    sec.send(rec(b))
+    srv.secondary._readable()
+    assert outdev_records(out) == [rec(b)]
+    # a callback in a turn with no read ahead reads as always
+    sec.send(rec(a))
+    srv.secondary._readable()
+    pri.send(rec(a))
+    turns.select(0)
+    srv.primary._readable()
+    assert outdev_records(out) == [rec(a)]
+
+
+def test_a_frame_left_waiting_arms_the_timer_once_both_inputs_were_read(rig):
+    """A primary frame without its twin, the secondary read ahead in vain:
+    the core's timer is armed for the frame's timeout; the pair completed
+    by the read ahead leaves nothing to time out."""
+    srv, pri, sec, out = rig
+    frame = udp_frame(sport=1000, dport=2000, payload=b"alone")
+    pri.send(rec(frame))
+    turns = srv.turns
+    turns.select(0)
+    srv.primary._readable()
+    assert outdev_records(out) == []
+    due = srv.comparator.get_timer()
+    assert due is not None and srv._timer_at == due
+    assert due >= srv.now_ms() + srv.options.config.compare_timeout_ms - 1
+    sec.send(rec(frame))
+    turns.select(0)
+    srv.secondary._readable()
+    assert outdev_records(out) == [rec(frame)]
+    assert srv.comparator.queued_frames == 0
