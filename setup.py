@@ -18,10 +18,11 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-#: the modules of the hot path: everything a frame goes through in the core
+#: the modules of the hot path: everything a frame goes through in the
+#: core, and serve's per-read glue around it (the same list as _build's)
 COMPILED = [f"colo_cli/core/{name}.py" for name in
             ("packet", "events", "compare", "conntrack", "reassembly", "stats", "framing",
-             "comparator")]
+             "comparator")] + ["colo_cli/outqueue.py", "colo_cli/inputs.py"]
 
 
 def _say(msg: str) -> None:
@@ -37,7 +38,8 @@ def _remove_stale_in_place_builds() -> None:
     sources would shadow them: a pure build removes them."""
     import glob
     here = os.path.dirname(os.path.abspath(__file__))
-    for path in glob.glob(os.path.join(here, "colo_cli", "core", "*.so")):
+    for path in (glob.glob(os.path.join(here, "colo_cli", "core", "*.so"))
+                 + glob.glob(os.path.join(here, "colo_cli", "*.so"))):
         _say(f"removing {os.path.relpath(path, here)} (an earlier compiled build)")
         os.remove(path)
 

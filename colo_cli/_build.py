@@ -1,6 +1,7 @@
 """Which build of the comparison core runs: compiled (mypyc) or pure Python.
 
-``pip install .`` compiles the core's hot modules with mypyc when it can (see
+``pip install .`` compiles the core's hot modules, and serve's per-read path
+around them (``inputs``, ``outqueue``), with mypyc when it can (see
 ``setup.py``); the same modules' source is installed beside them and is what
 runs when nothing was compiled.  ``COLO_COMPARE_PURE=1`` in the environment
 makes a compiled install run the pure modules anyway: the test suite runs
@@ -16,11 +17,12 @@ import importlib.util
 import os
 import sys
 
-#: the modules setup.py compiles (a compiled build has all of them or none)
-COMPILED_MODULES = ("packet", "events", "compare", "conntrack", "reassembly", "stats",
-                    "framing", "comparator")
-_CORE = "colo_cli.core."
-_CORE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "core")
+#: the modules setup.py compiles (a compiled build has all of them or none):
+#: the core's, and serve's per-read glue around it
+COMPILED_MODULES = tuple(f"colo_cli.core.{name}" for name in (
+    "packet", "events", "compare", "conntrack", "reassembly", "stats", "framing",
+    "comparator")) + ("colo_cli.outqueue", "colo_cli.inputs")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def pure_forced() -> bool:
@@ -28,14 +30,14 @@ def pure_forced() -> bool:
 
 
 class _PureCoreFinder:
-    """A meta-path finder that loads the core's compiled modules from their
+    """A meta-path finder that loads the compiled modules from their
     ``.py`` source, so the extension modules beside them are never used."""
 
     @staticmethod
     def find_spec(name, path=None, target=None):
-        if not name.startswith(_CORE) or name[len(_CORE):] not in COMPILED_MODULES:
+        if name not in COMPILED_MODULES:
             return None
-        source = os.path.join(_CORE_DIR, name[len(_CORE):] + ".py")
+        source = os.path.join(_PACKAGE_DIR, *name.split(".")[1:]) + ".py"
         if not os.path.exists(source):
             return None
         loader = importlib.machinery.SourceFileLoader(name, source)

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from collections import deque
 from itertools import islice
+from typing import Any, Final
 
-MAX_IOV = 512                 # buffers per sendmsg (IOV_MAX is 1024 on Linux)
+MAX_IOV: Final = 512          # buffers per sendmsg (IOV_MAX is 1024 on Linux)
 
 #: What holding one frame in an OutQueue costs beyond its bytes (the bytes
 #: object's header, its deque slot, malloc's rounding): counted against the
 #: queue's limit, so that tiny frames cannot multiply the memory it names.
-OUT_FRAME_OVERHEAD = 64
+OUT_FRAME_OVERHEAD: Final = 64
 
 
 class OutQueue:
@@ -32,15 +33,13 @@ class OutQueue:
     first frame have gone out on the current connection.  ``limit`` bounds
     the frames' bytes plus OUT_FRAME_OVERHEAD each."""
 
-    __slots__ = ("frames", "head_sent", "bytes", "limit", "high_water", "dropped")
-
     def __init__(self, limit: int) -> None:
-        self.frames: deque = deque()
-        self.head_sent = 0
-        self.bytes = 0
-        self.limit = limit
-        self.high_water = 0
-        self.dropped = 0
+        self.frames: deque[bytes] = deque()
+        self.head_sent: int = 0
+        self.bytes: int = 0
+        self.limit: int = limit
+        self.high_water: int = 0
+        self.dropped: int = 0
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -61,11 +60,11 @@ class OutQueue:
             self.high_water = self.bytes
         return True
 
-    def trim(self) -> list:
+    def trim(self) -> list[bytes]:
         """Enforce the bound on frames appended without ``push`` (the hot
         path appends directly): the newest ones beyond it are dropped, as
         ``push`` would have refused them.  Returns what was dropped."""
-        dropped = []
+        dropped: list[bytes] = []
         while self.over_limit() and len(self.frames) > (1 if self.head_sent else 0):
             data = self.frames.pop()
             self.bytes -= len(data)
@@ -85,7 +84,7 @@ class OutQueue:
         """A new connection: the frame that was cut goes again, whole."""
         self.head_sent = 0
 
-    def send(self, sock) -> int:
+    def send(self, sock: Any) -> int:
         """Send what the socket takes now; returns the number of whole frames
         that left.  Raises OSError (other than EAGAIN) on a broken peer."""
         frames = self.frames
@@ -105,7 +104,7 @@ class OutQueue:
             return 0
         done = 0
         while frames:
-            bufs = list(islice(frames, MAX_IOV))
+            bufs: list[Any] = list(islice(frames, MAX_IOV))
             if self.head_sent:
                 bufs[0] = memoryview(bufs[0])[self.head_sent:]
             try:

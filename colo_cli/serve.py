@@ -50,6 +50,7 @@ from .core import (MSG_CHECKPOINT, MSG_DO_CHECKPOINT, MSG_GET_XEN_INIT, MSG_PROX
 from .errors import ColoError, os_error_text
 from .flows import connection_summary, format_key
 from .heap import keep_large_blocks
+from .inputs import FrameInputs
 from .links import Link, TurnSelector
 from .options import POLICY_HOLD, POLICY_QMP, POLICY_RELEASE, ServeOptions
 from .systemd import Notifier, log_stamper
@@ -81,11 +82,13 @@ class Server:
         vnet = options.vnet_hdr_support
         self.header_len = 8 if vnet else 4
         # the frame inputs' bytes go straight to their side's handler
+        self.inputs = FrameInputs(self, self.comparator, self.header_len)
         self.primary = Link(self, "primary-in", options.primary_in,
-                            on_data=self._on_frames)
+                            on_data=self.inputs.on_primary)
         self.secondary = Link(self, "secondary-in", options.secondary_in,
-                              on_data=self._on_frames)
+                              on_data=self.inputs.on_secondary)
         self.outdev = Link(self, "outdev", options.outdev, out_limit=options.outdev_buffer_bytes)
+        self.inputs.attach(self.primary, self.secondary, self.outdev)
         self.notify = (Link(self, "notify-dev", options.notify_dev, out_limit=1024 * 1024)
                        if options.notify_dev is not None else None)
         self.qmp = None
@@ -94,8 +97,6 @@ class Server:
             self.qmp = QmpSide(self, options.qmp, options.qmp_checkpoint_timeout_ms)
         self.links = [l for l in (self.primary, self.secondary, self.outdev, self.notify,
                                   self.qmp.link if self.qmp else None) if l]
-        self._decoders = {}
-        self._zero_seen = [0, 0]
         self._notify_decoder = None
         self._side = {id(self.primary): PRIMARY, id(self.secondary): SECONDARY}
         self._timer = None
@@ -124,12 +125,11 @@ class Server:
         self.internal_errors = 0
         self._overflow_next_log = 1
         self._do_checkpoint_wanted = False
-        self._reading_other = False      # _on_frames is reading the other input
 
     # -- time -------------------------------------------------------------------
     def now_ms(self) -> float:
         # the clock of asyncio's loop.time() and call_at (time.monotonic);
-        # _on_frames reads it inline (a call less per read)
+        # FrameInputs reads it inline (a call less per read)
         return _monotonic() * 1000.0
 
     # -- logging ------------------------------------------------------------------
@@ -332,8 +332,7 @@ class Server:
         side = self._side.get(id(link))
         if side is not None:
             # a fresh decoder: nothing of the last connection's stream survives
-            self._decoders[side] = FrameDecoder(self.options.vnet_hdr_support)
-            self._zero_seen[side] = 0
+            self.inputs.connected(side, FrameDecoder(self.options.vnet_hdr_support))
         elif link is self.notify:
             self._notify_decoder = NotifyDecoder()
         self.event("connect", link=link.name, peer=link.peer)
@@ -347,7 +346,7 @@ class Server:
     def on_disconnect(self, link: Link) -> None:
         side = self._side.get(id(link))
         if side is not None:
-            decoder = self._decoders.pop(side, None)
+            decoder = self.inputs.disconnected(side)
             if decoder is not None and decoder.pending_bytes:
                 self.cut_records[side] += 1
                 self.event("input_error", link=link.name, error="record cut by disconnect",
@@ -362,86 +361,26 @@ class Server:
             self._arm_timer()
 
     def on_data(self, link: Link, data: bytes) -> None:
-        # (the frame inputs have a handler of their own: _on_frames)
+        # (the frame inputs have a handler of their own: inputs.FrameInputs)
         if link is self.notify:
             self._on_notify(data)
         elif self.qmp is not None and link is self.qmp.link:
             self.qmp.on_data(data)
         # outdev: its peer never talks; whatever arrives is ignored
 
-    def _on_frames(self, link: Link, data: bytes) -> None:
-        # Every read of a frame input comes here: with one frame per read
-        # (the latency case) this method's own cost is a good part of the
-        # added latency, hence the locals, the clock read inline (now_ms)
-        # and _trim called only when it has work.
-        side = PRIMARY if link is self.primary else SECONDARY
-        decoder = self._decoders.get(side)
-        if decoder is None:
-            return
-        records = decoder.feed(data)
-        if decoder.zero_length_records != self._zero_seen[side]:
-            self._count_zero_length(side, link, decoder)
-        now = _monotonic() * 1000.0          # = now_ms(): the loop's clock
-        timer_at = self._timer_at
-        if timer_at is not None and now >= timer_at:
-            # a scan is due and the loop has not run its timer yet (a busy
-            # loop serves ready sockets first): scan before these frames, or
-            # frames past the timeout would wait for the next read, or be
-            # released by it, later than the core decided they should leave
-            self._timer.cancel()
-            self._on_timer()
-        comparator = self.comparator
-        queued_before = comparator.queued_frames
-        events = comparator.receive_records(side, records, now, self.header_len)
-        out = self.outdev.out
-        frames = out.frames
-        queued = out.bytes
-        for e in events:
-            if type(e) is Matched:
-                # the common case, inlined: a frame released on a match
-                wire = e.data
-                frames.append(wire)
-                queued += len(wire)
-            else:
-                out.bytes = queued
-                self._trim()
-                self.handle((e,), now)
-                queued = out.bytes
-        out.bytes = queued
-        if out.over_limit() or queued > out.high_water:
-            self._trim()                     # (only then has it work to do)
-        if self._do_checkpoint_wanted:
-            self._send_do_checkpoint()
-        if decoder.error is not None:
-            self.framing_errors[side] += 1
-            self.log(f"{link.name}: {decoder.error}; closing the connection "
-                     "(the next one is read afresh)", 0)
-            self.event("input_error", link=link.name, error=decoder.error)
-            link.cut_off(decoder.error)
-        if frames:
-            self.outdev.flush()
-        if self._reading_other:
-            return                           # (the read that read ahead arms the timer)
-        if comparator.queued_frames > queued_before:
-            # This read left frames waiting for their twins: read the other
-            # input now, not at the loop's next turn.  The two copies of a
-            # packet arrive microseconds apart, so the twin is usually
-            # there, and this saves a loop iteration per packet.  One level
-            # deep: that read does not come back here.
-            self._reading_other = True
-            try:
-                (self.secondary if side == PRIMARY else self.primary).read_ahead()
-            finally:
-                self._reading_other = False
-        self._arm_timer()                    # once, after both reads
-
-    def _count_zero_length(self, side, link: Link, decoder) -> None:
+    # -- what FrameInputs (the frame inputs' per-read path) calls back ------------
+    def zero_length_skipped(self, side: int, link: Link, count: int) -> None:
         # QEMU aborts on a zero-length record (observed j3): skip and count
-        new_zero = decoder.zero_length_records - self._zero_seen[side]
-        self._zero_seen[side] = decoder.zero_length_records
-        self.zero_length[side] += new_zero
+        self.zero_length[side] += count
         self.event("input_error", link=link.name, error="zero-length record skipped",
-                   count=new_zero)
+                   count=count)
+
+    def framing_error(self, side: int, link: Link, error: str) -> None:
+        self.framing_errors[side] += 1
+        self.log(f"{link.name}: {error}; closing the connection "
+                 "(the next one is read afresh)", 0)
+        self.event("input_error", link=link.name, error=error)
+        link.cut_off(error)
 
     # -- events from the core ------------------------------------------------------------
     def handle(self, events, now_ms) -> None:

@@ -30,16 +30,33 @@ def test_the_run_tests_the_build_it_names():
     elif os.environ.get("COLO_COMPARE_EXPECT_COMPILED", "") not in ("", "0"):
         assert _build.compiled(), "the compiled core was expected but is not what runs"
         assert not any(m.__file__.endswith(".py") for m in (comparator, compare, packet))
+        from colo_cli import inputs, outqueue
+        assert not any(m.__file__.endswith(".py") for m in (inputs, outqueue))
 
 
-def test_pure_forced_runs_every_core_module_from_source():
-    r = _python("import colo_cli.core, sys\n"
+def test_pure_forced_runs_every_compiled_module_from_source():
+    r = _python("import colo_cli.core, colo_cli.inputs, sys\n"
+                "from colo_cli._build import COMPILED_MODULES, describe\n"
                 "mods = [m for n, m in sys.modules.items() if n.startswith('colo_cli.core.')]\n"
+                "mods += [sys.modules[n] for n in COMPILED_MODULES]\n"
                 "print(all(m.__file__.endswith('.py') for m in mods if hasattr(m, '__file__')))\n"
-                "from colo_cli._build import describe; print(describe())",
+                "print(describe())",
                 COLO_COMPARE_PURE="1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["True", "core pure Python: COLO_COMPARE_PURE is set"]
+
+
+def test_setup_compiles_the_modules_the_pure_switch_knows():
+    """setup.py and _build name the same modules (a module compiled but
+    unknown to the switch would stay compiled under COLO_COMPARE_PURE)."""
+    import ast
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    assign = next(n for n in tree.body if isinstance(n, ast.Assign)
+                  and getattr(n.targets[0], "id", "") == "COMPILED")
+    namespace: dict = {}
+    exec(compile(ast.Module([assign], []), "setup.py", "exec"), namespace)
+    paths = namespace["COMPILED"]
+    assert sorted(p[:-3].replace("/", ".") for p in paths) == sorted(_build.COMPILED_MODULES)
 
 
 def test_version_names_the_build():
