@@ -1008,20 +1008,32 @@ def part_latency(args, results: dict, workdir: str, log) -> None:
     wl = make_workload("udp-1000", n)
     results["latency"] = {"workload": "udp-1000", "frames": n, "rate_pairs_per_s": args.latency_rate,
                           "transport": "unix" if args.unix else "tcp"}
-    with ServeTarget(args.unix, workdir) as t:
+    def measured(t) -> dict:
+        # the comparator's CPU over the run too: polling before sleeping
+        # (serve's default) trades CPU for latency
+        cpu0 = t.cpu_s()
         res = latency_run(t, wl, args.latency_rate, args.stall_timeout)
+        res["cpu_s"] = round(t.cpu_s() - cpu0, 3)
+        return res
+
+    with ServeTarget(args.unix, workdir) as t:
+        res = measured(t)
     results["latency"]["serve"] = res
     log("  latency serve: " + _lat_text(res))
+    with ServeTarget(args.unix, workdir, extra_args=("--busy-poll-us", "0")) as t:
+        res = measured(t)
+    results["latency"]["serve_sleeping"] = res
+    log("  latency serve --busy-poll-us 0: " + _lat_text(res))
     qemu = None if args.no_qemu else qemu_binary()
     if qemu:
         with QemuTarget(args.unix, workdir, qemu) as t:
-            res = latency_run(t, wl, args.latency_rate, args.stall_timeout)
+            res = measured(t)
             res.update(t.extra())
         results["latency"]["qemu"] = res
         log("  latency qemu: " + _lat_text(res))
         if not args.unix:
             with QemuTarget(False, workdir, qemu, nodelay=True) as t:
-                res = latency_run(t, wl, args.latency_rate, args.stall_timeout)
+                res = measured(t)
                 res.update(t.extra())
             results["latency"]["qemu_nodelay"] = res
             log("  latency qemu (chardev nodelay=on): " + _lat_text(res))
@@ -1327,17 +1339,20 @@ def report(results: dict) -> str:
         out.append(f"\nlatency: udp-1000 frames, {lt['frames']} pairs paced at {lt['rate_pairs_per_s']:.0f}/s, "
                    f"secondary first; primary write -> its record read from outdev ({lt['transport']})")
         rows = []
-        for label in ("serve", "qemu", "qemu_nodelay"):
+        names = {"serve": "serve", "serve_sleeping": "serve --busy-poll-us 0", "qemu": "qemu",
+                 "qemu_nodelay": "qemu (chardev nodelay)"}
+        for label, name in names.items():
             r = lt.get(label)
             if not r:
                 continue
-            rows.append([label.replace("_", " (chardev ") + (")" if "_" in label else ""),
+            rows.append([name,
                          r["measured"], _fmt(r.get("p50_us")), _fmt(r.get("p90_us")), _fmt(r.get("p99_us")),
                          _fmt(r.get("p999_us")), _fmt(r.get("max_us")), _fmt(r.get("achieved_pairs_per_s")),
+                         _fmt(r.get("cpu_s"), ".2f"),
                          "ok" if r["lossless"] and r["in_order"] and not r["stalled"] else
                          f"lost {r['lost']} ooo {r['out_of_order']}" + (" stalled" if r["stalled"] else "")])
         out.append(_table(["comparator", "frames", "p50 us", "p90 us", "p99 us", "p99.9 us", "max us",
-                           "pairs/s", "check"], rows))
+                           "pairs/s", "CPU s", "check"], rows))
     if "memory" in results:
         me = results["memory"]
         out.append("\nmemory: peak RSS of colo-compare replay (udp-1000 capture pairs)")

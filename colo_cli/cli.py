@@ -466,6 +466,12 @@ def _config_option(f):
               metavar="SECONDS",
               help="On SIGINT/SIGTERM, how long to wait for outdev to take the frames "
                    "released at shutdown.")
+@click.option("--busy-poll-us", type=click.IntRange(min=0, max=1_000_000),
+              default=ServeOptions.busy_poll_us, show_default=True, metavar="MICROSECONDS",
+              help="While packets come closer together than this, poll the sockets for up "
+                   "to this long before sleeping: on a virtual machine a wake-up from sleep "
+                   "costs tens of microseconds per packet.  Costs CPU while traffic is that "
+                   "dense (up to one core); 0 always sleeps at once.")
 @click.option("--metrics-listen", type=ListenType(), metavar="HOST:PORT",
               help="Serve /metrics over HTTP in the Prometheus text format on HOST:PORT "
                    "(127.0.0.1:9464, [::1]:9464, or :9464 for every interface), for a "
@@ -479,7 +485,7 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
           normalize_seq,
           ignore, qmp, qmp_checkpoint_timeout_ms, checkpoint_policy, control_path, events_path,
           hexdump_limit, hexdump_rate, outdev_buffer_mib, connect_timeout, drain_timeout,
-          metrics_listen, verbose, quiet, color):
+          busy_poll_us, metrics_listen, verbose, quiet, color):
     """Compare live, in place of QEMU's -object colo-compare.
 
     Frames arrive on --primary-in and --secondary-in in QEMU's socket
@@ -547,6 +553,7 @@ def serve(primary_in, secondary_in, outdev, notify_dev, compare_timeout_ms,
                            hexdumps_per_minute=hexdump_rate, color=color,
                            outdev_buffer_bytes=outdev_buffer_mib * MIB,
                            connect_timeout_s=connect_timeout, drain_timeout_s=drain_timeout,
+                           busy_poll_us=busy_poll_us,
                            verbose=-1 if quiet else (1 if verbose else 0),
                            debug=bool((click.get_current_context().obj or {}).get("debug")),
                            metrics_listen=metrics_listen)

@@ -6,7 +6,7 @@ input's framing decoder to the core in one call (``receive_records``), a
 frame the core releases on a match is appended to outdev's queue and sent
 at once, and a read that leaves frames waiting for their twins reads the
 other input ahead (the twin is usually there already; see
-``links.TurnSelector``).  Everything else (any other event, the core's
+``links.LoopSelector``).  Everything else (any other event, the core's
 timer, a framing error, logging) is the server's, called back on the
 object given as ``server``: serve's ``Server``.
 

@@ -42,6 +42,9 @@ class ServeOptions:
     outdev_buffer_bytes: int = 256 * 1024 * 1024
     connect_timeout_s: float = 30.0              # 0: wait forever for a first connection
     drain_timeout_s: float = 5.0
+    #: poll the sockets this long before sleeping, while packets come closer
+    #: together than that (links.LoopSelector); 0: always sleep at once
+    busy_poll_us: int = 50
     verbose: int = 0                             # -1 quiet, 0 normal, 1 verbose
     debug: bool = False                          # tracebacks of internal errors
     metrics_listen: tuple[str, int] | None = None   # (host, port) of /metrics; "" every interface

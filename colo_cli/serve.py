@@ -51,7 +51,7 @@ from .errors import ColoError, os_error_text
 from .flows import connection_summary, format_key
 from .heap import keep_large_blocks
 from .inputs import FrameInputs
-from .links import Link, TurnSelector
+from .links import Link, LoopSelector
 from .options import POLICY_HOLD, POLICY_QMP, POLICY_RELEASE, ServeOptions
 from .systemd import Notifier, log_stamper
 
@@ -64,7 +64,7 @@ class ServeError(ColoError):
 
 class Server:
     def __init__(self, options: ServeOptions, loop: asyncio.AbstractEventLoop | None = None,
-                 stderr=None, turns: TurnSelector | None = None) -> None:
+                 stderr=None, turns: LoopSelector | None = None) -> None:
         self.options = options
         self.loop = loop or asyncio.get_event_loop()
         #: the loop's selector when it counts turns (run() makes it so)
@@ -660,7 +660,7 @@ def run(options: ServeOptions, stderr=None) -> int:
     # each busy read is a block of up to 256 KiB, freed at once: keep such
     # blocks in the heap rather than mmap and fault them in every time
     keep_large_blocks()
-    turns = TurnSelector()
+    turns = LoopSelector(options.busy_poll_us)
     loop = asyncio.SelectorEventLoop(turns)
     asyncio.set_event_loop(loop)
     server = Server(options, loop, stderr, turns)

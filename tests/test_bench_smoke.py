@@ -37,9 +37,12 @@ def test_bench_smoke(tmp_path):
         v = rp["verify"]
         assert v["lossless"] and v["in_order"] and v["unique"] == rp["frames"], v
 
-    lat = doc["latency"]["serve"]
-    assert lat["lossless"] and lat["in_order"] and not lat["stalled"], lat
-    assert lat["measured"] == lat["frames"] == 500
+    for label in ("serve", "serve_sleeping"):       # (polling before sleeping, and not)
+        lat = doc["latency"][label]
+        assert lat["lossless"] and lat["in_order"] and not lat["stalled"], lat
+        assert lat["measured"] == lat["frames"] == 500
+        assert lat["cpu_s"] > 0
+    assert "serve --busy-poll-us 0" in r.stdout
 
     mem = doc["memory"]
     assert all(size["returncode"] == 0 for size in mem["sizes"].values()), mem

@@ -374,6 +374,7 @@ SAMPLES = {
     "outdev-buffer": (17, None),
     "connect-timeout": (2.5, None),
     "drain-timeout": (1.5, None),
+    "busy-poll-us": (20, None),
     "metrics-listen": ("[::1]:9464", None),
     "verbose": (True, None),
     "quiet": (False, None),
@@ -417,6 +418,14 @@ def test_every_option_can_come_from_the_config(tmp_path, monkeypatch):
         from_file = options_from(["--config", path, *with_base], monkeypatch)
         from_line = options_from([*with_base, *_argv(key, value)], monkeypatch)
         assert from_file == from_line, key
+
+
+def test_busy_poll_reaches_the_options_and_zero_turns_it_off(monkeypatch):
+    base = ["--primary-in", "unix:/tmp/b-p.sock,server", "--secondary-in",
+            "unix:/tmp/b-s.sock,server", "--outdev", "unix:/tmp/b-o.sock,server"]
+    assert options_from(base, monkeypatch).busy_poll_us == 50
+    assert options_from([*base, "--busy-poll-us", "0"], monkeypatch).busy_poll_us == 0
+    assert options_from([*base, "--busy-poll-us", "200"], monkeypatch).busy_poll_us == 200
 
 
 def test_the_command_line_wins_over_the_config(tmp_path, monkeypatch):

@@ -6,12 +6,13 @@ many reads a decision takes."""
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 
 import pytest
 
 from colo_cli.endpoints import parse_endpoint
-from colo_cli.links import RECV_BYTES, TurnSelector
+from colo_cli.links import RECV_BYTES, LoopSelector
 from colo_cli.options import ServeOptions
 from colo_cli.serve import Server
 from colo_cli.testing import udp_frame
@@ -23,7 +24,7 @@ from serve_helpers import rec, split_records
 def rig():
     # the loop serve.run makes: its selector counts turns (``turns.select(0)``
     # is a turn of the loop here, with nothing registered on it)
-    turns = TurnSelector()
+    turns = LoopSelector()
     loop = asyncio.SelectorEventLoop(turns)
     opts = ServeOptions(parse_endpoint("tcp:127.0.0.1:1,server"),
                         parse_endpoint("tcp:127.0.0.1:2,server"),
@@ -154,3 +155,74 @@ def test_a_frame_left_waiting_arms_the_timer_once_both_inputs_were_read(rig):
     srv.secondary._readable()
     assert outdev_records(out) == [rec(frame)]
     assert srv.comparator.queued_frames == 0
+
+
+class ScriptedWaits:
+    """LoopSelector's plain select and clock, scripted: each plain select
+    advances the clock by its step and returns events once the clock has
+    reached ``ready_at``; blocking ones jump to it (or to their timeout)."""
+
+    def __init__(self, sel: LoopSelector, ready_at: float | None, step: float = 1e-6):
+        self.now = 0.0
+        self.ready_at = ready_at
+        self.step = step
+        self.calls = []                      # the timeouts asked of the plain select
+        sel._wait = self.wait
+        sel._clock = lambda: self.now
+
+    def wait(self, timeout):
+        self.calls.append(timeout)
+        if timeout is None or timeout > 0:   # blocks until the event or the timeout
+            until = self.ready_at if self.ready_at is not None else math.inf
+            if timeout is not None:
+                until = min(until, self.now + timeout)
+            self.now = max(self.now, until)
+        else:
+            self.now += self.step
+        return ["event"] if self.ready_at is not None and self.now >= self.ready_at else []
+
+
+def test_the_selector_polls_before_sleeping_only_while_waits_are_short():
+    """busy_poll_us 50: after a wait of 20 us the next select polls (and
+    finds the event 30 us on without sleeping); after a wait of 400 us it
+    sleeps at once; a poll that finds nothing in 50 us sleeps the rest."""
+    sel = LoopSelector(busy_poll_us=50)
+    # nothing known of the last wait (start, or a timer's turn): sleep at once
+    script = ScriptedWaits(sel, ready_at=20e-6)
+    assert sel.select(None) == ["event"]
+    assert script.calls == [None]
+    assert sel.last_wait_s == pytest.approx(20e-6)
+    # that wait was short: poll, and the event 30 us on is found polling
+    script = ScriptedWaits(sel, ready_at=30e-6)
+    assert sel.select(None) == ["event"]
+    assert script.calls and all(t == 0 for t in script.calls)
+    assert 25 <= len(script.calls) <= 35
+    # an event 400 us on: 50 us of polls, then the rest asleep
+    script = ScriptedWaits(sel, ready_at=400e-6)
+    assert sel.select(None) == ["event"]
+    assert script.calls[-1] is None and all(t == 0 for t in script.calls[:-1])
+    assert 45 <= len(script.calls) - 1 <= 55
+    assert sel.last_wait_s == pytest.approx(400e-6)
+    # ... which was a long wait: the next select sleeps at once
+    script = ScriptedWaits(sel, ready_at=10e-6)
+    assert sel.select(None) == ["event"] and script.calls == [None]
+
+
+def test_the_selector_polls_no_longer_than_the_loops_timeout_and_never_when_off():
+    sel = LoopSelector(busy_poll_us=50)
+    sel.last_wait_s = 5e-6
+    script = ScriptedWaits(sel, ready_at=None)     # nothing comes: a timer's turn
+    assert sel.select(20e-6) == []
+    assert all(t == 0 for t in script.calls[:-1]) and 15 <= len(script.calls) <= 25
+    assert script.now == pytest.approx(20e-6, abs=2e-6)
+    assert sel.last_wait_s == math.inf            # no events: not a short wait
+    # a poll asked by the loop (timeout 0) is one plain poll
+    script = ScriptedWaits(sel, ready_at=None)
+    assert sel.select(0) == [] and script.calls == [0]
+    # busy_poll_us 0: every wait sleeps at once, however short the last one
+    off = LoopSelector(busy_poll_us=0)
+    off.last_wait_s = 1e-6
+    script = ScriptedWaits(off, ready_at=5e-6)
+    assert off.select(None) == ["event"] and script.calls == [None]
+    # the turns are counted whatever happens
+    assert off.turn == 1 and sel.turn == 2
