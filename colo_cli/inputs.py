@@ -30,10 +30,10 @@ from .outqueue import OutQueue
 
 
 class FrameInputs:
-    """The frame inputs' per-read path.  ``server`` gives: ``_timer_at``
-    and ``_timer`` (the core's timer, as armed), ``_on_timer()``,
-    ``_arm_timer()``, ``handle(events, now_ms)``, ``_trim()``,
-    ``_do_checkpoint_wanted`` and ``_send_do_checkpoint()``,
+    """The frame inputs' per-read path.  ``server`` gives: ``timer_at``
+    (when the core's armed scan is due, or None), ``scan_now()``,
+    ``rearm()``, ``handle(events, now_ms)``, ``trim_outdev()``,
+    ``checkpoint_wanted`` and ``send_do_checkpoint()``,
     ``zero_length_skipped(side, link, count)``,
     ``framing_error(side, link, error)``."""
 
@@ -44,7 +44,7 @@ class FrameInputs:
         #: [primary, secondary] Links, and outdev's Link and queue (attach)
         self.links: list[Any] = [None, None]
         self.outdev: Any = None
-        self.out: OutQueue = OutQueue(0)
+        self.out: OutQueue = OutQueue(0)      # (outdev's own, from attach on)
         #: each input's decoder while it is connected (a new one per connection)
         self.decoders: list[FrameDecoder | None] = [None, None]
         self.zero_seen: list[int] = [0, 0]
@@ -85,14 +85,13 @@ class FrameInputs:
             server.zero_length_skipped(side, link, zero - self.zero_seen[side])
             self.zero_seen[side] = zero
         now = monotonic() * 1000.0              # = Server.now_ms(): the loop's clock
-        timer_at = server._timer_at
+        timer_at = server.timer_at
         if timer_at is not None and now >= timer_at:
             # a scan is due and the loop has not run its timer yet (a busy
             # loop serves ready sockets first): scan before these frames, or
             # frames past the timeout would wait for the next read, or be
             # released by it, later than the core decided they should leave
-            server._timer.cancel()
-            server._on_timer()
+            server.scan_now()
         comparator = self.comparator
         queued_before = comparator.queued_frames
         events = comparator.receive_records(side, records, now, self.header_len)
@@ -107,12 +106,12 @@ class FrameInputs:
                 out.bytes += len(wire)
                 appended = True
             else:
-                server._trim()
+                server.trim_outdev()
                 server.handle([e], now)
         if appended and (out.over_limit() or out.bytes > out.high_water):
-            server._trim()                      # (only then has it work to do)
-        if server._do_checkpoint_wanted:
-            server._send_do_checkpoint()
+            server.trim_outdev()                      # (only then has it work to do)
+        if server.checkpoint_wanted:
+            server.send_do_checkpoint()
         if decoder.error is not None:
             server.framing_error(side, link, decoder.error)
         if frames:
@@ -130,4 +129,4 @@ class FrameInputs:
                 self.links[1 - side].read_ahead()
             finally:
                 self.reading_other = False
-        server._arm_timer()                     # once, after both reads
+        server.rearm()                     # once, after both reads

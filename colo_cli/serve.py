@@ -100,7 +100,7 @@ class Server:
         self._notify_decoder = None
         self._side = {id(self.primary): PRIMARY, id(self.secondary): SECONDARY}
         self._timer = None
-        self._timer_at = None
+        self.timer_at = None             # when the armed scan is due (ms), or None
         self._stopping = None
         self._forced_by = None           # a second signal while draining: exit at once
         self._events_file = None
@@ -124,7 +124,7 @@ class Server:
         self.miscompares_seen = 0
         self.internal_errors = 0
         self._overflow_next_log = 1
-        self._do_checkpoint_wanted = False
+        self.checkpoint_wanted = False   # a request to send notify-dev after this read
 
     # -- time -------------------------------------------------------------------
     def now_ms(self) -> float:
@@ -341,7 +341,7 @@ class Server:
         if side == SECONDARY:
             now = self.now_ms()
             self.handle(self.comparator.secondary_back(now), now)
-            self._arm_timer()
+            self.rearm()
 
     def on_disconnect(self, link: Link) -> None:
         side = self._side.get(id(link))
@@ -358,7 +358,7 @@ class Server:
             # compared frames wait (and time out) as usual; if the secondary
             # stays away longer than the timeout, the core stops comparing
             self.comparator.secondary_lost(self.now_ms())
-            self._arm_timer()
+            self.rearm()
 
     def on_data(self, link: Link, data: bytes) -> None:
         # (the frame inputs have a handler of their own: inputs.FrameInputs)
@@ -410,7 +410,7 @@ class Server:
                     # sent once for everything one read (or one scan) brought:
                     # QEMU sends one per request, the peer checkpoints once
                     # either way
-                    self._do_checkpoint_wanted = True
+                    self.checkpoint_wanted = True
                 elif self.qmp is not None:
                     self.qmp.request(now_ms)
             elif t is CheckpointDone:
@@ -425,7 +425,7 @@ class Server:
             elif t is InternalError:
                 self._on_internal_error(e)
 
-    def _trim(self) -> None:
+    def trim_outdev(self) -> None:
         for wire in reversed(self.outdev.out.trim()):
             self._overflow_data(wire)
 
@@ -479,8 +479,8 @@ class Server:
                 import traceback
                 traceback.print_exception(e.error, file=self.stderr)
 
-    def _send_do_checkpoint(self) -> None:
-        self._do_checkpoint_wanted = False
+    def send_do_checkpoint(self) -> None:
+        self.checkpoint_wanted = False
         if self.notify is not None and self.notify.sock is not None:
             self.notify.out.push(encode_notify(MSG_DO_CHECKPOINT))
             self.notify.flush()
@@ -563,7 +563,7 @@ class Server:
         if decoder.error is not None:
             self.log(f"notify-dev: {decoder.error}; closing the connection", 0)
             self.notify.cut_off(decoder.error)
-        self._arm_timer()
+        self.rearm()
 
     def drain_inputs(self) -> None:
         """Read what the inputs have already sent (bounded), before a
@@ -573,32 +573,35 @@ class Server:
 
     # -- the core's timer ---------------------------------------------------------------
     def rearm(self) -> None:
-        """The core's state changed outside a read or a scan (serve_qmp):
-        its next timer may be due sooner."""
-        self._arm_timer()
-
-    def _arm_timer(self) -> None:
+        """Arm the loop's timer for the core's next scan, if that is sooner
+        than the one armed: after anything that changed the core's state (a
+        read, a scan, a connection, serve_qmp's checkpoints)."""
         due = self.comparator.get_timer()
         if due is None:
             return
-        if self._timer is not None and self._timer_at is not None and self._timer_at <= due:
+        if self._timer is not None and self.timer_at is not None and self.timer_at <= due:
             return
         if self._timer is not None:
             self._timer.cancel()
-        self._timer_at = due
+        self.timer_at = due
         self._timer = self.loop.call_at(due / 1000.0, self._on_timer)
+
+    def scan_now(self) -> None:
+        """The armed scan is due but the loop has not run it yet: run it now."""
+        self._timer.cancel()
+        self._on_timer()
 
     def _on_timer(self) -> None:
         self._timer = None
-        self._timer_at = None
+        self.timer_at = None
         now = self.now_ms()
         events = self.comparator.handle_timer(now)
         if events:
             self.handle(events, now)
             self.outdev.flush()
-            if self._do_checkpoint_wanted:
-                self._send_do_checkpoint()
-        self._arm_timer()
+            if self.checkpoint_wanted:
+                self.send_do_checkpoint()
+        self.rearm()
 
     # -- introspection (the control socket) ----------------------------------------------
     def stats_reply(self, top: int) -> dict:

@@ -148,7 +148,7 @@ def test_a_frame_left_waiting_arms_the_timer_once_both_inputs_were_read(rig):
     srv.primary._readable()
     assert outdev_records(out) == []
     due = srv.comparator.get_timer()
-    assert due is not None and srv._timer_at == due
+    assert due is not None and srv.timer_at == due
     assert due >= srv.now_ms() + srv.options.config.compare_timeout_ms - 1
     sec.send(rec(frame))
     turns.select(0)

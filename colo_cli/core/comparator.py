@@ -202,16 +202,14 @@ class Comparator:
         #: a release on a match comes as a ``Matched`` event (the frame's
         #: bytes) rather than a ``Released`` one: what the adapters use
         self.compact: bool = compact
-        # hot-path copies of settings
+        # The settings the comparator reads after this, copied once: Config
+        # is not compiled, so each read of it is a generic attribute lookup
+        # (one per new connection showed with many short flows; four were a
+        # third of get_timer(), which serve calls after every read).
         self._max_queue_size: int = self.config.max_queue_size
         self._max_queued_bytes: int = self.config.max_queued_bytes
-        #: what a new connection needs to know of the settings (Config is not
-        #: compiled: each read of it is a generic attribute lookup, and with
-        #: many short flows one per new connection showed)
         self._noise_rules: bool = bool(self.config.ignore)
         self._normalize_seq: bool = self.config.normalize_seq
-        #: what get_timer() reads, on serve's every read and replay's every
-        #: scan tick (four generic lookups were a third of its cost)
         self._cycle_ms: float = self.config.expired_scan_cycle_ms
         self._compare_timeout_ms: float | None = self.config.compare_timeout_ms
         self._fragment_timeout_ms: float = self.config.fragment_timeout_ms
@@ -485,7 +483,7 @@ class Comparator:
         """The old connection on this 4-tuple is over: the segments that
         waited for it (``primary_later``/``secondary_later``) start the new
         one."""
-        conn.tcp = tcp = TcpStream(self.config.normalize_seq, conn.rules)
+        conn.tcp = tcp = TcpStream(self._normalize_seq, conn.rules)
         conn.diverged = False
         p_later, s_later = conn.primary_later, conn.secondary_later
         conn.primary_later = conn.secondary_later = None
@@ -799,7 +797,7 @@ class Comparator:
         if p_later:
             # the primary had moved on to a new connection on this 4-tuple:
             # the secondary now holds that state, so continue from there
-            tcp = conn.tcp = TcpStream(self.config.normalize_seq, conn.rules)
+            tcp = conn.tcp = TcpStream(self._normalize_seq, conn.rules)
             for pkt in p_later:
                 tcp.add_primary(pkt)
         conn.primary_later = conn.secondary_later = None
@@ -1026,7 +1024,7 @@ class Comparator:
         start = len(out)
         keys, self._to_answer = self._to_answer, {}
         try:
-            timeout = self.config.compare_timeout_ms
+            timeout = self._compare_timeout_ms
             if timeout is not None:
                 for conn in self._overdue_connections(tick_ms - timeout):
                     if conn.key not in keys:
@@ -1038,7 +1036,7 @@ class Comparator:
                 if held is not None:
                     self._checkpoint_one(held, tick_ms, out)
             for reasm in self._reassembly:
-                for dg, reason in reasm.expire(tick_ms, self.config.fragment_timeout_ms):
+                for dg, reason in reasm.expire(tick_ms, self._fragment_timeout_ms):
                     self._fail_datagram(dg, reason, out)
         except Exception as exc:  # noqa: BLE001 - the last resort: nothing stays held
             out.append(ev.InternalError(exc, None, tick_ms))
@@ -1060,7 +1058,7 @@ class Comparator:
         return list(overdue.values())
 
     def _scan(self, tick_ms: float, out: list) -> None:
-        timeout = self.config.compare_timeout_ms
+        timeout = self._compare_timeout_ms
         if timeout is not None and self.queued_frames:
             if self.mode is ev.CheckpointMode.LOCAL:
                 for conn in self._overdue_connections(tick_ms - timeout):
@@ -1075,7 +1073,7 @@ class Comparator:
             self._enter_absent(tick_ms, out)
         self._evict_idle(tick_ms)
         for reasm in self._reassembly:
-            for dg, reason in reasm.expire(tick_ms, self.config.fragment_timeout_ms):
+            for dg, reason in reasm.expire(tick_ms, self._fragment_timeout_ms):
                 self._fail_datagram(dg, reason, out)
 
     def _evict_idle(self, now_ms: float) -> None:
@@ -1083,7 +1081,7 @@ class Comparator:
         queued.  Looks at the 256 oldest entries per scan; the active ones
         among them go to the back, so every connection is looked at in turn
         without a per-frame cost for keeping the table ordered."""
-        limit = now_ms - self.config.idle_timeout_ms
+        limit = now_ms - self._idle_timeout_ms
         table = self.table
         for conn in table.oldest(256):
             if conn.last_ms <= limit and not conn.queued:
@@ -1099,7 +1097,7 @@ class Comparator:
     def absent_after_ms(self) -> float:
         """How long the secondary's input may be gone before comparing stops
         (``compare_timeout_ms``; 3000 ms, QEMU's default, with timeouts off)."""
-        timeout = self.config.compare_timeout_ms
+        timeout = self._compare_timeout_ms
         return timeout if timeout is not None else 3000
 
     @property
@@ -1203,7 +1201,7 @@ class Comparator:
         # What the secondary sent ahead is kept, unless it is itself past the
         # timeout: then no primary twin came in time, and keeping it would
         # only have the next scan ask again (for ever, if none ever comes).
-        timeout = self.config.compare_timeout_ms
+        timeout = self._compare_timeout_ms
         secondaries = list(conn.secondary_queue) + list(conn.secondary_later or ())
         keep_ahead = timeout is None or not any(
             now_ms - pkt.arrival_ms > timeout for pkt in secondaries)
@@ -1223,7 +1221,7 @@ class Comparator:
             return out
         self.mode = mode
         if mode is ev.CheckpointMode.LOCAL:
-            timeout = self.config.compare_timeout_ms
+            timeout = self._compare_timeout_ms
             for conn in self.table:
                 if not conn.queued:
                     continue
